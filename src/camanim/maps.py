@@ -157,15 +157,23 @@ class LayerMaps:
         rng = self._range(normalization)
         for i, r in enumerate(self.raw):
             m = r if rng is None else minmax(r, rng[0][i], rng[1][i])
-            yield resize_map(m, size)
+            m = resize_map(m, size)
+            if normalization == "local":
+                # pytorch-grad-cam min-max scales again after resizing (its
+                # aggregate step); bilinear samples miss the native extremes
+                m = minmax(m, m.flatten(1).amin(1)[:, None, None],
+                           m.flatten(1).amax(1)[:, None, None])
+            yield m
 
     def upsample(self, normalization: str = "local",
                  size: tuple[int, int] | None = None) -> torch.Tensor:
         """All maps at input size: ``(L, B, H, W)``.
 
         Normalization happens at each layer's own resolution, then a bilinear
-        resize (the order pytorch-grad-cam uses), so ``"local"`` equals its
-        output for the single layer.
+        resize; ``"local"`` then min-max scales the resized map once more,
+        exactly the steps of pytorch-grad-cam, so it equals its output for
+        that single layer. ``"global"`` uses the min and max of all raw maps
+        of one image (at native resolution).
         """
         return torch.stack(list(self.iter_upsampled(normalization, size)))
 

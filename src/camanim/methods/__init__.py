@@ -1,0 +1,83 @@
+"""CAM methods: one file per method, each a few lines of tensor math.
+
+Every per-layer method maps (activations (B, C, h, w), gradients, ctx) to a
+(B, h, w) map before ReLU; the engine applies ReLU and keeps raw magnitudes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import CAManimError
+from .ablationcam import ablationcam
+from .base import CamFn, LayerContext, Method
+from .basecam import adapt_basecam, is_basecam_class
+from .eigencam import eigencam, eigengradcam
+from .gradcam import gradcam
+from .gradcam_elementwise import gradcam_elementwise
+from .gradcam_plusplus import gradcam_plusplus
+from .hirescam import hirescam
+from .layercam import layercam
+from .randomcam import randomcam
+from .scorecam import scorecam
+from .xgradcam import xgradcam
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method under ``method.name`` (lower case)."""
+    METHODS[method.name.lower()] = method
+    return method
+
+
+for _m in (
+    Method("gradcam", gradcam, reference="GradCAM"),
+    Method("hirescam", hirescam, reference="HiResCAM"),
+    Method("gradcamelementwise", gradcam_elementwise, reference="GradCAMElementWise"),
+    Method("gradcam++", gradcam_plusplus, reference="GradCAMPlusPlus"),
+    Method("xgradcam", xgradcam, reference="XGradCAM"),
+    Method("layercam", layercam, reference="LayerCAM"),
+    Method("eigencam", eigencam, uses_gradients=False, reference="EigenCAM"),
+    Method("eigengradcam", eigengradcam, reference="EigenGradCAM"),
+    Method("randomcam", randomcam, uses_gradients=False, reference="RandomCAM"),
+    Method("scorecam", scorecam, uses_gradients=False, extra_forwards=True, reference="ScoreCAM"),
+    Method("ablationcam", ablationcam, uses_gradients=False, extra_forwards=True,
+           reference="AblationCAM"),
+):
+    register(_m)
+
+_ALIASES = {"grad-cam": "gradcam", "gradcampp": "gradcam++", "gradcamplusplus": "gradcam++",
+            "grad-cam++": "gradcam++", "score-cam": "scorecam", "ablation-cam": "ablationcam",
+            "layer-cam": "layercam", "eigen-cam": "eigencam", "xgrad-cam": "xgradcam",
+            "hires-cam": "hirescam", "random-cam": "randomcam",
+            "gradcam-elementwise": "gradcamelementwise"}
+
+
+def method_names() -> list[str]:
+    return list(METHODS)
+
+
+def get_method(method: Any) -> Method:
+    """Resolve a method name or a pytorch-grad-cam ``BaseCAM`` subclass."""
+    if isinstance(method, Method):
+        return method
+    if isinstance(method, str):
+        key = _ALIASES.get(method.lower(), method.lower())
+        if key in METHODS:
+            return METHODS[key]
+        raise CAManimError(f"unknown CAM method {method!r}; valid methods: "
+                           f"{', '.join(METHODS)} (or a pytorch_grad_cam BaseCAM subclass)")
+    if is_basecam_class(method):
+        # pytorch-grad-cam's own classes map to our native (identical, batched) code
+        for m in METHODS.values():
+            if m.reference and m.reference == method.__name__ and \
+                    method.__module__.startswith("pytorch_grad_cam"):
+                return m
+        return Method(method.__name__, adapt_basecam(method), uses_gradients=True,
+                      reference=method.__name__)
+    raise CAManimError(f"method must be a name ({', '.join(METHODS)}) or a pytorch_grad_cam "
+                       f"BaseCAM subclass, got {method!r}")
+
+
+__all__ = ["METHODS", "Method", "LayerContext", "CamFn", "get_method", "method_names", "register"]

@@ -1,0 +1,67 @@
+"""What every CAM method sees, and how methods are registered."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..inputs import Target
+from ..layers import LayerInfo
+
+
+@dataclass
+class LayerContext:
+    """Everything beyond (activations, gradients) a method may need.
+
+    Attributes:
+        model: the network (in eval mode while methods run).
+        images: ``(B, C, H, W)`` input batch on the model's device.
+        layer: the layer call being explained.
+        targets: one score callable per image.
+        batch_size: images per extra forward (Score-CAM, Ablation-CAM).
+        generator: seeded generator for random methods (never the global RNG).
+        progress: show a progress bar for long per-layer work.
+        reshape_transform: user's token -> (B, C, h, w) transform, if any.
+        stats: per-layer details a method reports (e.g. ``n_masks``).
+    """
+
+    model: nn.Module
+    images: torch.Tensor
+    layer: LayerInfo
+    targets: Sequence[Target]
+    batch_size: int = 32
+    generator: torch.Generator | None = None
+    progress: bool = False
+    reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+# fn(activations (B, C, h, w), gradients (B, C, h, w) | None, ctx) -> (B, h, w),
+# before the ReLU that the engine applies to every map.
+CamFn = Callable[[torch.Tensor, "torch.Tensor | None", LayerContext], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered CAM method.
+
+    Attributes:
+        name: the name users pass (``"gradcam"``).
+        fn: per-layer map function (see `CamFn`).
+        uses_gradients: needs the backward pass.
+        extra_forwards: runs more forwards per layer (progress bar per layer).
+        reference: the pytorch-grad-cam class it reproduces, if any.
+        runner: for whole-network methods (Integrated Grad-CAM, SISE) a
+            function ``(anim, images, targets) -> LayerMaps`` replacing the
+            one-pass engine.
+    """
+
+    name: str
+    fn: CamFn | None
+    uses_gradients: bool = True
+    extra_forwards: bool = False
+    reference: str | None = None
+    runner: Callable[..., Any] | None = None
