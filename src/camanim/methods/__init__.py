@@ -17,9 +17,11 @@ from .gradcam import gradcam
 from .gradcam_elementwise import gradcam_elementwise
 from .gradcam_plusplus import gradcam_plusplus
 from .hirescam import hirescam
+from .integrated_gradcam import run_integrated_gradcam
 from .layercam import layercam
 from .randomcam import randomcam
 from .scorecam import scorecam
+from .sise import run_ada_sise, run_sise
 from .xgradcam import xgradcam
 
 METHODS: dict[str, Method] = {}
@@ -47,11 +49,18 @@ for _m in (
 ):
     register(_m)
 
+register(Method("integrated-gradcam", None, extra_forwards=True, runner=run_integrated_gradcam))
+register(Method("sise", None, extra_forwards=True, runner=run_sise))
+register(Method("ada-sise", None, extra_forwards=True, runner=run_ada_sise))
+
 _ALIASES = {"grad-cam": "gradcam", "gradcampp": "gradcam++", "gradcamplusplus": "gradcam++",
             "grad-cam++": "gradcam++", "score-cam": "scorecam", "ablation-cam": "ablationcam",
             "layer-cam": "layercam", "eigen-cam": "eigencam", "xgrad-cam": "xgradcam",
             "hires-cam": "hirescam", "random-cam": "randomcam",
-            "gradcam-elementwise": "gradcamelementwise"}
+            "gradcam-elementwise": "gradcamelementwise",
+            "integratedgradcam": "integrated-gradcam", "integrated_gradcam": "integrated-gradcam",
+            "integrated-grad-cam": "integrated-gradcam", "ig-cam": "integrated-gradcam",
+            "adasise": "ada-sise", "ada_sise": "ada-sise"}
 
 
 def method_names() -> list[str]:
