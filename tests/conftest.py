@@ -2,29 +2,10 @@ import os
 
 import pytest
 import torch
-from torch import nn
+
+from helpers import TinyCNN
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-
-class TinyCNN(nn.Module):
-    """A small CNN with a BatchNorm, an in-place ReLU and a reused module."""
-
-    def __init__(self, classes: int = 5, channels: int = 3) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, classes)
-
-    def forward(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.conv2(x))
-        x = self.relu(self.conv3(x))
-        return self.fc(self.pool(x).flatten(1))
 
 
 @pytest.fixture
@@ -37,8 +18,3 @@ def tiny():
 def tiny_input():
     g = torch.Generator().manual_seed(1)
     return torch.randn(2, 3, 16, 20, generator=g, dtype=torch.float64)
-
-
-def no_hooks(model: nn.Module) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
-               for m in model.modules())

@@ -11,7 +11,9 @@ layers a CAM can be drawn for:
   the container), not two,
 * ``"blocks"``: for each spatial resolution, the last of the shallowest layers
   at that resolution (the SISE rule; ResNet-50: ``relu, layer1..layer4``),
-* a list of names (``"layer1.0.relu#2"``, or a module name for all its calls),
+* a list of call names (``"layer1.0.relu"`` is the first call of that
+  module, ``"layer1.0.relu#2"`` the second; any call can be named, also one
+  that ``"all"`` folds into its container),
 * a callable ``(name, module) -> bool``.
 """
 
@@ -346,8 +348,7 @@ def select(calls: list[LayerInfo], layers: Selector, model: nn.Module | None = N
             f"unknown layer selector {layers!r}: use 'conv', 'all', 'blocks', a list "
             "of layer names, or a callable (name, module) -> bool")
     elif callable(layers):
-        chosen = keep([i for i in calls if i.name not in merged and
-                       layers(i.name, modules.get(i.module_name))])
+        chosen = keep([i for i in calls if layers(i.name, modules.get(i.module_name))])
         if not chosen:
             raise CAManimError("the layer callable selected no drawable layer; "
                                "see camanim.list_layers(model, x) for what exists")
@@ -361,10 +362,7 @@ def select(calls: list[LayerInfo], layers: Selector, model: nn.Module | None = N
         for w in wanted:
             if not isinstance(w, str):
                 raise CAManimError(f"layer names must be strings, got {w!r}")
-            found = [by_name[w]] if w in by_name else [i for i in calls if i.module_name == w]
-            if not found:
-                alias_owner = [i for i in calls if w in i.aliases]
-                found = alias_owner
+            found = [by_name[w]] if w in by_name else []
             if not found:
                 close = difflib.get_close_matches(w, list(by_name), n=5)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
