@@ -239,8 +239,8 @@ def discover(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo]:
         for m in names:
             handles.append(m.register_forward_hook(hook))
         model.eval()
-        with torch.no_grad():
-            model(example_input)
+        with torch.inference_mode(False), torch.no_grad():
+            model(example_input.clone())
     except CAManimError:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised with context

@@ -91,7 +91,9 @@ class SISEOptions:
 def sise_options(options: dict[str, Any], adaptive: bool) -> SISEOptions:
     """Check ``CAManim(..., **options)`` for SISE (``adaptive=False``) or Ada-SISE."""
     name = "ada-sise" if adaptive else "sise"
-    valid = {"score", "mask_norm", "fusion", "temperature", "bins"} | (set() if adaptive else {"mu"})
+    valid = {"score", "mask_norm", "fusion", "temperature", "bins"}
+    if not adaptive:
+        valid.add("mu")
     unknown = sorted(set(options) - valid)
     if unknown:
         hint = " (Ada-SISE chooses channels itself; use method='sise' for mu)" \

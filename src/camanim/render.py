@@ -1,0 +1,585 @@
+"""CAManim frames: one picture per layer, ready for a video.
+
+A frame shows the layer's class activation map over the image as the user
+sees it (the model's input normalization undone), a caption band (layer
+``i/L``, name, type, output shape, parameters, method, normalization,
+target, and when ybROAD scores are given the layer's ROAD score with a small
+curve of all layers' scores and a marker at this one) and a thin progress
+strip of the depth through the network::
+
+    +----------------------+----------------------+
+    |  local               |  global              |   header (only with
+    +----------------------+----------------------+   several panels)
+    |   image + CAM        |   image + CAM        |
+    +----------------------+----------------------+
+    | 12/53  layer2.0.conv1                       |   caption band
+    | Conv2d · 128×28×28 · 147k params  ~~~/\~~o~ |
+    | gradcam · target: tabby                     |
+    +=====================------------------------+   progress strip
+
+Every frame of one call has the same, even, size (H.264 needs even sides).
+Everything static (backgrounds, band, curve) is drawn once; per frame only
+the overlay and two lines of text are drawn, and maps are upsampled one layer
+at a time, so memory does not grow with the number of layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import CAManimError
+from .images import IMAGENET_MEAN, IMAGENET_STD
+from .layers import LayerInfo
+from .maps import NORMALIZATIONS, LayerMaps
+
+__all__ = ["render_frames", "FrameRenderer", "colormap_lut", "display_images",
+           "overlay", "road_scores", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+# Frame panels are upscaled to at least this width so captions stay legible,
+# and downscaled to at most this long side to keep videos light.
+MIN_PANEL_WIDTH = 320
+MAX_PANEL_SIDE = 1024
+_SEP = 2                          # pixels between panels (even: keeps sizes even)
+_BG = (17, 17, 17)                # band and separator colour
+_FG = (240, 240, 240)
+_DIM = (160, 160, 160)
+_ACCENT = (245, 197, 24)          # the "yellow brick road": progress + ROAD marker
+_CURVE = (110, 170, 255)
+
+
+# ----------------------------------------------------------------- helpers
+
+def colormap_lut(name: str = "jet") -> np.ndarray:
+    """``(256, 3)`` uint8 lookup table of a matplotlib colormap."""
+    import matplotlib
+
+    try:
+        cmap = matplotlib.colormaps[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(matplotlib.colormaps), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise CAManimError(f"unknown colormap {name!r}{hint} (any matplotlib colormap "
+                           "name works: jet, turbo, viridis, inferno, ...)") from None
+    return (cmap(np.linspace(0, 1, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
+
+
+def display_images(images: Any, mean: Sequence[float] | None = None,
+                   std: Sequence[float] | None = None,
+                   denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
+    """The images as the user sees them.
+
+    Args:
+        images: a ``(B, C, H, W)`` / ``(C, H, W)`` tensor as fed to the model,
+            or ``(B, H, W, C)`` / ``(H, W, C)`` numpy (uint8, or floats in
+            [0, 1]), or a list of PIL images of one size.
+        mean, std: the per-channel normalization the model needed; undone
+            as ``x * std + mean``.
+        denormalize: instead of mean/std, a callable mapping the
+            ``(B, C, H, W)`` tensor to [0, 1].
+        Without either, values already in [0, 1] are kept and anything else
+        is min-max stretched per image.
+
+    Returns:
+        ``(B, H, W, 3)`` float32 in [0, 1].
+    """
+    if isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
+        from .images import pil_to_rgb
+
+        arrs = [pil_to_rgb(im) for im in images]
+        if len({a.shape for a in arrs}) != 1:
+            raise CAManimError("the PIL images have different sizes; resize them to one size")
+        return np.stack(arrs)
+    if isinstance(images, torch.Tensor):
+        x = images.detach().float().cpu()
+        if x.dim() == 3:
+            x = x[None]
+        if x.dim() != 4:
+            raise CAManimError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+        if denormalize is not None:
+            x = denormalize(x).detach().float().cpu()
+        elif mean is not None or std is not None:
+            c = x.shape[1]
+            m = _channel_vector(IMAGENET_MEAN if mean is None else mean, c, "mean")
+            s = _channel_vector(IMAGENET_STD if std is None else std, c, "std")
+            x = x * s[None, :, None, None] + m[None, :, None, None]
+        arr = x.permute(0, 2, 3, 1).numpy()
+        undone = denormalize is not None or mean is not None or std is not None
+    elif isinstance(images, np.ndarray):
+        arr = images
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4:
+            raise CAManimError(f"images must be (B, H, W, C), got shape {images.shape}")
+        if arr.shape[-1] not in (1, 3, 4) and arr.shape[1] in (1, 3, 4):
+            arr = arr.transpose(0, 2, 3, 1)  # channels-first numpy
+        if arr.dtype == np.uint8:
+            arr = arr.astype(np.float32) / 255.0
+        elif arr.dtype == np.uint16:
+            arr = arr.astype(np.float32) / 65535.0
+        undone = False
+    else:
+        raise CAManimError(f"images must be a tensor, a numpy array or a list of PIL images, "
+                           f"got {type(images).__name__}")
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    elif arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    elif arr.shape[-1] != 3:
+        raise CAManimError(f"images have {arr.shape[-1]} channels; frames can show 1, 3 or 4")
+    if not undone and (arr.min() < -1e-3 or arr.max() > 1 + 1e-3):
+        # Normalized input without mean/std: stretch each image so it shows.
+        lo = arr.min(axis=(1, 2, 3), keepdims=True)
+        hi = arr.max(axis=(1, 2, 3), keepdims=True)
+        arr = (arr - lo) / np.maximum(hi - lo, 1e-12)
+    return np.clip(np.nan_to_num(arr), 0.0, 1.0)
+
+
+def _channel_vector(v: Sequence[float], c: int, what: str) -> torch.Tensor:
+    t = torch.as_tensor(list(v) if not isinstance(v, torch.Tensor) else v, dtype=torch.float32).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(c)
+    if t.numel() != c:
+        raise CAManimError(f"{what} has {t.numel()} values but the images have {c} channels")
+    return t
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, colormap: str | np.ndarray = "jet",
+            alpha: float = 0.5) -> np.ndarray:
+    """Blend a colour-mapped CAM over an image.
+
+    Args:
+        image: ``(H, W, 3)`` floats in [0, 1].
+        cam: ``(H, W)`` map in [0, 1] (values outside are clipped).
+        colormap: matplotlib name or a ``(256, 3)`` uint8 table.
+        alpha: weight of the heatmap.
+
+    Returns:
+        ``(H, W, 3)`` uint8: ``(1 - alpha) * image + alpha * colormap(cam)``.
+    """
+    lut = colormap_lut(colormap) if isinstance(colormap, str) else colormap
+    return _blend(np.asarray(image, np.float32) * (255.0 * (1.0 - alpha)), cam,
+                  lut.astype(np.float32) * alpha)
+
+
+def _blend(background: np.ndarray, cam: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """``background + lut[cam]`` as uint8; both terms already carry their
+    blend weights (``(H, W, 3)`` and ``(256, 3)`` float32, 0..255 scale)."""
+    idx = (np.clip(cam, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    out = background + lut[idx]
+    out += 0.5
+    return out.astype(np.uint8)
+
+
+def road_scores(road: Any, n_layers: int, batch: int) -> np.ndarray | None:
+    """``(L, B)`` float array from a YbRoad-like object (``.scores``) or an
+    array; ``None`` stays ``None``."""
+    if road is None:
+        return None
+    scores = getattr(road, "scores", road)
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu().numpy()
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim == 1 and batch == 1:
+        scores = scores[:, None]
+    if scores.shape != (n_layers, batch):
+        raise CAManimError(f"road scores have shape {scores.shape} but the maps have "
+                           f"{n_layers} layers and {batch} images: pass scores of shape "
+                           f"({n_layers}, {batch}) computed on these maps")
+    return scores
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed bitmap font only
+        return ImageFont.load_default()
+
+
+def _fit(text: str, font: Any, width: float) -> str:
+    """``text``, cut in the middle with an ellipsis to fit ``width`` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    keep = len(text)
+    while keep > 4:
+        keep -= 1
+        head = (keep + 1) // 2
+        cand = text[:head] + "…" + text[len(text) - (keep - head):]
+        if font.getlength(cand) <= width:
+            return cand
+    return text[:4]
+
+
+def _human(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def shape_text(info: LayerInfo) -> str:
+    """``"128×28×28"`` (C×h×w) for spatial layers, else the recorded shape."""
+    size, c = info.spatial_size, info.channels
+    if size is not None and c is not None:
+        return f"{c}×{size[0]}×{size[1]}"
+    return "×".join(str(s) for s in info.output_shape[1:]) or "?"
+
+
+def _even(n: float) -> int:
+    return max(2, int(round(n / 2.0)) * 2)
+
+
+def panel_size(image_hw: tuple[int, int], size: int | Sequence[int] | None = None) -> tuple[int, int]:
+    """Even ``(H, W)`` of one image panel.
+
+    ``size=None``: the image size, upscaled to at least `MIN_PANEL_WIDTH`
+    wide and downscaled to at most `MAX_PANEL_SIDE` on the long side; an int:
+    the long side; ``(H, W)``: exactly that (rounded to even).
+    """
+    h, w = image_hw
+    if size is None:
+        s = max(1.0, MIN_PANEL_WIDTH / w)
+        if max(h, w) * s > MAX_PANEL_SIDE:
+            s = MAX_PANEL_SIDE / max(h, w)
+        return _even(h * s), _even(w * s)
+    if isinstance(size, (int, np.integer)):
+        s = int(size) / max(h, w)
+        return _even(h * s), _even(w * s)
+    hh, ww = (int(v) for v in size)
+    return _even(hh), _even(ww)
+
+
+# ----------------------------------------------------------------- layout
+
+@dataclass(frozen=True)
+class _Layout:
+    ph: int                 # panel height
+    pw: int                 # panel width
+    n_norm: int             # panels per tile (1, or 2 for local | global)
+    rows: int               # tiles down
+    cols: int               # tiles across
+    header: int             # label row above each tile row (0 if none)
+    band: int               # caption band height
+    strip: int              # progress strip height
+    font: int               # caption font size
+
+    @property
+    def tile_w(self) -> int:
+        return self.n_norm * self.pw + (self.n_norm - 1) * _SEP
+
+    @property
+    def width(self) -> int:
+        return self.cols * self.tile_w + (self.cols - 1) * _SEP
+
+    @property
+    def grid_h(self) -> int:
+        return self.rows * (self.header + self.ph) + (self.rows - 1) * _SEP
+
+    @property
+    def height(self) -> int:
+        return self.grid_h + self.band + self.strip
+
+    def panel_origin(self, tile: int, k: int) -> tuple[int, int]:
+        """Top-left ``(y, x)`` of panel ``k`` of tile ``tile``."""
+        r, c = divmod(tile, self.cols)
+        y = r * (self.header + self.ph + _SEP) + self.header
+        x = c * (self.tile_w + _SEP) + k * (self.pw + _SEP)
+        return y, x
+
+
+# --------------------------------------------------------------- renderer
+
+class FrameRenderer:
+    """Draws the frames of one batch; build once, then iterate layers.
+
+    Args:
+        images: the model's input images (see `display_images`), B of them.
+        maps: `LayerMaps` of those B images.
+        normalization: ``"local"``, ``"global"``, ``"none"`` (raw values,
+            clipped to [0, 1]) or ``"both"`` (local | global side by side).
+        colormap: matplotlib colormap name (``"jet"`` as in the paper).
+        alpha: heatmap weight in the blend (0..1).
+        mean, std, denormalize: how to undo the input normalization.
+        road: ybROAD scores, a YbRoad-like object with ``.scores`` ``(L, B)``
+            or an ``(L, B)`` array.
+        size: panel size: ``None`` (automatic), long side, or ``(H, W)``.
+        grid: all B images in one frame (one output) instead of one output
+            per image.
+        class_names: names for the target class indices in the captions.
+        title: extra caption text (e.g. the model name).
+    """
+
+    def __init__(self, images: Any, maps: LayerMaps, normalization: str = "local",
+                 colormap: str = "jet", alpha: float = 0.5,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 road: Any = None, size: int | Sequence[int] | None = None,
+                 grid: bool = False, class_names: Sequence[str] | None = None,
+                 title: str | None = None) -> None:
+        if not isinstance(maps, LayerMaps):
+            raise CAManimError(f"maps must be a camanim.LayerMaps, got {type(maps).__name__}")
+        if len(maps) == 0:
+            raise CAManimError("these maps hold no layers: nothing to draw")
+        if normalization == "both":
+            self.norms: tuple[str, ...] = ("local", "global")
+        elif normalization in NORMALIZATIONS:
+            self.norms = (normalization,)
+        else:
+            raise CAManimError(f"unknown normalization {normalization!r}; use local, "
+                               "global, both (side by side) or none")
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise CAManimError(f"alpha must be between 0 and 1, got {alpha}")
+        self.maps = maps
+        self.alpha = float(alpha)
+        self.lut = colormap_lut(colormap).astype(np.float32) * self.alpha
+        self.grid = bool(grid)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.title = title
+        B = maps.batch_size
+        disp = display_images(images, mean, std, denormalize)
+        if disp.shape[0] != B:
+            raise CAManimError(f"got {disp.shape[0]} images for maps of {B} images: pass "
+                               "the same batch the maps were computed on")
+        self.scores = road_scores(road, len(maps), B)
+        ph, pw = panel_size(disp.shape[1:3], size)
+        cols = math.ceil(math.sqrt(B)) if self.grid else 1
+        rows = math.ceil(B / cols) if self.grid else 1
+        font = int(min(28, max(11, round(pw * len(self.norms) * cols / 30))))
+        line = int(font * 1.3)
+        n_lines = 3 + (self.scores is not None)
+        header = _even(line + 4) if (len(self.norms) > 1 or (self.grid and B > 1)) else 0
+        self.layout = _Layout(ph=ph, pw=pw, n_norm=len(self.norms), rows=rows, cols=cols,
+                              header=header, band=_even(n_lines * line + 0.8 * font),
+                              strip=_even(max(4, ph // 48)), font=font)
+        self.font = _font(font)
+        self.font_big = _font(font + 2)
+        self.line = line
+        # Backgrounds at panel size, pre-scaled by (1 - alpha), 0..255.
+        t = torch.from_numpy(disp).permute(0, 3, 1, 2)
+        if tuple(t.shape[-2:]) != (ph, pw):
+            t = torch.nn.functional.interpolate(t, size=(ph, pw), mode="bilinear",
+                                                align_corners=False, antialias=True)
+        bg = t.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        self.backgrounds = np.ascontiguousarray(bg * (255.0 * (1.0 - self.alpha)), dtype=np.float32)
+        self.canvases = [self._canvas(b) for b in self._outputs()]
+
+    # ..................................................... public interface
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """``(H, W)`` of every frame (both even)."""
+        return self.layout.height, self.layout.width
+
+    @property
+    def n_outputs(self) -> int:
+        """Frames per layer: 1 in grid mode, else B (one per image)."""
+        return 1 if self.grid else self.maps.batch_size
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def iter_layers(self) -> Iterator[list[np.ndarray]]:
+        """Yield, per layer, `n_outputs` frames ``(H, W, 3)`` uint8."""
+        size = (self.layout.ph, self.layout.pw)
+        streams = [self.maps.iter_upsampled(n, size) for n in self.norms]
+        for i, ups in enumerate(zip(*streams)):
+            cams = [u.detach().float().cpu().numpy() for u in ups]  # each (B, ph, pw)
+            yield [self._frame(i, cams, out) for out in range(self.n_outputs)]
+
+    # ..................................................... drawing
+    def _outputs(self) -> list[tuple[int, ...]]:
+        """Image indices drawn in each output frame."""
+        B = self.maps.batch_size
+        return [tuple(range(B))] if self.grid else [(b,) for b in range(B)]
+
+    def _target_text(self, b: int) -> str:
+        t = self.maps.targets
+        if t is None:
+            return ""
+        k = int(t.reshape(-1)[b])
+        if self.class_names is not None and 0 <= k < len(self.class_names):
+            return f"{self.class_names[k]} ({k})"
+        return f"class {k}"
+
+    def _score_series(self, imgs: tuple[int, ...]) -> np.ndarray | None:
+        if self.scores is None:
+            return None
+        s = self.scores[:, list(imgs)]
+        with np.errstate(all="ignore"):
+            return np.nanmean(s, axis=1) if s.shape[1] > 1 else s[:, 0]
+
+    def _curve_box(self) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` of the ybROAD curve inside the band."""
+        lay = self.layout
+        pad = max(4, lay.font // 2)
+        w = int(lay.width * 0.38)
+        return lay.width - pad - w, pad + self.line, lay.width - pad, lay.band - pad
+
+    def _curve_point(self, i: int, v: float, lo: float, hi: float) -> tuple[float, float]:
+        x0, y0, x1, y1 = self._curve_box()
+        n = max(1, len(self.maps) - 1)
+        x = x0 + (x1 - x0) * i / n
+        y = y1 - (y1 - y0) * ((v - lo) / (hi - lo) if hi > lo else 0.5)
+        return x, y
+
+    def _score_range(self, series: np.ndarray) -> tuple[float, float]:
+        finite = series[np.isfinite(series)]
+        if finite.size == 0:
+            return -1.0, 1.0
+        lo, hi = float(min(finite.min(), 0.0)), float(max(finite.max(), 0.0))
+        return (lo, hi) if hi > lo else (lo - 1.0, hi + 1.0)
+
+    def _canvas(self, imgs: tuple[int, ...]) -> np.ndarray:
+        """The static part of every frame of output ``imgs``."""
+        lay = self.layout
+        im = Image.new("RGB", (lay.width, lay.height), _BG)
+        d = ImageDraw.Draw(im)
+        if lay.header:
+            for tile, b in enumerate(imgs):
+                for k, norm in enumerate(self.norms):
+                    y, x = lay.panel_origin(tile, k)
+                    label = norm if len(imgs) == 1 else f"#{b} {norm}"
+                    if len(imgs) > 1 and k == 0 and self._target_text(b):
+                        label += f" · {self._target_text(b)}"
+                    d.text((x + 4, y - lay.header + 2), _fit(label, self.font, lay.pw - 8),
+                           font=self.font, fill=_DIM)
+        series = self._score_series(imgs)
+        if series is not None:
+            lo, hi = self._score_range(series)
+            x0, y0, x1, y1 = self._curve_box()
+            top = lay.grid_h
+            zero = self._curve_point(0, 0.0, lo, hi)[1]
+            d.line([(x0, top + zero), (x1, top + zero)], fill=(70, 70, 70), width=1)
+            pts = [(x, top + y) for i, v in enumerate(series) if np.isfinite(v)
+                   for x, y in [self._curve_point(i, float(v), lo, hi)]]
+            if len(pts) > 1:
+                d.line(pts, fill=_CURVE, width=max(1, lay.font // 10))
+            elif pts:
+                d.point(pts, fill=_CURVE)
+        strip_y = lay.grid_h + lay.band
+        d.rectangle([0, strip_y, lay.width, lay.height], fill=(55, 55, 55))
+        return np.asarray(im).copy()
+
+    def _frame(self, i: int, cams: list[np.ndarray], out: int) -> np.ndarray:
+        lay = self.layout
+        imgs = self._outputs()[out]
+        frame = self.canvases[out].copy()
+        for tile, b in enumerate(imgs):
+            for k, cam in enumerate(cams):
+                y, x = lay.panel_origin(tile, k)
+                frame[y:y + lay.ph, x:x + lay.pw] = _blend(self.backgrounds[b], cam[b], self.lut)
+        band = frame[lay.grid_h:lay.grid_h + lay.band]
+        frame[lay.grid_h:lay.grid_h + lay.band] = self._draw_band(band, i, imgs)
+        L = len(self.maps)
+        filled = int(round(lay.width * (i + 1) / L))
+        frame[lay.grid_h + lay.band:, :filled] = _ACCENT
+        return frame
+
+    def _draw_band(self, band: np.ndarray, i: int, imgs: tuple[int, ...]) -> np.ndarray:
+        lay = self.layout
+        info = self.maps.layers[i]
+        L = len(self.maps)
+        im = Image.fromarray(band)
+        d = ImageDraw.Draw(im)
+        pad = max(4, lay.font // 2)
+        full = lay.width - 2 * pad
+        series = self._score_series(imgs)
+        text_w = (self._curve_box()[0] - 2 * pad) if series is not None else full
+        d.text((pad, pad // 2), _fit(f"{i + 1}/{L}  {self.maps.names[i]}", self.font_big, full),
+               font=self.font_big, fill=_FG)
+        y = pad // 2 + self.line + 2
+        d.text((pad, y), _fit(f"{info.type} · {shape_text(info)} · {_human(info.params_total)} params",
+                              self.font, text_w), font=self.font, fill=_FG)
+        bits = [b for b in (self.title, self.maps.method, " | ".join(self.norms)) if b]
+        if len(imgs) == 1 and self._target_text(imgs[0]):
+            bits.append(f"target: {self._target_text(imgs[0])}")
+        y += self.line
+        d.text((pad, y), _fit(" · ".join(bits), self.font, text_w), font=self.font, fill=_DIM)
+        if series is not None:
+            y += self.line
+            v = series[i]
+            label = "ROAD" if len(imgs) == 1 else f"ROAD (mean of {len(imgs)})"
+            val = f"{v:+.3f}" if np.isfinite(v) else "n/a"
+            d.text((pad, y), _fit(f"{label} {val}", self.font, text_w), font=self.font, fill=_ACCENT)
+            if np.isfinite(v):
+                lo, hi = self._score_range(series)
+                x, yy = self._curve_point(i, float(v), lo, hi)
+                x0, y0, x1, y1 = self._curve_box()
+                d.line([(x, y0), (x, y1)], fill=(90, 90, 90), width=1)
+                r = max(2, lay.font // 4)
+                d.ellipse([x - r, yy - r, x + r, yy + r], fill=_ACCENT)
+        return np.asarray(im)
+
+
+# ----------------------------------------------------------------- public
+
+def render_frames(images: Any, maps: LayerMaps, normalization: str = "local",
+                  colormap: str = "jet", alpha: float = 0.5,
+                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                  road: Any = None, size: int | Sequence[int] | None = None,
+                  grid: bool = False, index: int | None = None,
+                  denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  class_names: Sequence[str] | None = None,
+                  title: str | None = None) -> Iterator[np.ndarray]:
+    """Yield one CAManim frame per layer.
+
+    Args:
+        images: ``(B, C, H, W)`` tensor as fed to the model (or display-ready
+            numpy / PIL images, see `display_images`).
+        maps: `LayerMaps` computed on ``images``.
+        normalization: ``"local"``, ``"global"``, ``"both"`` (local | global
+            side by side) or ``"none"``.
+        colormap: matplotlib colormap name; ``alpha``: heatmap weight.
+        mean, std: the input normalization to undo (e.g. `IMAGENET_MEAN`,
+            `IMAGENET_STD`); or ``denormalize``, a callable.
+        road: ybROAD scores (YbRoad or ``(L, B)`` array) for the captions.
+        size: panel size (``None``: automatic; int: long side; ``(H, W)``).
+        grid: tile all B images into each frame.
+        index: which image of the batch to draw when B > 1 and not ``grid``.
+        class_names: names of the target classes, for the captions.
+        title: extra caption text, e.g. the model name.
+
+    Yields:
+        ``(H, W, 3)`` uint8 frames, all of one even size, layer by layer.
+    """
+    B = maps.batch_size
+    if not grid and B > 1 and index is None:
+        raise CAManimError(f"these maps hold {B} images: pass index=i for one image's "
+                           "frames, or grid=True to tile them into each frame")
+    if index is not None and not grid:
+        if not -B <= int(index) < B:
+            raise CAManimError(f"index {index} is out of range for {B} images")
+        b = int(index) % B
+        maps = _one_image(maps, b)
+        road = None if road is None else road_scores(road, len(maps), B)[:, b:b + 1]
+        images = _take(images, b)
+    r = FrameRenderer(images, maps, normalization=normalization, colormap=colormap,
+                      alpha=alpha, mean=mean, std=std, denormalize=denormalize, road=road,
+                      size=size, grid=grid, class_names=class_names, title=title)
+    for frames in r.iter_layers():
+        yield frames[0]
+
+
+def _one_image(maps: LayerMaps, b: int) -> LayerMaps:
+    """The maps of image ``b`` alone (normalization is per image, so equal)."""
+    return LayerMaps(names=maps.names, raw=[r[b:b + 1] for r in maps.raw],
+                     input_size=maps.input_size, layers=maps.layers,
+                     targets=None if maps.targets is None else maps.targets.reshape(-1)[b:b + 1],
+                     method=maps.method, seconds=maps.seconds, extra=maps.extra)
+
+
+def _take(images: Any, b: int) -> Any:
+    if isinstance(images, torch.Tensor):
+        return images[b:b + 1] if images.dim() == 4 else images
+    if isinstance(images, np.ndarray):
+        return images[b:b + 1] if images.ndim == 4 else images
+    if isinstance(images, (list, tuple)):
+        return [images[b]]
+    return images

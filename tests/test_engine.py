@@ -1,0 +1,234 @@
+"""CAManim engine: capture correctness, no side effects, errors, LayerMaps."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import camanim
+from helpers import TinyCNN, no_hooks
+
+
+def test_inplace_overwritten_output_is_captured_before_the_overwrite(tiny, tiny_input):
+    """bn1's output is overwritten by ReLU(inplace=True); hand-computed
+    Grad-CAM of the true bn1 output (on an out-of-place twin) must match."""
+    maps = camanim.CAManim(tiny, "gradcam", ["bn1"])(tiny_input)
+    assert maps.layers[0].overwritten
+    twin = copy.deepcopy(tiny)
+    twin.relu.inplace = False
+    store = {}
+    h = twin.bn1.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    out = twin(tiny_input)
+    h.remove()
+    score = out.gather(1, out.argmax(1, keepdim=True)).sum()
+    g = torch.autograd.grad(score, store["a"])[0]
+    a = store["a"].detach()
+    want = (g.mean((2, 3), keepdim=True) * a).sum(1).clamp_min(0)
+    torch.testing.assert_close(maps.raw[0], want, rtol=1e-10, atol=1e-12)
+    assert (a < 0).any()   # so the overwrite (ReLU) would have mattered
+
+
+def test_reused_module_calls_get_their_own_maps(tiny, tiny_input):
+    """The shared `relu` runs 3 times; each call's map uses its own output."""
+    maps = camanim.CAManim(tiny, "hirescam", ["relu", "relu#2", "relu#3"])(tiny_input)
+    assert maps.names == ["relu", "relu#2", "relu#3"]
+    assert maps.raw[0].shape[1:] == (16, 20) and maps.raw[1].shape[1:] == (8, 10)
+    assert not torch.equal(maps.raw[1], maps.raw[2])
+
+
+def test_training_state_is_untouched():
+    torch.manual_seed(0)
+    model = TinyCNN()
+    model.train()
+    model.conv2.eval()                      # a mixed-mode model
+    model.conv3.weight.requires_grad_(False)
+    x = torch.randn(4, 3, 16, 16)
+    model(x).sum().backward()               # some existing .grad
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    modes = {k: m.training for k, m in model.named_modules()}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    rng = torch.get_rng_state()
+    for method in ("gradcam", "scorecam", "ablationcam", "eigencam", "randomcam"):
+        camanim.CAManim(model, method, "all", progress=False)(x)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k      # weights and BN running stats
+    for k, p in model.named_parameters():
+        if k in grads:
+            assert torch.equal(p.grad, grads[k]), k
+        else:
+            assert p.grad is None, k
+    assert {k: m.training for k, m in model.named_modules()} == modes
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
+    assert torch.equal(rng, torch.get_rng_state())
+    assert no_hooks(model)
+
+
+def test_frozen_model_still_gets_gradients(tiny, tiny_input):
+    for p in tiny.parameters():
+        p.requires_grad_(False)
+    maps = camanim.CAManim(tiny, "gradcam", "conv")(tiny_input)
+    assert all(r.abs().sum() > 0 for r in maps.raw)
+    assert all(not p.requires_grad for p in tiny.parameters())
+
+
+def test_works_under_inference_mode_and_no_grad(tiny, tiny_input):
+    ref = camanim.CAManim(tiny, "gradcam", "conv")(tiny_input)
+    with torch.inference_mode():
+        x = tiny_input.clone()
+        a = camanim.CAManim(tiny, "gradcam", "conv")(x)
+    with torch.no_grad():
+        b = camanim.CAManim(tiny, "gradcam", "conv")(tiny_input)
+    for r, ra, rb in zip(ref.raw, a.raw, b.raw):
+        assert torch.equal(r, ra) and torch.equal(r, rb)
+
+
+def test_targets_int_list_and_callables_agree(tiny, tiny_input):
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    a = camanim.CAManim(tiny, "gradcam", "conv")(tiny_input, targets=[1, 3])
+    b = camanim.CAManim(tiny, "gradcam", "conv")(
+        tiny_input, targets=[ClassifierOutputTarget(1), ClassifierOutputTarget(3)])
+    assert a.targets.tolist() == [1, 3] and b.targets.tolist() == [1, 3]
+    for ra, rb in zip(a.raw, b.raw):
+        assert torch.equal(ra, rb)
+    c = camanim.CAManim(tiny, "gradcam", "conv")(tiny_input, targets=[1, 4])
+    assert not torch.equal(a.raw[-1][1], c.raw[-1][1]) and torch.equal(a.raw[-1][0], c.raw[-1][0])
+
+
+def test_batch_equals_one_image_at_a_time(tiny, tiny_input):
+    both = camanim.CAManim(tiny, "gradcam++", "all")(tiny_input, targets=[0, 2])
+    for b, t in enumerate([0, 2]):
+        one = camanim.CAManim(tiny, "gradcam++", "all")(tiny_input[b:b + 1], targets=[t])
+        for rb, r1 in zip(both.raw, one.raw):
+            torch.testing.assert_close(rb[b:b + 1], r1, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.parametrize("images,match", [
+    (torch.randn(3, 16, 16), "unsqueeze"),
+    (torch.randn(1, 1, 3, 16, 16), "4 dimensions"),
+    (torch.randn(0, 3, 16, 16), "empty batch"),
+    (torch.randint(0, 255, (1, 3, 16, 16)), "dtype"),
+    (torch.randn(1, 1, 16, 16), "channels.*expand"),
+    (torch.full((1, 3, 16, 16), float("nan")), "NaN"),
+    ([[1.0]], "torch.Tensor"),
+])
+def test_bad_images(tiny, images, match):
+    with pytest.raises(camanim.CAManimError, match=match):
+        camanim.CAManim(tiny, "gradcam")(images)
+
+
+@pytest.mark.parametrize("targets,match", [
+    ([0, 5], "out of range.*5 classes"),
+    ([0], "1 targets for 2 images"),
+    ([0, 1, 2], "3 targets for 2 images"),
+    ("cat", "targets must be"),
+])
+def test_bad_targets(tiny, tiny_input, targets, match):
+    with pytest.raises(camanim.CAManimError, match=match):
+        camanim.CAManim(tiny, "gradcam")(tiny_input, targets=targets)
+    assert no_hooks(tiny)
+
+
+def test_unknown_method_lists_the_valid_ones(tiny):
+    with pytest.raises(camanim.CAManimError, match="valid methods: gradcam, hirescam"):
+        camanim.CAManim(tiny, "gradkam")
+
+
+def test_no_hook_left_when_the_forward_raises(tiny_input):
+    class Broken(TinyCNN):
+        def forward(self, x):
+            x = self.relu(self.bn1(self.conv1(x)))
+            raise RuntimeError("boom")
+
+    model = Broken().double().eval()
+    anim = camanim.CAManim(model, "gradcam", "conv")
+    with pytest.raises(camanim.CAManimError, match="boom"):
+        anim(tiny_input)
+    assert no_hooks(model)
+    # and when it raises during capture (after discovery succeeded)
+    tiny = TinyCNN().double().eval()
+    anim = camanim.CAManim(tiny, "gradcam", "conv")
+    anim(tiny_input)
+    with pytest.raises(camanim.CAManimError):
+        anim(tiny_input, targets=[0, 99])
+    assert no_hooks(tiny)
+
+
+def test_non_finite_maps_name_the_layer(tiny_input):
+    class Overflow(TinyCNN):
+        def forward(self, x):
+            x = self.relu(self.bn1(self.conv1(x)))
+            x = self.conv2(x) * float("inf")
+            x = self.relu(self.conv3(x))
+            return self.fc(self.pool(x).flatten(1))
+
+    model = Overflow().double().eval()
+    with pytest.raises(camanim.CAManimError, match="non-finite.*conv2"):
+        camanim.CAManim(model, "gradcam", ["conv1", "conv2"])(tiny_input, targets=[0, 0])
+
+
+# -------------------------------------------------------------- LayerMaps
+def test_local_global_none_normalizations(tiny, tiny_input):
+    maps = camanim.CAManim(tiny, "gradcam", "all")(tiny_input)
+    local = maps.upsample("local")
+    glob = maps.upsample("global")
+    none = maps.upsample("none")
+    L, B = len(maps), 2
+    assert local.shape == glob.shape == none.shape == (L, B, 16, 20)
+    for l in range(L):
+        for b in range(B):
+            if maps.raw[l][b].max() > 0:
+                assert local[l, b].max() == pytest.approx(1, abs=1e-6)
+            assert local[l, b].min() == pytest.approx(0, abs=1e-6)
+    # global: one range per image across layers -> only the strongest layer reaches ~1
+    peak = torch.stack([r.flatten(1).amax(1) for r in maps.raw])      # (L, B)
+    for b in range(B):
+        strongest = int(peak[:, b].argmax())
+        weakest = int(peak[:, b].argmin())
+        assert glob[weakest, b].max() < glob[strongest, b].max()
+        assert glob[:, b].max() <= 1 + 1e-6
+    torch.testing.assert_close(none[0], torch.nn.functional.interpolate(
+        maps.raw[0][:, None], size=(16, 20), mode="bilinear", align_corners=False)[:, 0])
+    with pytest.raises(camanim.CAManimError, match="normalization"):
+        maps.upsample("per-layer")
+
+
+def test_save_load_roundtrip_without_pickle(tmp_path, tiny, tiny_input):
+    maps = camanim.CAManim(tiny, "layercam", "all")(tiny_input)
+    path = maps.save(tmp_path / "maps.npz")
+    with np.load(path, allow_pickle=False) as data:       # no pickle inside
+        assert "meta" in data.files
+    back = camanim.LayerMaps.load(path)
+    assert back.names == maps.names and back.input_size == maps.input_size
+    assert back.layers == maps.layers and back.method == "layercam"
+    assert torch.equal(back.targets, maps.targets)
+    for a, b in zip(maps.raw, back.raw):
+        assert torch.equal(a, b)
+    assert back.params == maps.params
+    with pytest.raises(camanim.CAManimError, match="no LayerMaps file"):
+        camanim.LayerMaps.load(tmp_path / "missing.npz")
+
+
+def test_select_and_iteration(tiny, tiny_input):
+    maps = camanim.CAManim(tiny, "gradcam", "all")(tiny_input)
+    sub = maps.select(["conv3", "conv1"])
+    assert sub.names == ["conv3", "conv1"]
+    assert torch.equal(sub.raw[0], maps.raw[maps.index("conv3")])
+    with pytest.raises(camanim.CAManimError, match="no layer"):
+        maps.index("nope")
+    assert [n for n, _ in maps] == maps.names
+
+
+def test_resnet50_all_layers_blocks_and_seconds():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None).eval()
+    maps = camanim.CAManim(model, "gradcam", "blocks")(torch.randn(1, 3, 64, 64))
+    assert maps.names == ["relu", "layer1", "layer2", "layer3", "layer4"]
+    assert len(maps.seconds) == 5 and all(s > 0 for s in maps.seconds)
+    assert [r.shape[1:] for r in maps.raw] == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
