@@ -1,0 +1,512 @@
+"""Epoch-wise ybROAD studies: compare runs, models and CAM methods.
+
+`CAManimCallback` appends every layer's ROAD score of every probe image at
+every monitored epoch to ``ybroad.csv`` (tidy long form, one row per epoch,
+probe and layer; see `CSV_COLUMNS`). This module reads those files back,
+from one or many runs, and writes what a study needs::
+
+    camanim study runs/resnet50_gradcam runs/resnet50_layercam --out study/
+
+* ``heatmap_<run>_<probe>.png``: ROAD of every layer (rows, forward order)
+  at every epoch (columns), the best layer of each epoch circled; one more
+  per run for the mean over its probes (``<probe>`` = ``mean``);
+* ``best_layer.png``: the best layer of each epoch, one line per run and
+  probe (relative depth when the runs have different layer counts);
+* ``study.csv`` (also printed): per run, method and probe the final epoch's
+  mean and max ybROAD, the best layer, the final layer's score, the EBPG at
+  the best layer when masks were given, and the epoch where the best layer
+  settles (the first epoch from which the best layer never changes again).
+
+The plotting helpers (`heatmap_image`, `curve_image`) are shared with the
+callback, so TensorBoard and the study show the same pictures.
+
+Entry points: `study` (Python), `main` (``camanim study ...``), and for the
+``camanim`` CLI `add_study_parser` + `run_study`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import CAManimError
+
+__all__ = ["CSV_COLUMNS", "CSV_NAME", "ProbeSeries", "read_ybroad_csv", "find_csvs",
+           "settle_epoch", "heatmap_image", "curve_image", "study", "main",
+           "add_study_parser", "run_study"]
+
+CSV_NAME = "ybroad.csv"
+#: Columns of ``ybroad.csv``, one row per (epoch, probe, layer). ``road_mean``
+#: and ``road_max`` repeat that epoch's mean and max over the probe's layers;
+#: ``road`` / ``ebpg`` are empty when not computed (no ROAD, no mask).
+CSV_COLUMNS = ("epoch", "global_step", "probe", "target", "method", "layer_index",
+               "layer_name", "road", "road_mean", "road_max", "ebpg")
+
+
+# ------------------------------------------------------------------ reading
+
+@dataclass
+class ProbeSeries:
+    """Every epoch of one probe of one run (one CAM method).
+
+    Attributes:
+        run: label of the run (from its folder).
+        method: CAM method name.
+        probe: probe name (``"mean"`` for the mean over a run's probes).
+        epochs: E epoch numbers (0-based, as Lightning counts), increasing.
+        names: L layer names, forward order.
+        road: ``(E, L)`` ROAD scores (NaN where missing).
+        ebpg: ``(E, L)`` energy-based pointing game, or ``None``.
+        targets: E target classes (``None`` where unknown).
+        path: the CSV file it came from.
+    """
+
+    run: str
+    method: str
+    probe: str
+    epochs: list[int]
+    names: list[str]
+    road: np.ndarray
+    ebpg: np.ndarray | None = None
+    targets: list[int | None] = field(default_factory=list)
+    path: Path | None = None
+
+    def best_layers(self) -> np.ndarray:
+        """``(E,)`` index of the best-ROAD layer per epoch (-1 if no score)."""
+        out = np.full(len(self.epochs), -1, dtype=np.int64)
+        for e, row in enumerate(self.road):
+            if np.isfinite(row).any():
+                out[e] = int(np.nanargmax(row))
+        return out
+
+
+def _float(s: str) -> float:
+    return float(s) if s not in ("", "nan", "NaN", None) else math.nan
+
+
+def read_ybroad_csv(path: str | Path, run: str | None = None) -> list[ProbeSeries]:
+    """Read one ``ybroad.csv`` into one `ProbeSeries` per (method, probe).
+
+    A row repeated for the same (epoch, probe, method, layer) keeps its last
+    value. Epochs whose layer names differ from the latest epoch's (the layer
+    selection changed mid-run) are dropped with a note on stderr.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CAManimError(f"no ybROAD CSV at {path}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("epoch", "probe", "layer_index", "layer_name", "road")
+                   if c not in (reader.fieldnames or [])]
+        if missing:
+            raise CAManimError(f"{path} is not a camanim ybroad.csv (columns {missing} "
+                               f"missing); it is written by camanim.CAManimCallback")
+        # (method, probe) -> epoch -> layer_index -> row
+        groups: dict[tuple[str, str], dict[int, dict[int, dict]]] = {}
+        for row in reader:
+            key = (row.get("method") or "", row["probe"])
+            groups.setdefault(key, {}).setdefault(int(row["epoch"]), {})[int(row["layer_index"])] = row
+    label = run if run is not None else path.parent.name
+    out = []
+    for (method, probe), by_epoch in sorted(groups.items()):
+        epochs = sorted(by_epoch)
+        last = by_epoch[epochs[-1]]
+        names = [last[i]["layer_name"] for i in sorted(last)]
+        keep = [e for e in epochs
+                if [by_epoch[e][i]["layer_name"] for i in sorted(by_epoch[e])] == names]
+        if len(keep) < len(epochs):
+            print(f"camanim study: {path}: {probe}: {len(epochs) - len(keep)} epoch(s) with "
+                  "another layer list were left out", file=sys.stderr)
+        road = np.array([[_float(by_epoch[e][i]["road"]) for i in range(len(names))]
+                         for e in keep], dtype=np.float64).reshape(len(keep), len(names))
+        ebpg = np.array([[_float(by_epoch[e][i].get("ebpg", "")) for i in range(len(names))]
+                         for e in keep], dtype=np.float64).reshape(len(keep), len(names))
+        targets = []
+        for e in keep:
+            t = by_epoch[e][0].get("target", "")
+            targets.append(int(t) if t not in ("", None) else None)
+        out.append(ProbeSeries(run=label, method=method, probe=probe, epochs=keep, names=names,
+                               road=road, ebpg=ebpg if np.isfinite(ebpg).any() else None,
+                               targets=targets, path=path))
+    return out
+
+
+def find_csvs(paths: Sequence[str | Path]) -> list[tuple[str, Path]]:
+    """``(run label, csv path)`` for every ``ybroad.csv`` under ``paths``
+    (searched recursively; a path may also be a CSV file itself)."""
+    found: list[tuple[str, Path]] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            found.append((p.parent.name or str(p.parent), p))
+            continue
+        if not p.is_dir():
+            raise CAManimError(f"{p} does not exist: pass run folders (searched recursively "
+                               f"for {CSV_NAME}) or CSV files")
+        hits = sorted(p.rglob(CSV_NAME))
+        if not hits:
+            raise CAManimError(f"no {CSV_NAME} under {p}: it is written by "
+                               "camanim.CAManimCallback into its save_dir (by default the "
+                               "TensorBoard logger's log_dir)")
+        base = p.resolve().name or str(p)
+        for h in hits:
+            rel = h.parent.relative_to(p)
+            found.append((base if str(rel) == "." else f"{base}/{rel.as_posix()}", h))
+    # unique labels
+    seen: dict[str, int] = {}
+    out = []
+    for label, h in found:
+        n = seen.get(label, 0)
+        seen[label] = n + 1
+        out.append((label if n == 0 else f"{label}#{n + 1}", h))
+    return out
+
+
+# ------------------------------------------------------------------ analysis
+
+def settle_epoch(epochs: Sequence[int], best: Sequence[int]) -> int | None:
+    """The first epoch from which the best layer never changes again.
+
+    ``best[i]`` is the best layer at ``epochs[i]``; ``None`` without epochs.
+    E.g. best layers 3, 5, 5, 4, 4 at epochs 0..4 settle at epoch 3.
+    """
+    if len(epochs) == 0:
+        return None
+    k = len(best) - 1
+    while k > 0 and best[k - 1] == best[-1]:
+        k -= 1
+    return int(epochs[k])
+
+
+def mean_series(series: Sequence[ProbeSeries]) -> ProbeSeries | None:
+    """The mean over the probes of one run and method (common epochs only)."""
+    if len(series) < 2:
+        return None
+    names = series[0].names
+    same = [s for s in series if s.names == names]
+    common = sorted(set.intersection(*(set(s.epochs) for s in same)))
+    if not common or len(same) < 2:
+        return None
+    rows = [s.road[[s.epochs.index(e) for e in common]] for s in same]
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            road = np.nanmean(np.stack(rows), axis=0)
+            eb = [s.ebpg[[s.epochs.index(e) for e in common]] for s in same if s.ebpg is not None]
+            ebpg = np.nanmean(np.stack(eb), axis=0) if eb else None
+    return ProbeSeries(run=same[0].run, method=same[0].method, probe="mean", epochs=common,
+                       names=names, road=road, ebpg=ebpg, targets=[None] * len(common),
+                       path=same[0].path)
+
+
+def summarize(s: ProbeSeries) -> dict:
+    """One table row for a series: the final epoch, the best layer, settling."""
+    best = s.best_layers()
+    last = s.road[-1]
+    finite = np.isfinite(last)
+    b = int(best[-1])
+    row = {
+        "run": s.run, "method": s.method, "probe": s.probe, "layers": len(s.names),
+        "epochs": len(s.epochs), "final_epoch": s.epochs[-1],
+        "final_mean": float(np.nanmean(last)) if finite.any() else math.nan,
+        "final_max": float(np.nanmax(last)) if finite.any() else math.nan,
+        "best_layer": s.names[b] if b >= 0 else "",
+        "best_index": b,
+        "final_layer_road": float(last[-1]),
+        "settle_epoch": settle_epoch(s.epochs, list(best)) if b >= 0 else None,
+        "ebpg_best": (float(s.ebpg[-1, b]) if s.ebpg is not None and b >= 0 else math.nan),
+    }
+    return row
+
+
+TABLE_COLUMNS = ("run", "method", "probe", "layers", "epochs", "final_epoch", "final_mean",
+                 "final_max", "best_layer", "best_index", "final_layer_road", "settle_epoch",
+                 "ebpg_best")
+
+
+# ------------------------------------------------------------------ plots
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)  # Agg canvas, no pyplot: no global state, no GUI, no leak
+    return fig
+
+
+def _to_rgb(fig) -> np.ndarray:
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    fig.clear()
+    return rgb
+
+
+def _layer_ticks(ax, names: Sequence[str], axis: str = "y", max_labels: int = 80) -> None:
+    step = max(1, math.ceil(len(names) / max_labels))
+    idx = list(range(0, len(names), step))
+    size = 7 if len(idx) <= 60 else 6
+    labels = [f"{i}  {names[i]}" if axis == "y" else names[i] for i in idx]
+    if axis == "y":
+        ax.set_yticks(idx)
+        ax.set_yticklabels(labels, fontsize=size, family="monospace")
+    else:
+        ax.set_xticks(idx)
+        ax.set_xticklabels(labels, fontsize=size, rotation=90, family="monospace")
+
+
+def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
+                  title: str = "", mark_best: bool = True) -> np.ndarray:
+    """Epoch-by-layer ROAD heatmap as an RGB image.
+
+    Args:
+        road: ``(E, L)`` scores.
+        epochs: the E epoch numbers (columns, left to right).
+        names: the L layer names (rows, forward order top to bottom).
+        title: figure title.
+        mark_best: circle each epoch's best layer.
+
+    Returns:
+        ``(H, W, 3)`` uint8. The width grows with the number of epochs (up
+        to a cap), the height with the number of layers.
+    """
+    road = np.asarray(road, dtype=np.float64).reshape(len(epochs), len(names))
+    E, L = road.shape
+    name_w = min(3.6, 0.9 + 0.065 * max((len(n) for n in names), default=4))
+    width = name_w + 1.6 + min(12.0, max(1.2, 0.28 * E))
+    height = 1.3 + max(2.0, 0.15 * min(L, 80))
+    fig = _figure(width, height)
+    ax = fig.add_axes((name_w / width, 0.9 / height, (width - name_w - 1.4) / width,
+                       (height - 1.3) / height))
+    finite = road[np.isfinite(road)]
+    v = float(np.abs(finite).max()) if finite.size else 1.0
+    v = v if v > 0 else 1.0
+    im = ax.imshow(road.T, aspect="auto", cmap="RdYlGn", vmin=-v, vmax=v,
+                   interpolation="nearest")
+    if mark_best:
+        for e in range(E):
+            if np.isfinite(road[e]).any():
+                ax.plot(e, int(np.nanargmax(road[e])), marker="o", markersize=5,
+                        markerfacecolor="none", markeredgecolor="black", markeredgewidth=1.2)
+    _layer_ticks(ax, names, "y")
+    step = max(1, math.ceil(E / 25))
+    ax.set_xticks(list(range(0, E, step)))
+    ax.set_xticklabels([str(epochs[i]) for i in range(0, E, step)], fontsize=7)
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    cax = fig.add_axes(((width - 1.15) / width, 0.9 / height, 0.15 / width,
+                        (height - 1.3) / height))
+    cb = fig.colorbar(im, cax=cax)
+    cb.set_label("ROAD (higher = better)", fontsize=7)
+    cb.ax.tick_params(labelsize=6)
+    return _to_rgb(fig)
+
+
+def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
+                ebpg: np.ndarray | None = None) -> np.ndarray:
+    """The ybROAD curve of one epoch (score per layer), best layer marked,
+    with the EBPG curve on a second axis when given. ``(H, W, 3)`` uint8."""
+    road = np.asarray(road, dtype=np.float64).reshape(-1)
+    L = len(names)
+    width = max(5.0, min(16.0, 1.5 + 0.16 * L))
+    height = 2.4 + min(2.4, 0.065 * max((len(n) for n in names), default=4))
+    fig = _figure(width, height)
+    bottom = (height - 2.0) / height
+    ax = fig.add_axes((0.9 / width, bottom, (width - 1.8) / width, 1.6 / height))
+    x = np.arange(L)
+    ax.plot(x, road, color="tab:blue", marker="o", markersize=3, linewidth=1.2, label="ROAD")
+    ax.axhline(0.0, color="0.6", linewidth=0.6)
+    if np.isfinite(road).any():
+        b = int(np.nanargmax(road))
+        ax.plot(b, road[b], marker="*", markersize=11, color="gold", markeredgecolor="black")
+    ax.set_ylabel("ROAD", fontsize=8, color="tab:blue")
+    ax.set_xlim(-0.5, L - 0.5)
+    ax.tick_params(labelsize=7)
+    _layer_ticks(ax, names, "x")
+    if ebpg is not None:
+        ax2 = ax.twinx()
+        ax2.plot(x, np.asarray(ebpg, dtype=np.float64).reshape(-1), color="tab:purple",
+                 linewidth=1.0, linestyle="--", label="EBPG")
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("EBPG", fontsize=8, color="tab:purple")
+        ax2.tick_params(labelsize=7)
+    ax.set_title(title, fontsize=9)
+    return _to_rgb(fig)
+
+
+def trajectories_image(series: Sequence[ProbeSeries]) -> np.ndarray:
+    """Best layer per epoch, one line per series (relative depth 0..1 when
+    the series have different layer counts)."""
+    counts = {len(s.names) for s in series}
+    relative = len(counts) > 1
+    fig = _figure(8.0, 4.6)
+    ax = fig.add_axes((0.09, 0.12, 0.62, 0.8))
+    for s in series:
+        best = s.best_layers().astype(np.float64)
+        best[best < 0] = np.nan
+        y = best / max(len(s.names) - 1, 1) if relative else best
+        ax.plot(s.epochs, y, marker="o", markersize=3, linewidth=1.2,
+                drawstyle="steps-post", label=f"{s.run} · {s.method} · {s.probe}")
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.set_ylabel("best layer (relative depth)" if relative else "best layer index",
+                  fontsize=8)
+    if not relative and series:
+        names = series[0].names
+        if len(names) <= 40:
+            ax.set_yticks(range(len(names)))
+            ax.set_yticklabels(names, fontsize=6, family="monospace")
+    ax.tick_params(labelsize=7)
+    ax.set_title("best ybROAD layer per epoch", fontsize=9)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _to_rgb(fig)
+
+
+def _save_png(path: Path, rgb: np.ndarray) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(rgb).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+
+
+def safe_name(s: str) -> str:
+    """A file-name- and tag-safe version of ``s``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s)).strip("_") or "x"
+
+
+# ------------------------------------------------------------------ study
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """Rows as an aligned plain-text table."""
+    cells = [[c for c in columns]] + [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def study(run_dirs: Sequence[str | Path], out: str | Path = "camanim_study",
+          probes: Iterable[str] | None = None, plots: bool = True,
+          verbose: bool = True) -> list[dict]:
+    """Compare the ybROAD histories of runs.
+
+    Args:
+        run_dirs: run folders (searched recursively for ``ybroad.csv``) or
+            CSV files.
+        out: output folder (created).
+        probes: only these probe names (the per-run ``mean`` is added when
+            a run has several probes).
+        plots: write the PNG heatmaps and the trajectory plot.
+        verbose: print the table.
+
+    Returns:
+        The table rows (dicts with `TABLE_COLUMNS`), also in ``out/study.csv``.
+    """
+    if isinstance(run_dirs, (str, Path)):
+        run_dirs = [run_dirs]
+    if not run_dirs:
+        raise CAManimError("pass at least one run folder or ybroad.csv file")
+    out = Path(out)
+    wanted = set(probes) if probes is not None else None
+    all_series: list[ProbeSeries] = []
+    for label, path in find_csvs(run_dirs):
+        series = read_ybroad_csv(path, run=label)
+        if wanted is not None:
+            series = [s for s in series if s.probe in wanted]
+        by_method: dict[str, list[ProbeSeries]] = {}
+        for s in series:
+            by_method.setdefault(s.method, []).append(s)
+        for group in by_method.values():
+            all_series.extend(group)
+            m = mean_series(group)
+            if m is not None:
+                all_series.append(m)
+    if not all_series:
+        raise CAManimError("no probe matched: check --probe against the probe names in the CSVs")
+    rows = [summarize(s) for s in all_series]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "study.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(TABLE_COLUMNS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(v) for k, v in r.items()})
+    if plots:
+        methods = {s.method for s in all_series}
+        for s in all_series:
+            tag = safe_name(s.run.replace("/", "__"))
+            meth = f"_{safe_name(s.method)}" if len(methods) > 1 else ""
+            _save_png(out / f"heatmap_{tag}{meth}_{safe_name(s.probe)}.png",
+                      heatmap_image(s.road, s.epochs, s.names,
+                                    title=f"{s.run} · {s.method} · {s.probe}: ybROAD"))
+        _save_png(out / "best_layer.png", trajectories_image(all_series))
+    if verbose:
+        print(format_table(rows))
+        print(f"\nwrote {out / 'study.csv'}" + (" and plots" if plots else ""))
+    return rows
+
+
+# ------------------------------------------------------------------ CLI
+
+def add_study_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``study`` subcommand to an ``argparse`` subparsers object;
+    dispatch with ``run_study(args)``."""
+    p = subparsers.add_parser(
+        "study", help="compare epoch-wise ybROAD across runs (reads ybroad.csv files)",
+        description="Read the ybroad.csv files that CAManimCallback wrote (searched "
+                    "recursively under each RUN_DIR) and write per run and probe the "
+                    "epoch-by-layer ROAD heatmap, the best-layer-per-epoch trajectories "
+                    "and a table (final mean/max ybROAD, best layer, settling epoch).")
+    _add_arguments(p)
+    p.set_defaults(func=run_study)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run folders (searched recursively for ybroad.csv) or CSV files")
+    p.add_argument("--out", "-o", default="camanim_study",
+                   help="output folder (default: %(default)s)")
+    p.add_argument("--probe", action="append", default=None,
+                   help="only this probe (repeatable)")
+    p.add_argument("--no-plots", action="store_true", help="write the table only")
+
+
+def run_study(args: argparse.Namespace) -> int:
+    """Run the ``study`` subcommand from parsed arguments; exit status."""
+    try:
+        study(args.run_dirs, out=args.out, probes=args.probe, plots=not args.no_plots)
+    except CAManimError as e:
+        print(f"camanim study: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``camanim study RUN_DIR... [--out DIR] [--probe NAME] [--no-plots]``."""
+    p = argparse.ArgumentParser(prog="camanim study", description=(
+        "Compare epoch-wise ybROAD across runs, models and CAM methods."))
+    _add_arguments(p)
+    return run_study(p.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
