@@ -21,9 +21,13 @@ import camanim
 from camanim.errors import CAManimError
 from camanim.methods.integrated_gradcam import baseline_images, ig_options, integrated_gradcam
 from camanim.methods.otsu import histogram, otsu_binarize, otsu_split, otsu_threshold
-from camanim.methods.sise import (adaptive_channels, ada_sise, fuse, select_channels, sise)
+from camanim.methods.sise import ada_sise, adaptive_channels, fuse, select_channels, sise
 
-from conftest import no_hooks
+
+
+def no_hooks(model) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+               for m in model.modules())
 
 
 # ------------------------------------------------------------- references
@@ -118,7 +122,8 @@ def test_otsu_threshold_on_values_equals_numpy_histogram_otsu():
     for _ in range(5):
         v = np.concatenate([g.beta(2, 8, 500), g.beta(8, 2, 300)])
         hist, _ = np.histogram(v, bins=256, range=(0.0, 1.0))
-        assert torch.equal(histogram(torch.tensor(v)[None]), torch.tensor(hist, dtype=torch.float64)[None])
+        assert torch.equal(histogram(torch.tensor(v)[None]),
+                           torch.tensor(hist, dtype=torch.float64)[None])
         thr, split = otsu_threshold(torch.tensor(v)[None])
         j = np_otsu_split(hist)
         assert int(split[0]) == j and float(thr[0]) == pytest.approx(j / 256)
@@ -314,7 +319,19 @@ def test_plain_sise_functions_give_the_fused_final_map(tiny, tiny_input):
     maps = ada_sise(tiny, tiny_input, fusion="soft", mask_norm="pixel")
     assert maps.final.shape == (2, 16, 20)
     torch.testing.assert_close(maps.final, maps.raw[-1], atol=1e-6, rtol=0)
-    assert maps.method == "ada-sise" and maps.targets.tolist() == tiny(tiny_input).argmax(-1).tolist()
+    assert maps.method == "ada-sise"
+    assert maps.targets.tolist() == tiny(tiny_input).argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("method", ["integrated-gradcam", "sise", "ada-sise"])
+def test_methods_work_under_inference_mode(tiny, tiny_input, method):
+    """Lightning validates under inference_mode: the methods still get gradients."""
+    opts = {"steps": 2} if method == "integrated-gradcam" else {}
+    want = camanim.CAManim(tiny, method, progress=False, **opts)(tiny_input)
+    with torch.inference_mode():
+        got = camanim.CAManim(tiny, method, progress=False, **opts)(tiny_input)
+    assert not any(r.is_inference() for r in got.raw)
+    assert all(torch.equal(p, q) for p, q in zip(got.raw, want.raw))
 
 
 # -------------------------------------------------------------- bad input

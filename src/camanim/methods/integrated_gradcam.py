@@ -143,6 +143,13 @@ def integrated_gradcam_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[
         `ExplanationMaps` with one raw ``(B, h_l, w_l)`` map per layer
         (``sum_j M_j``); ``extra["steps"]`` = m per layer.
     """
+    with torch.inference_mode(False):  # path images need autograd, even in inference mode
+        return _ig_maps(model, x, layers, targets, opts, batch_size, reshape_transform, progress)
+
+
+def _ig_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[LayerInfo], targets: Any,
+             opts: IGOptions, batch_size: int, reshape_transform: Any,
+             progress: bool) -> ExplanationMaps:
     t0 = time.perf_counter()
     b = x.shape[0]
     callables, idx = clean_targets(model, x, targets)

@@ -246,6 +246,14 @@ def sise_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[LayerInfo], ta
         ``n_masks_per_image``, ``n_channels`` (fused: total) and ``channels``
         (per layer, per image: the kept channel indices; fused: ``None``).
     """
+    with torch.inference_mode(False):  # also callable where Lightning validates
+        return _sise_maps(model, x, layers, targets, opts, batch_size, reshape_transform,
+                          progress)
+
+
+def _sise_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[LayerInfo], targets: Any,
+               opts: SISEOptions, batch_size: int, reshape_transform: Any,
+               progress: bool) -> ExplanationMaps:
     t0 = time.perf_counter()
     b, size = x.shape[0], tuple(x.shape[-2:])
     callables, idx = clean_targets(model, x, targets)

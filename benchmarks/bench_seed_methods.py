@@ -1,0 +1,124 @@
+"""SISE (mu = 0, 0.3, 0.5) vs Ada-SISE vs Grad-CAM: runtime, mask forwards, ROAD.
+
+Prints one JSON object. Random weights (no download here); the model and the
+images are seeded, so counts are repeatable. Defaults reproduce the papers'
+setting (ResNet-50, 224 x 224, one image); shrink with ``--size`` / ``--arch``
+for a quick run on a busy CPU.
+
+    python benchmarks/bench_seed_methods.py                       # ResNet-50, 224
+    python benchmarks/bench_seed_methods.py --arch resnet18 --size 64
+
+Anchors (SISE paper, ResNet-50 on a T4): SISE 9.21 s at mu = 0, 2.18 s at
+0.3, 0.65 s at 0.5; Grad-CAM 19 ms. Targets (product brief): Ada-SISE >= 30%
+less time than SISE at mu = 0, with ROAD within 10% of SISE's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import camanim  # noqa: E402
+from camanim.methods.sise import ada_sise, sise  # noqa: E402
+
+ANCHORS_T4 = {"sise_mu0_s": 9.21, "sise_mu0.3_s": 2.18, "sise_mu0.5_s": 0.65,
+              "gradcam_s": 0.019}
+
+
+def road_of(model, x, maps, note):
+    """ybROAD of the last frame of ``maps`` (mean over images), or None."""
+    try:
+        from camanim.road import ybroad
+    except ImportError:
+        note.append("camanim.road is not there yet: ROAD skipped")
+        return None
+    last = maps.select([len(maps) - 1])
+    return float(ybroad(model, x, last, targets=maps.targets).scores.mean())
+
+
+def timed(fn, repeat):
+    times, out = [], None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="resnet50", help="torchvision ResNet (resnet18/34/50/101)")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--images", type=int, default=1)
+    p.add_argument("--mus", default="0,0.3,0.5")
+    p.add_argument("--batch-size", type=int, default=32, help="masked images per forward")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--repeat", type=int, default=1, help="SISE/Ada-SISE runs (median)")
+    p.add_argument("--no-road", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, args.arch)(weights=None).eval()
+    x = torch.randn(args.images, 3, args.size, args.size,
+                    generator=torch.Generator().manual_seed(0))
+    note: list[str] = ["random weights: runtimes and mask counts are meaningful, ROAD "
+                       "values only compare methods on the same untrained model"]
+
+    gradcam = camanim.CAManim(model, "gradcam", layers=["layer4"], progress=False)
+    gradcam(x)                                                        # warm-up, discovery
+    t_gc, gc_maps = timed(lambda: gradcam(x), 5)
+    result: dict = {
+        "benchmark": "seed_methods", "arch": args.arch, "size": args.size,
+        "images": args.images, "batch_size": args.batch_size,
+        "device": "cpu", "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "anchors_t4_resnet50_224": ANCHORS_T4,
+        "gradcam": {"seconds": round(t_gc, 4), "layer": "layer4"},
+        "sise": {}, "ada_sise": {},
+    }
+    if not args.no_road:
+        result["gradcam"]["road"] = road_of(model, x, gc_maps, note)
+
+    def entry(seconds, maps):
+        e = {"seconds": round(seconds, 3), "mask_forwards": maps.extra["n_masks"][-1],
+             "masks_per_layer": dict(zip(maps.names[:-1], maps.extra["n_masks"][:-1])),
+             "channels": maps.extra["n_channels"][-1]}
+        if not args.no_road:
+            e["road"] = road_of(model, x, maps, note)
+        return e
+
+    for mu in [float(m) for m in args.mus.split(",")]:
+        t, maps = timed(lambda: sise(model, x, mu=mu, batch_size=args.batch_size), args.repeat)
+        result["sise"][f"mu={mu:g}"] = entry(t, maps)
+    t, maps = timed(lambda: ada_sise(model, x, batch_size=args.batch_size), args.repeat)
+    result["ada_sise"] = entry(t, maps)
+
+    base = result["sise"].get("mu=0")
+    if base:
+        ada = result["ada_sise"]
+        saving = 1 - ada["seconds"] / base["seconds"]
+        cmp = {"time_saving_vs_sise_mu0": round(saving, 3), "time_target_met": saving >= 0.30,
+               "mask_forward_saving": round(1 - ada["mask_forwards"] / base["mask_forwards"], 3)}
+        if base.get("road") is not None and ada.get("road") is not None:
+            rel = abs(ada["road"] - base["road"]) / max(abs(base["road"]), 1e-12)
+            cmp.update(road_rel_diff=round(rel, 3), road_target_met=rel <= 0.10)
+        result["ada_vs_sise"] = cmp
+    result["notes"] = sorted(set(note))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
