@@ -560,7 +560,8 @@ def impute(images: torch.Tensor, keep: torch.Tensor, noise: float = 0.0,
         raise CAManimError(f"impute needs images (N, C, H, W) and keep (N, H, W) with the same "
                            f"N, H, W; got {tuple(images.shape)} and {tuple(keep.shape)}")
     if noise and generator is None:
-        raise CAManimError("impute with noise > 0 needs a torch.Generator (generator=...)")
+        raise CAManimError("impute with noise > 0 needs a torch.Generator (generator=...); "
+                           "the global RNG is never used")
     n, c, h, w = images.shape
     grid = Grid(h, w)
     unknown = (keep < 0.5) if keep.is_floating_point() else ~keep.bool()
@@ -570,10 +571,30 @@ def impute(images: torch.Tensor, keep: torch.Tensor, noise: float = 0.0,
         img = images[i:i + step].to(torch.float64)
         u = unknown[i:i + step, None].to(torch.float64)
         out[i:i + step] = _solve_chunk(img, u, grid, tol, max_iter)
-    if noise:
-        eps = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
-        out.addcmul_(unknown[:, None].to(out.dtype), eps, value=float(noise))
-    return out
+    return add_noise(out, keep, noise, generator) if noise else out
+
+
+def add_noise(filled: torch.Tensor, keep: torch.Tensor, noise: float,
+              generator: torch.Generator | None) -> torch.Tensor:
+    """``filled + noise * N(0, 1)`` on the imputed pixels (a new tensor).
+
+    As the reference, one standard normal draw per imputed pixel and channel
+    (drawn for all pixels, in one call of shape ``filled.shape``, so the
+    stream depends only on the shape), from ``generator``, never the global
+    RNG.
+
+    Args:
+        filled: ``(N, C, H, W)`` imputed images.
+        keep: ``(N, H, W)`` mask, True / 1 where the pixel was kept.
+        noise: standard deviation.
+        generator: a `torch.Generator` on ``filled``'s device.
+    """
+    if generator is None:
+        raise CAManimError("noise > 0 needs a torch.Generator (generator=torch.Generator"
+                           "(device).manual_seed(seed)); the global RNG is never used")
+    unknown = (keep < 0.5) if keep.is_floating_point() else ~keep.bool()
+    eps = torch.randn(filled.shape, generator=generator, dtype=filled.dtype, device=filled.device)
+    return torch.addcmul(filled, unknown[:, None].to(filled.dtype), eps, value=float(noise))
 
 
 def _solve_chunk(img: torch.Tensor, u: torch.Tensor, grid: Grid, tol: float,

@@ -1,0 +1,539 @@
+"""ybROAD: the ROAD score of every layer's class activation map.
+
+ROAD (Rong et al. 2022) removes a percentile of pixels by noisy linear
+imputation and measures the change of the target score. The conventions are
+those of ``pytorch_grad_cam.metrics.road.ROADCombined``:
+
+* MoRF at percentile p: ``threshold = np.percentile(cam, p)``, keep the
+  pixels with ``cam < threshold``, impute the rest; LeRF: the same on
+  ``1 - cam``;
+* the score change is ``score(perturbed) - score(clean)``;
+* ROAD = mean over percentiles of ``(LeRF - MoRF) / 2``.
+
+Doing this for every layer of a CAManim run gives the "yellow brick ROAD"
+(CAManim paper, Eq. 5). Here every mask of every layer is imputed in large
+batches (`camanim.imputation`), the clean images go through the model once,
+and all perturbed images go through it in large batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CAManimError
+from .imputation import add_noise, impute
+from .inputs import check_images, model_device_dtype, resolve_targets, score_outputs
+from .maps import LayerMaps
+
+SCORES = ("softmax", "logit")
+DEFAULT_PERCENTILES = (20, 40, 60, 80)
+Target = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ------------------------------------------------------------------ results
+
+@dataclass
+class RoadSummary:
+    """ybROAD of one image (the paper's Table 2 comparison).
+
+    Attributes:
+        image: index in the batch.
+        target: class index scored (``None`` for a callable without one).
+        mean: mean ybROAD over layers.
+        max: best layer's ROAD.
+        best_layer / best_index: name and index of that layer.
+        final: ROAD of the last layer (the usual practice).
+        max_minus_final: gain of picking the best layer over the last one.
+        fails: mean ybROAD near 0: the model finds the class at no layer.
+    """
+
+    image: int
+    target: int | None
+    mean: float
+    max: float
+    best_layer: str
+    best_index: int
+    final: float
+    max_minus_final: float
+    fails: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class YbRoad:
+    """ROAD of every layer's map for every image.
+
+    Attributes:
+        scores: ``(L, B)`` ROAD (mean over trials).
+        names: the L layer names (``maps.names``).
+        targets: B class indices scored (``None`` for callables without one).
+        percentiles: the percentiles averaged over.
+        std: ``(L, B)`` standard deviation over trials (ddof 1; 0 for 1 trial).
+        trials: ``(T, L, B)`` ROAD of every trial (noise seeds seed, seed+1...).
+        morf: ``(T, L, B, P)`` score change with the most relevant pixels
+            removed (``score(perturbed) - score(clean)``).
+        lerf: ``(T, L, B, P)`` the same, least relevant pixels removed.
+        clean: ``(B,)`` score of the unperturbed images.
+        score: ``"softmax"``, ``"logit"`` or ``"callable"``.
+        noise, seed: imputation noise and first seed.
+    """
+
+    scores: np.ndarray
+    names: list[str]
+    targets: list[int | None]
+    percentiles: tuple[float, ...]
+    std: np.ndarray
+    trials: np.ndarray
+    morf: np.ndarray
+    lerf: np.ndarray
+    clean: np.ndarray
+    score: str = "softmax"
+    noise: float = 0.01
+    seed: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_trials(self) -> int:
+        return int(self.trials.shape[0])
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def fails(self, threshold: float = 0.05) -> np.ndarray:
+        """``(B,)`` bool: ``|mean ybROAD| < threshold``, the paper's failure
+        case (Fig. 11: the model does not find the class at any layer)."""
+        return np.abs(self.scores.mean(axis=0)) < float(threshold)
+
+    def summary(self, fail_threshold: float = 0.05) -> list[RoadSummary]:
+        """One `RoadSummary` per image (``.to_dict()`` is JSON-ready)."""
+        out = []
+        fails = self.fails(fail_threshold)
+        for b in range(self.scores.shape[1]):
+            col = self.scores[:, b]
+            best = int(np.argmax(col))
+            out.append(RoadSummary(
+                image=b, target=self.targets[b], mean=float(col.mean()), max=float(col[best]),
+                best_layer=self.names[best], best_index=best, final=float(col[-1]),
+                max_minus_final=float(col[best] - col[-1]), fails=bool(fails[b])))
+        return out
+
+    def smoothed(self, window: int = 5) -> np.ndarray:
+        """``(L, B)`` centred moving average over layers (the paper's
+        suggestion); near the ends the window shrinks to the layers there."""
+        if isinstance(window, bool) or not isinstance(window, Integral) or window < 1:
+            raise CAManimError(f"window must be a positive int (layers), got {window!r}")
+        n = self.scores.shape[0]
+        lo = np.clip(np.arange(n) - (int(window) - 1) // 2, 0, n)
+        hi = np.clip(np.arange(n) + int(window) // 2 + 1, 0, n)
+        csum = np.concatenate([np.zeros((1,) + self.scores.shape[1:]), np.cumsum(self.scores, 0)])
+        return (csum[hi] - csum[lo]) / (hi - lo)[:, None]
+
+    # ---------------------------------------------------------------- files
+    def to_csv(self, path: str | Path) -> Path:
+        """Tidy long form: one row per (image, layer).
+
+        Columns ``image, target, layer_index, layer_name, road``; with
+        several trials also ``road_std`` and ``road_trial<k>``.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cols = ["image", "target", "layer_index", "layer_name", "road"]
+        t = self.n_trials
+        if t > 1:
+            cols += ["road_std"] + [f"road_trial{k}" for k in range(t)]
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            for b in range(self.scores.shape[1]):
+                tgt = "" if self.targets[b] is None else self.targets[b]
+                for i, name in enumerate(self.names):
+                    row = [b, tgt, i, name, repr(float(self.scores[i, b]))]
+                    if t > 1:
+                        row += [repr(float(self.std[i, b]))]
+                        row += [repr(float(v)) for v in self.trials[:, i, b]]
+                    w.writerow(row)
+        return path
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, as JSON-ready lists."""
+        return {
+            "names": list(self.names), "targets": list(self.targets),
+            "percentiles": list(self.percentiles), "score": self.score,
+            "noise": self.noise, "seed": self.seed, "n_trials": self.n_trials,
+            "scores": self.scores.tolist(), "std": self.std.tolist(),
+            "clean": self.clean.tolist(), "seconds": self.seconds,
+            "summary": [s.to_dict() for s in self.summary()],
+        }
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """JSON of `to_dict`; written to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        return text
+
+    def plot(self, path: str | Path, images: Sequence[int] | None = None,
+             smooth: int | None = None, title: str | None = None) -> Path:
+        """ybROAD curves (paper Fig. 8): one panel per image, layer index vs
+        ROAD, the trials' spread as a band, the mean as a dashed line, the
+        best layer marked, and an optional moving average (``smooth``)."""
+        import matplotlib
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        idx = list(range(self.scores.shape[1])) if images is None else [int(i) for i in images]
+        if not idx or any(not 0 <= i < self.scores.shape[1] for i in idx):
+            raise CAManimError(f"images must be indices in 0..{self.scores.shape[1] - 1}, got {images}")
+        sm = self.smoothed(smooth) if smooth else None
+        n_layers = len(self.names)
+        x = np.arange(n_layers)
+        fig, axes = plt.subplots(len(idx), 1, figsize=(max(6.0, min(16.0, 0.15 * n_layers + 4)),
+                                                          2.8 * len(idx)), squeeze=False)
+        for ax, b in zip(axes[:, 0], idx):
+            y = self.scores[:, b]
+            if self.n_trials > 1:
+                ax.fill_between(x, y - self.std[:, b], y + self.std[:, b], alpha=0.25,
+                                color="tab:blue", lw=0, label=f"±1 std ({self.n_trials} trials)")
+            ax.plot(x, y, "-o", ms=2.5, lw=1.2, color="tab:blue", label="ROAD")
+            if sm is not None:
+                ax.plot(x, sm[:, b], lw=2.0, color="tab:orange", label=f"moving average ({smooth})")
+            mean = float(y.mean())
+            ax.axhline(mean, ls="--", lw=1, color="gray", label=f"mean {mean:.3f}")
+            best = int(np.argmax(y))
+            ax.plot([best], [y[best]], "*", ms=12, color="tab:red",
+                    label=f"max {y[best]:.3f} at {best}: {self.names[best]}")
+            ax.axhline(0.0, lw=0.6, color="black")
+            tgt = self.targets[b]
+            ax.set_title(title or f"ybROAD, image {b}" + ("" if tgt is None else f", class {tgt}"),
+                         fontsize=10)
+            ax.set_ylabel("ROAD")
+            ax.legend(fontsize=7, loc="best")
+            ax.grid(alpha=0.3)
+            if n_layers <= 30:
+                ax.set_xticks(x)
+                ax.set_xticklabels(self.names, rotation=60, ha="right", fontsize=6)
+        axes[-1, 0].set_xlabel("layer index")
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def __repr__(self) -> str:
+        return (f"YbRoad(layers={len(self.names)}, images={self.scores.shape[1]}, "
+                f"trials={self.n_trials}, percentiles={list(self.percentiles)}, score={self.score!r})")
+
+
+# -------------------------------------------------------------- thresholds
+
+def percentile_thresholds(values: torch.Tensor, percentiles: Sequence[float]) -> torch.Tensor:
+    """``np.percentile(row, p)`` of every row, bit for bit.
+
+    NumPy's default ("linear") method with a Python-number ``p``: the
+    virtual index ``(n - 1) p / 100`` is a float64, the interpolation weight
+    is cast to the values' dtype, and ``a + (b - a) t`` (or ``b - (b - a)
+    (1 - t)`` for ``t >= 0.5``) is evaluated in that dtype.
+
+    Args:
+        values: ``(M, n)`` float tensor.
+        percentiles: P numbers in [0, 100].
+
+    Returns:
+        ``(M, P)`` in ``values``' dtype.
+    """
+    s = values.sort(dim=-1).values
+    n = s.shape[-1]
+    out = []
+    for p in percentiles:
+        vi = (n - 1) * (p / 100)
+        if vi >= n - 1:
+            out.append(s[:, n - 1])
+            continue
+        prev = math.floor(vi)
+        gamma = vi - prev
+        a, b = s[:, prev], s[:, prev + 1]
+        diff = b - a
+        if gamma >= 0.5:
+            out.append(b - diff * torch.tensor(1 - gamma, dtype=s.dtype, device=s.device))
+        else:
+            out.append(a + diff * torch.tensor(gamma, dtype=s.dtype, device=s.device))
+    return torch.stack(out, dim=1)
+
+
+def road_masks(cams: torch.Tensor, percentiles: Sequence[float]) -> torch.Tensor:
+    """Keep-masks of the reference's ROAD for ``(B, H, W)`` maps.
+
+    Returns:
+        ``(2P, B, H, W)`` bool, True = pixel kept: first MoRF at each
+        percentile (``cam < percentile(cam, p)``), then LeRF (the same rule
+        on ``1 - cam``).
+    """
+    if cams.dtype in (torch.float16, torch.bfloat16):
+        cams = cams.float()
+    b = cams.shape[0]
+    out = []
+    for c in (cams, 1 - cams):
+        flat = c.reshape(b, -1)
+        thr = percentile_thresholds(flat, percentiles)        # (B, P)
+        out.append(flat[None] < thr.T[:, :, None])              # (P, B, HW)
+    return torch.cat(out).reshape((2 * len(percentiles),) + tuple(cams.shape))
+
+
+# --------------------------------------------------------------- checking
+
+def _check_percentiles(percentiles: Any) -> tuple[float, ...]:
+    if isinstance(percentiles, (Real, np.number)) and not isinstance(percentiles, bool):
+        percentiles = (percentiles,)
+    try:
+        ps = tuple(percentiles)
+    except TypeError:
+        raise CAManimError(f"percentiles must be a sequence of numbers in [0, 100], "
+                           f"got {percentiles!r}") from None
+    if not ps:
+        raise CAManimError("percentiles is empty: pass e.g. (20, 40, 60, 80)")
+    clean = []
+    for p in ps:
+        if isinstance(p, (bool, np.bool_)) or not isinstance(p, (Real, np.number)):
+            raise CAManimError(f"percentiles must be numbers in [0, 100], got {p!r}")
+        if not math.isfinite(float(p)) or not 0 <= float(p) <= 100:
+            raise CAManimError(f"percentile {p!r} is outside [0, 100]; pass e.g. (20, 40, 60, 80)")
+        clean.append(int(p) if float(p).is_integer() else float(p))
+    return tuple(clean)
+
+
+def _check_args(noise: Any, seed: Any, trials: Any, batch_size: Any, score: Any) -> None:
+    if isinstance(noise, bool) or not isinstance(noise, (Real, np.number)) \
+            or not math.isfinite(float(noise)) or float(noise) < 0:
+        raise CAManimError(f"noise must be a number >= 0 (the imputation noise's standard "
+                           f"deviation, the reference uses 0.01), got {noise!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (Integral, np.integer)):
+        raise CAManimError(f"seed must be an int, got {seed!r}")
+    if isinstance(trials, bool) or not isinstance(trials, (Integral, np.integer)) or trials < 1:
+        raise CAManimError(f"trials must be an int >= 1, got {trials!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or
+                                   not isinstance(batch_size, (Integral, np.integer)) or batch_size < 1):
+        raise CAManimError(f"batch_size must be None (automatic) or an int >= 1, got {batch_size!r}")
+    if score not in SCORES:
+        raise CAManimError(f"unknown score {score!r}: use 'softmax' (probability of the target "
+                           "class, the default) or 'logit'")
+
+
+def _layer_cams(maps: Any, batch: int, size: tuple[int, int]) -> tuple[list[str], Any, int]:
+    """(names, iterator of ``(B, H, W)`` maps, L) from LayerMaps or an array."""
+    if isinstance(maps, LayerMaps):
+        if len(maps) == 0:
+            raise CAManimError("maps has no layers")
+        if maps.batch_size != batch:
+            raise CAManimError(f"maps explain {maps.batch_size} images but {batch} images were "
+                               "passed: pass the images the maps were computed on")
+        if tuple(maps.input_size) != tuple(size):
+            raise CAManimError(f"maps are for {maps.input_size[0]}x{maps.input_size[1]} inputs but "
+                               f"the images are {size[0]}x{size[1]}: pass the images the maps were "
+                               "computed on")
+        return list(maps.names), maps.iter_upsampled("local"), len(maps)
+    if isinstance(maps, np.ndarray):
+        maps = torch.from_numpy(maps)
+    if isinstance(maps, torch.Tensor):
+        if maps.dim() == 3:
+            maps = maps[None]
+        if maps.dim() != 4 or maps.shape[1] != batch or tuple(maps.shape[2:]) != tuple(size):
+            raise CAManimError(f"maps as an array must be (L, B, H, W) = (L, {batch}, {size[0]}, "
+                               f"{size[1]}) (or (B, H, W) for one layer), got {tuple(maps.shape)}")
+        if not maps.is_floating_point():
+            raise CAManimError(f"maps must be float, got {maps.dtype}")
+        return [str(i) for i in range(maps.shape[0])], iter(maps), int(maps.shape[0])
+    raise CAManimError(f"maps must be a camanim.LayerMaps (from camanim.CAManim) or an (L, B, H, W) "
+                       f"array of maps, got {type(maps).__name__}")
+
+
+def _score_targets(targets: Any, maps: Any, logits: torch.Tensor, score: str
+                   ) -> tuple[list[Target], list[int | None], str]:
+    """Score callables per image, their class indices, and the score kind."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
+
+    if targets is None and isinstance(maps, LayerMaps) and maps.targets is not None:
+        targets = maps.targets
+    b = logits.shape[0]
+    is_callables = (isinstance(targets, Sequence) and not isinstance(targets, (str, bytes))
+                    and len(targets) > 0 and all(callable(t) for t in targets))
+    calls, idx = resolve_targets(targets, b, logits)
+    if is_callables:
+        cls = [getattr(t, "category", None) for t in calls]
+        return calls, [int(c) if isinstance(c, (int, np.integer)) else None for c in cls], "callable"
+    classes = [int(c) for c in idx]
+    make = ClassifierOutputSoftmaxTarget if score == "softmax" else ClassifierOutputTarget
+    return [make(c) for c in classes], classes, score
+
+
+def _auto_batch_size(model: nn.Module, x: torch.Tensor) -> int:
+    """Perturbed images per forward when ``batch_size=None``.
+
+    CUDA: as many as half the free memory holds, from the peak memory of a
+    forward of ``x``. CPU: throughput stops growing beyond a few dozen
+    images, so 32 images of 224x224 (scaled by image area).
+    """
+    h, w = x.shape[-2:]
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        free, _ = torch.cuda.mem_get_info(x.device)
+        base = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        model(x)
+        per = max(1, (torch.cuda.max_memory_allocated(x.device) - base) // x.shape[0])
+        return int(max(1, min(1024, (free // 2) // per)))
+    return int(max(1, min(128, round(32 * 224 * 224 / (h * w)))))
+
+
+# -------------------------------------------------------------------- API
+
+def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tensor | np.ndarray,
+           targets: Any = None, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+           noise: float = 0.01, seed: int = 0, batch_size: int | None = None,
+           score: str = "softmax", trials: int = 1, progress: bool = True) -> YbRoad:
+    """ROAD of every layer's map (ybROAD), as ``ROADCombined`` per layer.
+
+    Args:
+        model: the classifier (put in eval mode while scoring; every
+            submodule's train/eval mode is restored afterwards).
+        images: ``(B, C, H, W)`` images the maps explain.
+        maps: `LayerMaps` (each layer's map is normalized "local", i.e. the
+            map pytorch-grad-cam returns for that layer) or an
+            ``(L, B, H, W)`` array of maps used as they are.
+        targets: ``None`` (``maps.targets`` if set, else the predicted
+            class), an int, B ints, or B pytorch-grad-cam target callables
+            (used as they are; ``score`` then does not apply).
+        percentiles: percentages of pixels, as ``ROADCombined(percentiles)``.
+        noise: standard deviation of the imputation noise (the reference
+            uses 0.01; 0 for a deterministic score).
+        seed: seed of the noise (trial k uses ``seed + k``); the global RNG
+            is never touched.
+        batch_size: perturbed images per forward pass (default: by memory).
+        score: ``"softmax"`` (probability of the target class, as
+            ``ClassifierOutputSoftmaxTarget``) or ``"logit"``.
+        trials: repeat with k noise seeds; ``scores`` is the mean, ``std``
+            the spread (paper Fig. 8 uses 11 trials).
+        progress: show a tqdm progress bar over layers.
+
+    Returns:
+        `YbRoad` with ``scores`` of shape ``(L, B)``.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise CAManimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    ps = _check_percentiles(percentiles)
+    _check_args(noise, seed, trials, batch_size, score)
+    x = check_images(images, model)
+    b, _, h, w = x.shape
+    names, cams, n_layers = _layer_cams(maps, b, (h, w))
+    device, _ = model_device_dtype(model)
+    n_p = len(ps)
+
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            bs = int(batch_size) if batch_size is not None else _auto_batch_size(model, x[:1])
+            logits = torch.cat([model(x[i:i + bs]) for i in range(0, b, bs)])
+            calls, classes, kind = _score_targets(targets, maps, logits, score)
+            clean = score_outputs(calls, logits).double()                       # (B,)
+            gens = ([torch.Generator(device=x.device).manual_seed(int(seed) + k) for k in range(trials)]
+                    if noise else [None] * trials)
+            n_trials = int(trials) if noise else 1   # without noise every trial is the same
+            pert = torch.full((n_trials, n_layers, 2 * n_p, b), float("nan"), dtype=torch.float64)
+            queue = _ForwardQueue(model, calls, pert, bs)
+            bar = tqdm(total=n_layers, desc="ybROAD", unit="layer", disable=not progress)
+            for layer, cam in enumerate(cams):
+                cam = cam.to(x.device)
+                if not bool(torch.isfinite(cam).all()):
+                    raise CAManimError(f"the map of layer {names[layer]!r} contains NaN or inf")
+                keep = road_masks(cam, ps).reshape(2 * n_p * b, h, w)
+                filled = impute(x.repeat(2 * n_p, 1, 1, 1), keep)
+                for t in range(n_trials):
+                    imgs = add_noise(filled, keep, float(noise), gens[t]) if noise else filled
+                    queue.push(imgs, t, layer)
+                bar.update(1)
+            queue.flush()
+            bar.close()
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+    diff = (pert - clean).numpy()                          # (T', L, 2P, B)
+    morf = diff[:, :, :n_p].transpose(0, 1, 3, 2)          # (T', L, B, P)
+    lerf = diff[:, :, n_p:].transpose(0, 1, 3, 2)
+    if n_trials < trials:                                  # noise 0: all trials equal
+        morf, lerf = (np.repeat(a, int(trials), axis=0) for a in (morf, lerf))
+    road = ((lerf - morf) / 2).mean(axis=-1)               # (T, L, B)
+    std = road.std(axis=0, ddof=1) if trials > 1 else np.zeros(road.shape[1:])
+    return YbRoad(scores=road.mean(axis=0), names=names, targets=classes, percentiles=ps,
+                  std=std, trials=road, morf=morf, lerf=lerf, clean=clean.cpu().numpy(),
+                  score=kind, noise=float(noise), seed=int(seed),
+                  seconds=time.perf_counter() - t0)
+
+
+class _ForwardQueue:
+    """Collects perturbed images and scores them in batches of ``size``.
+
+    Rows of a pushed ``(2P * B, C, H, W)`` block are (mask kind, image);
+    scores land in ``out[trial, layer, kind, image]``.
+    """
+
+    def __init__(self, model: nn.Module, calls: list[Target], out: torch.Tensor, size: int) -> None:
+        self.model, self.calls, self.out, self.size = model, calls, out, size
+        self.images: list[torch.Tensor] = []
+        self.where: list[tuple[int, int, int, int]] = []   # (trial, layer, kind, image)
+        self.count = 0
+
+    def push(self, imgs: torch.Tensor, trial: int, layer: int) -> None:
+        b = len(self.calls)
+        self.images.append(imgs)
+        self.where += [(trial, layer, i // b, i % b) for i in range(imgs.shape[0])]
+        self.count += imgs.shape[0]
+        while self.count >= self.size:
+            self._run(self.size)
+
+    def flush(self) -> None:
+        while self.count:
+            self._run(min(self.size, self.count))
+
+    def _take(self, n: int) -> torch.Tensor:
+        parts, got = [], 0
+        while got < n:
+            head = self.images[0]
+            k = min(n - got, head.shape[0])
+            parts.append(head[:k])
+            got += k
+            if k == head.shape[0]:
+                self.images.pop(0)
+            else:
+                self.images[0] = head[k:]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _run(self, n: int) -> None:
+        batch = self._take(n)
+        where, self.where = self.where[:n], self.where[n:]
+        self.count -= n
+        outputs = self.model(batch)
+        scores = score_outputs([self.calls[w[3]] for w in where], outputs).double().cpu()
+        for (t, l, k, i), s in zip(where, scores.tolist()):
+            self.out[t, l, k, i] = s
