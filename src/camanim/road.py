@@ -135,11 +135,9 @@ class YbRoad:
         suggestion); near the ends the window shrinks to the layers there."""
         if isinstance(window, bool) or not isinstance(window, Integral) or window < 1:
             raise CAManimError(f"window must be a positive int (layers), got {window!r}")
-        n = self.scores.shape[0]
-        lo = np.clip(np.arange(n) - (int(window) - 1) // 2, 0, n)
-        hi = np.clip(np.arange(n) + int(window) // 2 + 1, 0, n)
-        csum = np.concatenate([np.zeros((1,) + self.scores.shape[1:]), np.cumsum(self.scores, 0)])
-        return (csum[hi] - csum[lo]) / (hi - lo)[:, None]
+        n, half = self.scores.shape[0], (int(window) - 1) // 2
+        return np.stack([self.scores[max(0, i - half):i - half + int(window)].mean(axis=0)
+                         for i in range(n)])
 
     # ---------------------------------------------------------------- files
     def to_csv(self, path: str | Path) -> Path:
