@@ -204,14 +204,15 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _fit(text: str, font: Any, width: float) -> str:
-    """``text``, cut in the middle with an ellipsis to fit ``width`` pixels."""
+def _fit(text: str, font: Any, width: float, tail: bool = False) -> str:
+    """``text``, cut in the middle (layer names: both ends matter) or at the
+    end (``tail=True``) with an ellipsis to fit ``width`` pixels."""
     if font.getlength(text) <= width:
         return text
     keep = len(text)
     while keep > 4:
         keep -= 1
-        head = (keep + 1) // 2
+        head = keep if tail else (keep + 1) // 2
         cand = text[:head] + "…" + text[len(text) - (keep - head):]
         if font.getlength(cand) <= width:
             return cand
@@ -226,11 +227,12 @@ def _human(n: int) -> str:
 
 
 def shape_text(info: LayerInfo) -> str:
-    """``"128×28×28"`` (C×h×w) for spatial layers, else the recorded shape."""
+    """``"128x28x28"`` (C x h x w) for spatial layers, else the recorded
+    shape (the default font has no multiplication sign)."""
     size, c = info.spatial_size, info.channels
     if size is not None and c is not None:
-        return f"{c}×{size[0]}×{size[1]}"
-    return "×".join(str(s) for s in info.output_shape[1:]) or "?"
+        return f"{c}x{size[0]}x{size[1]}"
+    return "x".join(str(s) for s in info.output_shape[1:]) or "?"
 
 
 def _even(n: float) -> int:
@@ -352,7 +354,7 @@ class FrameRenderer:
         ph, pw = panel_size(disp.shape[1:3], size)
         cols = math.ceil(math.sqrt(B)) if self.grid else 1
         rows = math.ceil(B / cols) if self.grid else 1
-        font = int(min(28, max(11, round(pw * len(self.norms) * cols / 30))))
+        font = int(min(28, max(12, round(pw * len(self.norms) * cols / 26))))
         line = int(font * 1.3)
         n_lines = 3 + (self.scores is not None)
         header = _even(line + 4) if (len(self.norms) > 1 or (self.grid and B > 1)) else 0
@@ -419,7 +421,7 @@ class FrameRenderer:
         """``(x0, y0, x1, y1)`` of the ybROAD curve inside the band."""
         lay = self.layout
         pad = max(4, lay.font // 2)
-        w = int(lay.width * 0.38)
+        w = int(lay.width * 0.3)
         return lay.width - pad - w, pad + self.line, lay.width - pad, lay.band - pad
 
     def _curve_point(self, i: int, v: float, lo: float, hi: float) -> tuple[float, float]:
@@ -497,11 +499,15 @@ class FrameRenderer:
         y = pad // 2 + self.line + 2
         d.text((pad, y), _fit(f"{info.type} · {shape_text(info)} · {_human(info.params_total)} params",
                               self.font, text_w), font=self.font, fill=_FG)
-        bits = [b for b in (self.title, self.maps.method, " | ".join(self.norms)) if b]
+        bits = []
         if len(imgs) == 1 and self._target_text(imgs[0]):
             bits.append(f"target: {self._target_text(imgs[0])}")
+        # panels carry their own labels when there are several
+        norm = self.norms[0] if len(self.norms) == 1 else ""
+        bits += [b for b in (self.maps.method, norm, self.title) if b]
         y += self.line
-        d.text((pad, y), _fit(" · ".join(bits), self.font, text_w), font=self.font, fill=_DIM)
+        d.text((pad, y), _fit(" · ".join(bits), self.font, text_w, tail=True),
+               font=self.font, fill=_DIM)
         if series is not None:
             y += self.line
             v = series[i]

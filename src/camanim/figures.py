@@ -1,0 +1,296 @@
+"""Still figures of a CAManim run (matplotlib, Agg backend).
+
+* `contact_sheet`: every 10th-percentile layer side by side, layer names
+  under the tiles (paper Figs. 4-5);
+* `plot_params`: the parameters of every drawn layer on a log axis
+  (paper Fig. 3);
+* `run_summary` / `format_summary` / `write_summary`: the paper's Table 1 for
+  one run (total parameters, total and mean per-layer runtime, layers drawn).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CAManimError
+from .maps import LayerMaps
+from .render import colormap_lut, display_images, overlay, road_scores
+
+__all__ = ["percentile_layers", "contact_sheet", "plot_params", "run_summary",
+           "format_summary", "write_summary"]
+
+PERCENTILES = tuple(range(0, 101, 10))
+
+
+def _pyplot():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() != "agg":
+        try:
+            matplotlib.use("Agg", force=False)
+        except Exception:  # noqa: BLE001 - an interactive session keeps its backend
+            pass
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def percentile_layers(n_layers: int, percentiles: Sequence[float] = PERCENTILES) -> list[int]:
+    """Layer indices at the given percentages of depth (0 = first layer,
+    100 = last), rounded, without repeats: 11 layers for the paper's
+    0, 10, ..., 100 when there are at least 11."""
+    if n_layers < 1:
+        raise CAManimError("no layers to pick from")
+    bad = [p for p in percentiles if not 0 <= float(p) <= 100]
+    if bad:
+        raise CAManimError(f"percentiles must be within 0..100, got {bad}")
+    idx = [int(round(float(p) / 100.0 * (n_layers - 1))) for p in percentiles]
+    return sorted(set(idx))
+
+
+def _label(name: str, width: int = 18) -> str:
+    """A layer name wrapped on its dots to at most 3 lines."""
+    parts = name.replace(".", ".\u200b").split("\u200b")
+    lines, cur = [], ""
+    for p in parts:
+        if cur and len(cur) + len(p) > width:
+            lines.append(cur)
+            cur = p
+        else:
+            cur += p
+    lines.append(cur)
+    lines = [seg for line in lines for seg in textwrap.wrap(line, width) or [line]]
+    return "\n".join(lines[:3]) + ("…" if len(lines) > 3 else "")
+
+
+def contact_sheet(path: str | Path, images: Any, maps: LayerMaps,
+                  normalization: str | Sequence[str] = "local", index: int = 0,
+                  percentiles: Sequence[float] = PERCENTILES, colormap: str = "jet",
+                  alpha: float = 0.5, mean: Sequence[float] | None = None,
+                  std: Sequence[float] | None = None,
+                  denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  road: Any = None, title: str | None = None, tile: int = 150,
+                  dpi: int = 100) -> Path:
+    """One image's CAMs at every 10th percentile of depth, in a row.
+
+    Args:
+        path: ``.png`` (or any format matplotlib saves) to write.
+        images, maps: the batch and its `LayerMaps` (see `render_frames`).
+        normalization: ``"local"``, ``"global"``, ``"both"``, or a list of
+            them: one row each.
+        index: which image of the batch.
+        percentiles: depths to show (default 0, 10, ..., 100).
+        road: ybROAD scores (``(L, B)`` or YbRoad): shown under the names.
+        title: figure title (default: method and target).
+        tile: tile size in pixels (long side).
+
+    Returns:
+        ``path``.
+    """
+    norms = _norm_list(normalization)
+    B = maps.batch_size
+    if not -B <= int(index) < B:
+        raise CAManimError(f"index {index} is out of range for {B} images")
+    b = int(index) % B
+    disp = display_images(images, mean, std, denormalize)
+    if disp.shape[0] != B:
+        raise CAManimError(f"got {disp.shape[0]} images for maps of {B} images")
+    h, w = disp.shape[1:3]
+    s = tile / max(h, w)
+    th, tw = max(8, int(round(h * s))), max(8, int(round(w * s)))
+    bg = torch.nn.functional.interpolate(torch.from_numpy(disp[b:b + 1]).permute(0, 3, 1, 2),
+                                         size=(th, tw), mode="bilinear", align_corners=False,
+                                         antialias=True)[0].permute(1, 2, 0).clamp(0, 1).numpy()
+    picks = percentile_layers(len(maps), percentiles)
+    pct = {i: p for p, i in zip(percentiles, [int(round(float(p) / 100 * (len(maps) - 1)))
+                                                for p in percentiles])}
+    scores = road_scores(road, len(maps), B)
+    lut = colormap_lut(colormap)
+    one = _one(maps, b)
+    tiles: dict[str, list[np.ndarray]] = {}
+    for norm in norms:
+        want = set(picks)
+        tiles[norm] = [overlay(bg, m[0].float().cpu().numpy(), lut, alpha)
+                       for i, m in enumerate(one.iter_upsampled(norm, (th, tw))) if i in want]
+
+    plt = _pyplot()
+    n = len(picks)
+    tin = tile / dpi
+    fig_w = n * tin * 1.08 + (0.35 if len(norms) > 1 else 0.1)
+    fig_h = len(norms) * tin * 1.0 + 0.75 + (0.25 if scores is not None else 0) + 0.35
+    fig, axes = plt.subplots(len(norms), n, figsize=(fig_w, fig_h), squeeze=False)
+    for r, norm in enumerate(norms):
+        for c, (i, im) in enumerate(zip(picks, tiles[norm])):
+            ax = axes[r, c]
+            ax.imshow(im, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if r == 0:
+                p = pct.get(i)
+                head = f"{p:g}%" if p is not None else ""
+                ax.set_title(f"{head}  ({i + 1}/{len(maps)})", fontsize=7, pad=2)
+            if c == 0 and len(norms) > 1:
+                ax.set_ylabel(norm, fontsize=8)
+            if r == len(norms) - 1:
+                text = _label(maps.names[i])
+                if scores is not None and np.isfinite(scores[i, b]):
+                    text += f"\nROAD {scores[i, b]:+.3f}"
+                ax.set_xlabel(text, fontsize=6, labelpad=2)
+    if title is None:
+        bits = [maps.method or "CAM"]
+        if maps.targets is not None:
+            bits.append(f"target class {int(maps.targets.reshape(-1)[b])}")
+        bits.append(", ".join(norms) + " normalization")
+        title = " · ".join(bits)
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.02 if len(norms) == 1 else 0.04, right=0.995, top=1 - 0.42 / fig_h,
+                        bottom=(0.62 + (0.22 if scores is not None else 0)) / fig_h,
+                        wspace=0.06, hspace=0.08)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def _norm_list(normalization: str | Sequence[str]) -> list[str]:
+    if isinstance(normalization, str):
+        norms = ["local", "global"] if normalization == "both" else [normalization]
+    else:
+        norms = list(normalization)
+    for n in norms:
+        if n not in ("local", "global", "none"):
+            raise CAManimError(f"unknown normalization {n!r}; use local, global, both or none")
+    if not norms:
+        raise CAManimError("no normalization given")
+    return norms
+
+
+def _one(maps: LayerMaps, b: int) -> LayerMaps:
+    from .render import _one_image
+
+    return _one_image(maps, b)
+
+
+def plot_params(path: str | Path, maps: LayerMaps, title: str | None = None,
+                dpi: int = 110) -> Path:
+    """Parameters of every drawn layer (module and its children) on a log
+    axis, coloured by layer type (paper Fig. 3). Layers without parameters
+    (ReLU, pooling) are marked on the x axis."""
+    plt = _pyplot()
+    params = np.array([info.params_total for info in maps.layers], dtype=float)
+    types = [info.type for info in maps.layers]
+    x = np.arange(len(maps))
+    fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, 0.12 * len(maps) + 4)), 3.4))
+    cmap = plt.get_cmap("tab10")
+    for k, t in enumerate(dict.fromkeys(types)):
+        sel = np.array([tt == t for tt in types]) & (params > 0)
+        if sel.any():
+            ax.bar(x[sel], params[sel], width=0.8, color=cmap(k % 10), label=t)
+    zero = params <= 0
+    ax.set_yscale("log")
+    if zero.any():
+        lo = params[~zero].min() if (~zero).any() else 1.0
+        ax.set_ylim(bottom=max(0.5, lo / 3))
+        ax.plot(x[zero], np.full(zero.sum(), max(0.5, lo / 3)), "x", color="gray", ms=4,
+                clip_on=False, label="no parameters")
+    ax.set_xlabel("layer index (execution order)")
+    ax.set_ylabel("parameters (log)")
+    ax.set_title(title or f"Parameters per layer ({len(maps)} layers, total "
+                 f"{int(params.sum()):,})", fontsize=10)
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=min(4, len(set(types)) + 1), loc="upper left")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def run_summary(maps: LayerMaps, model: nn.Module | None = None,
+                seconds: float | None = None, **extra: Any) -> dict[str, Any]:
+    """The paper's Table 1 for one run.
+
+    Args:
+        maps: the run's `LayerMaps` (per-layer ``seconds`` and parameters).
+        model: if given, its total parameter count is reported.
+        seconds: wall time of the whole run, if measured (else the sum of the
+            per-layer times).
+        **extra: more JSON-ready fields to include (model name, image, ...).
+
+    Returns:
+        dict with ``layers``, ``method``, ``input_size``, ``total_params``
+        (model, or ``None``), ``layer_params_total`` / ``mean_params_per_layer``
+        (drawn layers, children included), ``runtime_s``,
+        ``mean_runtime_per_layer_s``, ``first_layer``, ``last_layer``.
+    """
+    params = [info.params_total for info in maps.layers]
+    secs = [float(s) for s in maps.seconds] if maps.seconds else []
+    total_s = float(seconds) if seconds is not None else (float(sum(secs)) if secs else None)
+    out: dict[str, Any] = dict(extra)
+    out.update({
+        "method": maps.method,
+        "layers": len(maps),
+        "input_size": list(maps.input_size),
+        "total_params": int(sum(p.numel() for p in model.parameters())) if model is not None else None,
+        "layer_params_total": int(sum(params)),
+        "mean_params_per_layer": float(np.mean(params)) if params else 0.0,
+        "runtime_s": total_s,
+        "mean_runtime_per_layer_s": (total_s / len(maps)) if total_s is not None and len(maps) else None,
+        "first_layer": maps.names[0] if len(maps) else None,
+        "last_layer": maps.names[-1] if len(maps) else None,
+    })
+    return out
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A small aligned ``key  value`` table of a `run_summary`."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            if math.isfinite(v) and abs(v) >= 1000:
+                return f"{v:,.0f}"
+            return f"{v:.4g}"
+        if isinstance(v, int) and not isinstance(v, bool):
+            return f"{v:,}"
+        if isinstance(v, (list, tuple)):
+            return "x".join(str(x) for x in v)
+        return str(v)
+
+    keys = [k for k, v in summary.items() if not isinstance(v, dict)]
+    width = max((len(k) for k in keys), default=0)
+    return "\n".join(f"{k:<{width}}  {fmt(summary[k])}" for k in keys)
+
+
+def write_summary(path: str | Path, summary: dict[str, Any]) -> Path:
+    """Write a summary dict as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(summary, indent=2, default=_json_default))
+    tmp.replace(path)
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
