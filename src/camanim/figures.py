@@ -110,52 +110,53 @@ def contact_sheet(path: str | Path, images: Any, maps: LayerMaps,
                                          size=(th, tw), mode="bilinear", align_corners=False,
                                          antialias=True)[0].permute(1, 2, 0).clamp(0, 1).numpy()
     picks = percentile_layers(len(maps), percentiles)
-    pct = {i: p for p, i in zip(percentiles, [int(round(float(p) / 100 * (len(maps) - 1)))
-                                                for p in percentiles])}
     scores = road_scores(road, len(maps), B)
     lut = colormap_lut(colormap)
-    one = _one(maps, b)
     tiles: dict[str, list[np.ndarray]] = {}
-    for norm in norms:
+    one = _one(maps, b)
+    for norm in norms:  # every layer goes through: "global" needs all ranges
         want = set(picks)
         tiles[norm] = [overlay(bg, m[0].float().cpu().numpy(), lut, alpha)
                        for i, m in enumerate(one.iter_upsampled(norm, (th, tw))) if i in want]
 
+    # Explicit layout in inches: title, column heads, rows of tiles, names.
     plt = _pyplot()
-    n = len(picks)
-    tin = tile / dpi
-    fig_w = n * tin * 1.08 + (0.35 if len(norms) > 1 else 0.1)
-    fig_h = len(norms) * tin * 1.0 + 0.75 + (0.25 if scores is not None else 0) + 0.35
-    fig, axes = plt.subplots(len(norms), n, figsize=(fig_w, fig_h), squeeze=False)
+    n, gap = len(picks), 0.06
+    tw_in, th_in = tw / dpi, th / dpi
+    left = 0.3 if len(norms) > 1 else 0.08
+    top, head = 0.36, 0.18
+    bottom = 0.42 + (0.13 if scores is not None else 0.0)
+    fig_w = left + n * tw_in + (n - 1) * gap + 0.08
+    fig_h = top + head + len(norms) * th_in + (len(norms) - 1) * gap + bottom
+    fig = plt.figure(figsize=(fig_w, fig_h))
+    L = len(maps)
     for r, norm in enumerate(norms):
         for c, (i, im) in enumerate(zip(picks, tiles[norm])):
-            ax = axes[r, c]
+            x0 = left + c * (tw_in + gap)
+            y0 = fig_h - top - head - (r + 1) * th_in - r * gap
+            ax = fig.add_axes((x0 / fig_w, y0 / fig_h, tw_in / fig_w, th_in / fig_h))
             ax.imshow(im, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
+            ax.set_axis_off()
             if r == 0:
-                p = pct.get(i)
-                head = f"{p:g}%" if p is not None else ""
-                ax.set_title(f"{head}  ({i + 1}/{len(maps)})", fontsize=7, pad=2)
+                depth = 100.0 * i / (L - 1) if L > 1 else 100.0
+                fig.text((x0 + tw_in / 2) / fig_w, (y0 + th_in + 0.03) / fig_h,
+                         f"{depth:.0f}%  ({i + 1}/{L})", ha="center", va="bottom", fontsize=7)
             if c == 0 and len(norms) > 1:
-                ax.set_ylabel(norm, fontsize=8)
+                fig.text((x0 - 0.05) / fig_w, (y0 + th_in / 2) / fig_h, norm, rotation=90,
+                         ha="right", va="center", fontsize=8)
             if r == len(norms) - 1:
-                text = _label(maps.names[i])
+                text = _label(maps.names[i], width=max(10, int(tw_in * 17)))
                 if scores is not None and np.isfinite(scores[i, b]):
                     text += f"\nROAD {scores[i, b]:+.3f}"
-                ax.set_xlabel(text, fontsize=6, labelpad=2)
+                fig.text((x0 + tw_in / 2) / fig_w, (y0 - 0.03) / fig_h, text, ha="center",
+                         va="top", fontsize=6, linespacing=1.1)
     if title is None:
         bits = [maps.method or "CAM"]
         if maps.targets is not None:
             bits.append(f"target class {int(maps.targets.reshape(-1)[b])}")
         bits.append(", ".join(norms) + " normalization")
         title = " · ".join(bits)
-    fig.suptitle(title, fontsize=9)
-    fig.subplots_adjust(left=0.02 if len(norms) == 1 else 0.04, right=0.995, top=1 - 0.42 / fig_h,
-                        bottom=(0.62 + (0.22 if scores is not None else 0)) / fig_h,
-                        wspace=0.06, hspace=0.08)
+    fig.text(0.5, 1 - 0.08 / fig_h, title, ha="center", va="top", fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
