@@ -383,8 +383,10 @@ def _auto_batch_size(model: nn.Module, x: torch.Tensor) -> int:
     """Perturbed images per forward when ``batch_size=None``.
 
     CUDA: as many as half the free memory holds, from the peak memory of a
-    forward of ``x``. CPU: throughput stops growing beyond a few dozen
-    images, so 32 images of 224x224 (scaled by image area).
+    forward of ``x``. CPU: larger batches stop paying off early (measured
+    on ResNet-50: 2-4 images of 224x224 per forward are fastest per image,
+    16 are 30% slower, 32 twice as slow), so 4 images of 224x224, scaled
+    by image area.
     """
     h, w = x.shape[-2:]
     if x.device.type == "cuda":
@@ -395,7 +397,7 @@ def _auto_batch_size(model: nn.Module, x: torch.Tensor) -> int:
         model(x)
         per = max(1, (torch.cuda.max_memory_allocated(x.device) - base) // x.shape[0])
         return int(max(1, min(1024, (free // 2) // per)))
-    return int(max(1, min(128, round(32 * 224 * 224 / (h * w)))))
+    return int(max(1, min(256, round(4 * 224 * 224 / (h * w)))))
 
 
 # -------------------------------------------------------------------- API
