@@ -139,6 +139,8 @@ def test_default_targets_maps_then_prediction():
     maps.targets = torch.tensor(other)
     assert ybroad(model, x, maps, noise=0.0, progress=False).targets == other
     assert ybroad(model, x, maps, targets=[4, 4], noise=0.0, progress=False).targets == [4, 4]
+    assert ybroad(model, x, maps, targets=np.array([2, 0]), noise=0.0, progress=False).targets == [2, 0]
+    assert ybroad(model, x, maps, targets=3, noise=0.0, progress=False).targets == [3, 3]
 
 
 def test_array_maps_and_clean_scores():
@@ -305,3 +307,15 @@ def test_maps_must_match_images():
         ybroad(model, x, bad, progress=False)
     with pytest.raises(CAManimError, match="channels"):
         ybroad(model, x[:, :1], hand_maps(2, 24, 40), progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    model, x = sharp_model(), images()
+    maps = hand_maps(2, 24, 40)
+    cpu = ybroad(model, x, maps, targets=[1, 3], noise=0.0, progress=False)
+    gpu = ybroad(model.cuda(), x.cuda(), maps, targets=[1, 3], noise=0.0, progress=False)
+    assert np.abs(cpu.scores - gpu.scores).max() < 1e-5
+    a = ybroad(model, x.cuda(), maps, targets=[1, 3], noise=0.01, seed=0, progress=False)
+    b = ybroad(model, x.cuda(), maps, targets=[1, 3], noise=0.01, seed=0, progress=False)
+    assert np.array_equal(a.scores, b.scores)

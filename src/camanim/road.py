@@ -367,6 +367,10 @@ def _score_targets(targets: Any, maps: Any, logits: torch.Tensor, score: str
 
     if targets is None and isinstance(maps, LayerMaps) and maps.targets is not None:
         targets = maps.targets
+    if isinstance(targets, np.ndarray):
+        targets = torch.as_tensor(targets)
+    if isinstance(targets, np.integer):
+        targets = int(targets)
     b = logits.shape[0]
     is_callables = (isinstance(targets, Sequence) and not isinstance(targets, (str, bytes))
                     and len(targets) > 0 and all(callable(t) for t in targets))
@@ -455,7 +459,7 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
             bs = int(batch_size) if batch_size is not None else _auto_batch_size(model, x[:1])
             logits = torch.cat([model(x[i:i + bs]) for i in range(0, b, bs)])
             calls, classes, kind = _score_targets(targets, maps, logits, score)
-            clean = score_outputs(calls, logits).double()                       # (B,)
+            clean = score_outputs(calls, logits).double().cpu()                 # (B,)
             gens = ([torch.Generator(device=x.device).manual_seed(int(seed) + k) for k in range(trials)]
                     if noise else [None] * trials)
             n_trials = int(trials) if noise else 1   # without noise every trial is the same
@@ -486,7 +490,7 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
     road = ((lerf - morf) / 2).mean(axis=-1)               # (T, L, B)
     std = road.std(axis=0, ddof=1) if trials > 1 else np.zeros(road.shape[1:])
     return YbRoad(scores=road.mean(axis=0), names=names, targets=classes, percentiles=ps,
-                  std=std, trials=road, morf=morf, lerf=lerf, clean=clean.cpu().numpy(),
+                  std=std, trials=road, morf=morf, lerf=lerf, clean=clean.numpy(),
                   score=kind, noise=float(noise), seed=int(seed),
                   seconds=time.perf_counter() - t0)
 
