@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import CAManimError
 from .maps import LayerMaps
-from .render import colormap_lut, display_images, overlay, road_scores
+from .render import colormap_lut, display_images, iter_maps, overlay, road_scores
 
 __all__ = ["percentile_layers", "contact_sheet", "plot_params", "run_summary",
            "format_summary", "write_summary"]
@@ -116,8 +116,8 @@ def contact_sheet(path: str | Path, images: Any, maps: LayerMaps,
     one = _one(maps, b)
     for norm in norms:  # every layer goes through: "global" needs all ranges
         want = set(picks)
-        tiles[norm] = [overlay(bg, m[0].float().cpu().numpy(), lut, alpha)
-                       for i, m in enumerate(one.iter_upsampled(norm, (th, tw))) if i in want]
+        tiles[norm] = [overlay(bg, m[0], lut, alpha)
+                       for i, m in enumerate(iter_maps(one, norm, (th, tw))) if i in want]
 
     # Explicit layout in inches: title, column heads, rows of tiles, names.
     plt = _pyplot()

@@ -25,6 +25,7 @@ at a time, so memory does not grow with the number of layers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -177,6 +178,40 @@ def _blend(background: np.ndarray, cam: np.ndarray, lut: np.ndarray) -> np.ndarr
     out = background + lut[idx]
     out += 0.5
     return out.astype(np.uint8)
+
+
+@contextlib.contextmanager
+def _one_torch_thread(enabled: bool = True) -> Iterator[None]:
+    """Run the block with one intra-op thread, then restore the count.
+
+    Upsampling one small map gains nothing from threads, and on a busy CPU
+    (other processes on the cores) OpenMP's parallel regions stall: we
+    measured ~100 ms instead of ~1 ms per 320x320 map on a loaded 2-core box.
+    """
+    if not enabled:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def iter_maps(maps: LayerMaps, normalization: str, size: tuple[int, int]) -> Iterator[np.ndarray]:
+    """Yield each layer's normalized map upsampled to ``size``: ``(B, H, W)``
+    float32 numpy, one layer at a time (memory stays flat)."""
+    stream = maps.iter_upsampled(normalization, size)
+    on_cpu = bool(maps.raw) and maps.raw[0].device.type == "cpu"
+    while True:
+        with _one_torch_thread(on_cpu):
+            try:
+                up = next(stream)
+            except StopIteration:
+                return
+            arr = up.detach().float().cpu().numpy()
+        yield arr
 
 
 def road_scores(road: Any, n_layers: int, batch: int) -> np.ndarray | None:
@@ -390,9 +425,8 @@ class FrameRenderer:
     def iter_layers(self) -> Iterator[list[np.ndarray]]:
         """Yield, per layer, `n_outputs` frames ``(H, W, 3)`` uint8."""
         size = (self.layout.ph, self.layout.pw)
-        streams = [self.maps.iter_upsampled(n, size) for n in self.norms]
-        for i, ups in enumerate(zip(*streams)):
-            cams = [u.detach().float().cpu().numpy() for u in ups]  # each (B, ph, pw)
+        streams = [iter_maps(self.maps, n, size) for n in self.norms]
+        for i, cams in enumerate(zip(*streams)):  # each cam (B, ph, pw)
             yield [self._frame(i, cams, out) for out in range(self.n_outputs)]
 
     # ..................................................... drawing
@@ -418,11 +452,12 @@ class FrameRenderer:
             return np.nanmean(s, axis=1) if s.shape[1] > 1 else s[:, 0]
 
     def _curve_box(self) -> tuple[int, int, int, int]:
-        """``(x0, y0, x1, y1)`` of the ybROAD curve inside the band."""
+        """``(x0, y0, x1, y1)`` of the ybROAD curve inside the band: right of
+        caption rows 2-3, so rows 0-1 (name, type, shape) keep full width."""
         lay = self.layout
         pad = max(4, lay.font // 2)
         w = int(lay.width * 0.3)
-        return lay.width - pad - w, pad + self.line, lay.width - pad, lay.band - pad
+        return lay.width - pad - w, self._row_y(2), lay.width - pad, lay.band - pad // 2
 
     def _curve_point(self, i: int, v: float, lo: float, hi: float) -> tuple[float, float]:
         x0, y0, x1, y1 = self._curve_box()
@@ -465,9 +500,31 @@ class FrameRenderer:
                 d.line(pts, fill=_CURVE, width=max(1, lay.font // 10))
             elif pts:
                 d.point(pts, fill=_CURVE)
+        bits = []
+        if len(imgs) == 1 and self._target_text(imgs[0]):
+            bits.append(f"target: {self._target_text(imgs[0])}")
+        norm = self.norms[0] if len(self.norms) == 1 else ""  # else the panels are labelled
+        bits += [b for b in (self.maps.method, norm, self.title) if b]
+        d.text((self._pad, lay.grid_h + self._row_y(2)),
+               _fit(" · ".join(bits), self.font, self._text_width(imgs), tail=True),
+               font=self.font, fill=_DIM)
         strip_y = lay.grid_h + lay.band
         d.rectangle([0, strip_y, lay.width, lay.height], fill=(55, 55, 55))
         return np.asarray(im).copy()
+
+    @property
+    def _pad(self) -> int:
+        return max(4, self.layout.font // 2)
+
+    def _row_y(self, k: int) -> int:
+        """Top of caption row ``k`` inside the band."""
+        return self._pad // 2 + k * self.line + (2 if k else 0)
+
+    def _text_width(self, imgs: tuple[int, ...]) -> int:
+        """Room for caption rows 2-3 (left of the ybROAD curve, if any)."""
+        if self.scores is None:
+            return self.layout.width - 2 * self._pad
+        return self._curve_box()[0] - 2 * self._pad
 
     def _frame(self, i: int, cams: list[np.ndarray], out: int) -> np.ndarray:
         lay = self.layout
@@ -485,42 +542,32 @@ class FrameRenderer:
         return frame
 
     def _draw_band(self, band: np.ndarray, i: int, imgs: tuple[int, ...]) -> np.ndarray:
+        """Draw layer ``i``'s caption rows (and curve marker) on ``band``."""
         lay = self.layout
         info = self.maps.layers[i]
-        L = len(self.maps)
         im = Image.fromarray(band)
         d = ImageDraw.Draw(im)
-        pad = max(4, lay.font // 2)
-        full = lay.width - 2 * pad
-        series = self._score_series(imgs)
-        text_w = (self._curve_box()[0] - 2 * pad) if series is not None else full
-        d.text((pad, pad // 2), _fit(f"{i + 1}/{L}  {self.maps.names[i]}", self.font_big, full),
+        pad, text_w = self._pad, self._text_width(imgs)
+        d.text((pad, self._row_y(0)), _fit(f"{i + 1}/{len(self.maps)}  {self.maps.names[i]}",
+                                           self.font_big, lay.width - 2 * pad),
                font=self.font_big, fill=_FG)
-        y = pad // 2 + self.line + 2
-        d.text((pad, y), _fit(f"{info.type} · {shape_text(info)} · {_human(info.params_total)} params",
-                              self.font, text_w), font=self.font, fill=_FG)
-        bits = []
-        if len(imgs) == 1 and self._target_text(imgs[0]):
-            bits.append(f"target: {self._target_text(imgs[0])}")
-        # panels carry their own labels when there are several
-        norm = self.norms[0] if len(self.norms) == 1 else ""
-        bits += [b for b in (self.maps.method, norm, self.title) if b]
-        y += self.line
-        d.text((pad, y), _fit(" · ".join(bits), self.font, text_w, tail=True),
-               font=self.font, fill=_DIM)
+        d.text((pad, self._row_y(1)),
+               _fit(f"{info.type} · {shape_text(info)} · {_human(info.params_total)} params",
+                    self.font, lay.width - 2 * pad), font=self.font, fill=_FG)
+        series = self._score_series(imgs)
         if series is not None:
-            y += self.line
             v = series[i]
             label = "ROAD" if len(imgs) == 1 else f"ROAD (mean of {len(imgs)})"
             val = f"{v:+.3f}" if np.isfinite(v) else "n/a"
-            d.text((pad, y), _fit(f"{label} {val}", self.font, text_w), font=self.font, fill=_ACCENT)
+            d.text((pad, self._row_y(3)), _fit(f"{label} {val}", self.font, text_w),
+                   font=self.font, fill=_ACCENT)
             if np.isfinite(v):
                 lo, hi = self._score_range(series)
-                x, yy = self._curve_point(i, float(v), lo, hi)
+                x, y = self._curve_point(i, float(v), lo, hi)
                 x0, y0, x1, y1 = self._curve_box()
                 d.line([(x, y0), (x, y1)], fill=(90, 90, 90), width=1)
                 r = max(2, lay.font // 4)
-                d.ellipse([x - r, yy - r, x + r, yy + r], fill=_ACCENT)
+                d.ellipse([x - r, y - r, x + r, y + r], fill=_ACCENT)
         return np.asarray(im)
 
 
