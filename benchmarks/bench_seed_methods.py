@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("--mus", default="0,0.3,0.5")
     p.add_argument("--batch-size", type=int, default=32, help="masked images per forward")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: steady timings on a shared CPU; 0: torch default)")
+                   help="torch threads (1: steady timings on a shared CPU; 0: torch default)")
     p.add_argument("--repeat", type=int, default=1, help="SISE/Ada-SISE runs (median)")
     p.add_argument("--road-trials", type=int, default=3, help="ROAD noise trials")
     p.add_argument("--no-road", action="store_true")

@@ -311,6 +311,8 @@ def test_integrated_gradcam_plain_function_and_baselines(tiny, tiny_input):
                                -np.array([0.485, 0.456, 0.406]) / np.array([0.229, 0.224, 0.225]))
     same = integrated_gradcam(tiny, tiny_input, steps=4, baseline=black[0])
     torch.testing.assert_close(same.raw[0], maps.raw[0], atol=0, rtol=0)
+    per_image = integrated_gradcam(tiny, tiny_input, steps=4, baseline=black.expand(2, -1, -1, -1))
+    torch.testing.assert_close(per_image.raw[0], maps.raw[0], atol=1e-12, rtol=0)
     other = integrated_gradcam(tiny, tiny_input, steps=4, baseline=torch.zeros(3, 1, 1))
     assert not torch.allclose(other.raw[0], maps.raw[0])
 
