@@ -55,8 +55,9 @@ class Method:
         extra_forwards: runs more forwards per layer (progress bar per layer).
         reference: the pytorch-grad-cam class it reproduces, if any.
         runner: for whole-network methods (Integrated Grad-CAM, SISE) a
-            function ``(anim, images, targets) -> LayerMaps`` replacing the
-            one-pass engine.
+            function ``(anim, images, layers, targets) -> LayerMaps``
+            replacing the one-pass engine (``layers``: the selected
+            `LayerInfo` calls).
     """
 
     name: str
