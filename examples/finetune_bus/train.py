@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image-size", type=int, default=DEFAULTS["image_size"], metavar="S",
                    help="images are resized to S x S (the paper: 224; a ResNet-50 step costs ~3x more at "
                         "224 than at 128 on CPU)")
-    d.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], metavar="B", help="batch size")
+    d.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], metavar="B",
+                   help="images per training step (also for validation/test); BatchNorm wants 8 or more")
     d.add_argument("--num-workers", type=int, default=0, metavar="W",
                    help="DataLoader worker processes (0: load in the main process, best on a 2-core CPU; "
                         "4-8 on a GPU machine)")
@@ -84,12 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "$TORCH_HOME/hub/checkpoints, downloaded if missing, else the run stops and says how "
                         "to get them); 'none': random initialization (offline default); or a path to a "
                         "torchvision .pth state dict")
-    m.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], metavar="E", help="training epochs")
+    m.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], metavar="E",
+                   help="training epochs (each ends with validation; the best epoch is checkpointed)")
     m.add_argument("--lr", type=float, default=None,
                    help=f"AdamW learning rate (cosine schedule over the epochs). Default: "
                         f"{DEFAULTS['lr_none']:g} from random weights, {DEFAULTS['lr_imagenet']:g} when "
                         f"fine-tuning pre-trained weights")
-    m.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    m.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (decoupled L2 penalty)")
     m.add_argument("--monitor", choices=("val_auroc", "val_acc", "val_loss"), default="val_auroc",
                    help="validation metric that picks the best checkpoint (max for auroc/acc, min for loss; "
                         "ties keep the earlier epoch)")
