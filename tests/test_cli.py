@@ -266,3 +266,13 @@ def test_sizes_and_model_input():
     assert x.shape == (1, 3, 16, 16) and torch.allclose(x, torch.zeros_like(x), atol=1e-6)
     assert to_model_input(rgb, None).shape == (1, 3, 30, 40)
     assert to_model_input(rgb, (8, 8), channels=1).shape == (1, 1, 8, 8)
+
+
+def test_random_init_is_seeded_and_leaves_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a, _ = cli.build_model("resnet18", quiet=True, seed=3)
+    b, _ = cli.build_model("resnet18", quiet=True, seed=3)
+    c, _ = cli.build_model("resnet18", quiet=True, seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a.conv1.weight, b.conv1.weight)
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)

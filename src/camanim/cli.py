@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--road", action="store_true", help="also score every layer with ROAD (ybROAD)")
     ex.add_argument("--save-maps", action="store_true",
                     help="also save the raw maps (LayerMaps .npz) for re-rendering")
+    ex.add_argument("--seed", type=int, default=0,
+                    help="seed of random init (--weights none), random CAM methods and ROAD noise")
     ex.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default cpu")
     ex.add_argument("--quiet", "-q", action="store_true", help="no progress bars or notes")
     ex.set_defaults(func=cmd_explain)
@@ -164,7 +166,8 @@ def _torchvision_weights(name: str, weights: str) -> Any:
 
 
 def build_model(spec: str, weights: str = "none", checkpoint: Path | None = None,
-                num_classes: int | None = None, quiet: bool = False) -> tuple[nn.Module, list[str] | None]:
+                num_classes: int | None = None, quiet: bool = False,
+                seed: int = 0) -> tuple[nn.Module, list[str] | None]:
     """The model named by ``spec`` and the class names known for it.
 
     Args:
@@ -173,10 +176,19 @@ def build_model(spec: str, weights: str = "none", checkpoint: Path | None = None
         checkpoint: a state dict or Lightning checkpoint to load.
         num_classes: output classes (torchvision models; passed to a callable).
         quiet: no notes on stderr.
+        seed: random init is drawn from this seed (the global RNG is left
+            as it was), so runs are reproducible.
 
     Returns:
         (model in eval mode, class names or ``None``).
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_model(spec, weights, checkpoint, num_classes, quiet)
+
+
+def _build_model(spec: str, weights: str, checkpoint: Path | None, num_classes: int | None,
+                 quiet: bool) -> tuple[nn.Module, list[str] | None]:
     import torchvision
 
     categories: list[str] | None = None
@@ -433,7 +445,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     rgbs = [load_image(p) for p in paths]  # every image readable before any work
     device = _device(args.device)
 
-    model, categories = build_model(args.model, args.weights, args.checkpoint, args.num_classes, quiet)
+    model, categories = build_model(args.model, args.weights, args.checkpoint, args.num_classes,
+                                    quiet, seed=args.seed)
     model = model.to(device)
     classes = _class_names(args.classes, categories)
     channels = _in_channels(model)
@@ -446,8 +459,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         except ImportError:
             raise CAManimError("--road: ybROAD is not available in this installation") from None
 
+    random_init = args.weights.lower() == "none" and args.checkpoint is None and ":" not in args.model
+    label = f"{args.model} (random weights)" if random_init else args.model
     anim = CAManim(model, method=args.method, layers=_layer_selector(args.layers),
-                   max_layers=args.max_layers, progress=not quiet)
+                   max_layers=args.max_layers, seed=args.seed, progress=not quiet)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     ext = "" if args.format == "png" else f".{args.format}"
@@ -465,27 +480,28 @@ def cmd_explain(args: argparse.Namespace) -> int:
             probs = torch.softmax(model(x).float(), dim=-1)[0] if n_out else None
         road = None
         if road_fn is not None:
-            road = road_fn(model, x, maps, targets=maps.targets, progress=not quiet)
+            road = road_fn(model, x, maps, targets=maps.targets, seed=args.seed, progress=not quiet)
             written += [road.to_csv(out / f"{stem}_ybroad.csv"),
-                        road.plot(out / f"{stem}_ybroad.png", title=f"ybROAD · {stem} · {args.model}")]
+                        road.plot(out / f"{stem}_ybroad.png", title=f"ybROAD · {stem} · {label}")]
             road.to_json(out / f"{stem}_ybroad.json")
             written.append(out / f"{stem}_ybroad.json")
         render = dict(fps=args.fps, road=road, hold_last=args.hold_last, colormap=args.colormap,
-                      alpha=args.alpha, class_names=classes, title=args.model, progress=not quiet)
+                      alpha=args.alpha, class_names=classes, title=label, progress=not quiet)
         for norm in norms:
             written.append(write_video(out / f"{stem}_{norm}{ext}", rgb, maps,
                                        normalization=norm, **render))  # type: ignore[arg-type]
         sheet_norms = [n for n in ("local", "global") if n in norms or "both" in norms]
         tgt = int(maps.targets[0]) if maps.targets is not None else None
-        label = (f"{classes[tgt]} ({tgt})" if classes and tgt is not None and tgt < len(classes)
-                 else f"class {tgt}")
+        target_label = (f"{classes[tgt]} ({tgt})" if classes and tgt is not None and tgt < len(classes)
+                        else f"class {tgt}")
         written.append(contact_sheet(out / f"{stem}_contact_sheet.png", rgb, maps,
                                      normalization=sheet_norms, road=road,
                                      colormap=args.colormap, alpha=args.alpha,
-                                     title=f"{args.model} · {maps.method} · {stem} · target {label}"))
+                                     title=f"{label} · {maps.method} · {stem} · target {target_label}"))
         if not params_done:
             written.append(plot_params(out / "layer_params.png", maps,
-                                       title=f"{args.model}: parameters of the {len(maps)} drawn layers"))
+                                       title=f"{args.model}: parameters of the {len(maps)} drawn layers "
+                                             f"(total {sum(p.numel() for p in model.parameters()):,} in the model)"))
             params_done = True
         if args.save_maps:
             written.append(maps.save(out / f"{stem}_maps.npz"))
