@@ -49,7 +49,6 @@ import math
 import os
 import random
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -1108,18 +1107,10 @@ def _add_gif(writer: Any, tag: str, frames: list[np.ndarray], fps: float, step: 
 
 
 def _write_mp4(path: Path, frames: list[np.ndarray], fps: float) -> None:
-    import imageio.v2 as iio
+    from .video import write_frames
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with iio.get_writer(str(tmp), format="FFMPEG", fps=fps, codec="libx264",
-                            quality=7, macro_block_size=2, pixelformat="yuv420p",
-                            ffmpeg_log_level="error") as w:
-            for fr in frames:
-                w.append_data(fr)
-    tmp.replace(path)
+    write_frames(path, frames, fps=fps)  # temporary name, renamed when complete
 
 
 def _save_png(path: Path, rgb: np.ndarray) -> None:

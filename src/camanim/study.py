@@ -282,7 +282,7 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
     road = np.asarray(road, dtype=np.float64).reshape(len(epochs), len(names))
     E, L = road.shape
     name_w = min(3.6, 0.9 + 0.065 * max((len(n) for n in names), default=4))
-    width = name_w + 1.6 + min(12.0, max(1.2, 0.28 * E))
+    width = name_w + 1.9 + min(12.0, 0.3 * E)   # 30 px per epoch, up to 40 epochs
     height = 1.3 + max(2.0, 0.15 * min(L, 80))
     fig = _figure(width, height)
     ax = fig.add_axes((name_w / width, 0.9 / height, (width - name_w - 1.4) / width,
