@@ -276,3 +276,12 @@ def test_random_init_is_seeded_and_leaves_global_rng_alone():
     assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.equal(a.conv1.weight, b.conv1.weight)
     assert not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+def test_size_none_keeps_original_resolution(tmp_path, image, capsys):
+    rc, _, err = run(capsys, "explain", image, "--model", TINY, "--size", "none", "--norm", "local",
+                     "--max-layers", "1", "--format", "gif", "--out", tmp_path, "--quiet")
+    assert rc == 0, err
+    s = json.loads((tmp_path / "scan_summary.json").read_text())
+    assert s["input_size"] == [48, 64] == s["image_size"]
+    assert s["layer_table"][0]["output_shape"][2:] == [48, 64]

@@ -546,6 +546,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     rows = [(str(i), info.name, info.type, _shape(info.output_shape), f"{info.params_total:,}",
              info.layout) for i, info in enumerate(table.selected)]
     print(_table(("#", "name", "type", "output shape", "params", "layout"), rows))
+    print("(output shape per image, as the layout stores it: CxHxW for nchw, HxWxC for nhwc)")
     print(f"\n{len(table.selected)} layers selected by --layers {args.layers} "
           f"({len(table.calls)} module calls in one forward at {size[0]}x{size[1]})")
     if table.skipped:
@@ -556,7 +557,8 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def _shape(shape: Sequence[int]) -> str:
-    return "x".join(str(s) for s in shape) if shape else "-"
+    """Per-image output shape (the batch dimension dropped): ``64x56x56``."""
+    return "x".join(str(s) for s in shape[1:]) if len(shape) > 1 else "-"
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
