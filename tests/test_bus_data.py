@@ -350,3 +350,16 @@ def test_busi_datamodule_three_classes(busi):
     assert b["image"].shape[1:] == (3, 32, 32) and set(b["label"].tolist()) <= {0, 1, 2}
     ids = {r["id"]: r["class"] for rs in dm.parts.values() for r in rs}
     assert {ids[i] for i in b["id"]} <= {"normal", "benign", "malignant"}
+
+
+def test_exported_synthetic_set_reads_back_as_busi(tmp_path):
+    root = bd.export_synthetic_busi(tmp_path, include_benign=True, seed=0, size=48, limit=12)
+    recs = bd.scan_busi(root, include_benign=True)
+    synth = {(r["class"], r["synthetic"]["index"] + 1): r
+             for r in bd.limit_records(bd.synthetic_records(True, 0, 48), 12, 0)}
+    # "about" 12: the minimum of 3 per class adds one normal image
+    assert len(recs) == len(synth) == 13 and {r["class"] for r in recs} == {"normal", "benign", "malignant"}
+    for r in recs:
+        n = int(Path(r["image"]).stem.split("(")[1].rstrip(")"))
+        a, b = bd.load_record(r), bd.load_record(synth[(r["class"], n)])
+        assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])

@@ -48,7 +48,7 @@ __all__ = [
     "BUSI_COUNTS", "BUSILayoutError", "BUSDataModule", "IMAGENET_MEAN", "IMAGENET_STD",
     "class_names", "scan_busi", "synthetic_records", "load_record", "load_grayscale",
     "load_mask", "limit_records", "stratified_split", "save_split", "load_split",
-    "apply_split", "make_transforms", "synthesize_bus_image",
+    "apply_split", "make_transforms", "synthesize_bus_image", "export_synthetic_busi",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -526,3 +526,41 @@ class BUSDataModule(L.LightningDataModule):
                 "mask": torch.stack([it["mask"] for it in items]),
                 "label": torch.tensor([it["label"] for it in items]),
                 "id": [it["id"] for it in items]}
+
+
+# ---------------------------------------------------------------------------
+# export the synthetic set as a BUSI folder
+# ---------------------------------------------------------------------------
+
+def export_synthetic_busi(out_dir: str | Path, include_benign: bool = False, seed: int = 0,
+                          size: int = 224, limit: int | None = None) -> Path:
+    """Write the synthetic set in BUSI's layout (``<out_dir>/Dataset_BUSI_with_GT/
+    <class>/<class> (N).png`` and ``<class> (N)_mask.png``, N from 1), e.g. to
+    try ``--data-dir`` or ``camanim explain`` on PNG files.  Returns the
+    ``Dataset_BUSI_with_GT`` folder."""
+    root = Path(out_dir) / BUSI_FOLDER
+    recs = limit_records(synthetic_records(include_benign, seed, size), limit, seed)
+    for rec in recs:
+        d = load_record(rec)
+        cls, n = rec["class"], rec["synthetic"]["index"] + 1
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(d["image"]).save(root / cls / f"{cls} ({n}).png")
+        Image.fromarray(d["mask"] * np.uint8(255)).save(root / cls / f"{cls} ({n})_mask.png")
+    return root
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python examples/finetune_bus/data.py",
+        description="Write the synthetic breast-ultrasound set as a BUSI-style folder of PNGs "
+                    "(Dataset_BUSI_with_GT/<class>/<class> (N).png + _mask.png).")
+    ap.add_argument("out_dir", type=Path, help="folder to create Dataset_BUSI_with_GT in")
+    ap.add_argument("--include-benign", action="store_true", help="also write the benign class")
+    ap.add_argument("--limit", type=int, default=None, help="about this many images in total (default: all)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic set")
+    ap.add_argument("--size", type=int, default=224, help="image side in pixels")
+    a = ap.parse_args()
+    root = export_synthetic_busi(a.out_dir, a.include_benign, a.seed, a.size, a.limit)
+    print(f"wrote {sum(1 for _ in root.rglob('*_mask.png'))} images and masks to {root}")

@@ -232,7 +232,7 @@ def synthesize_bus_image(kind: str, index: int, seed: int = 0,
     return img8, mask.astype(np.uint8)
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=2048)  # BUSI-sized set at 224^2: ~80 MB
 def cached_bus_image(kind: str, index: int, seed: int = 0,
                      size: int = 224) -> tuple[np.ndarray, np.ndarray]:
     """:func:`synthesize_bus_image`, cached in memory (read-only arrays)."""
