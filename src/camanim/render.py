@@ -39,8 +39,8 @@ from .images import IMAGENET_MEAN, IMAGENET_STD
 from .layers import LayerInfo
 from .maps import NORMALIZATIONS, LayerMaps
 
-__all__ = ["render_frames", "FrameRenderer", "colormap_lut", "display_images",
-           "overlay", "road_scores", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["render_frames", "FrameRenderer", "colormap_lut", "display_images", "iter_maps",
+           "overlay", "panel_size", "road_scores", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 # Frame panels are upscaled to at least this width so captions stay legible,
 # and downscaled to at most this long side to keep videos light.
@@ -402,8 +402,9 @@ class FrameRenderer:
         # Backgrounds at panel size, pre-scaled by (1 - alpha), 0..255.
         t = torch.from_numpy(disp).permute(0, 3, 1, 2)
         if tuple(t.shape[-2:]) != (ph, pw):
-            t = torch.nn.functional.interpolate(t, size=(ph, pw), mode="bilinear",
-                                                align_corners=False, antialias=True)
+            with _one_torch_thread():
+                t = torch.nn.functional.interpolate(t, size=(ph, pw), mode="bilinear",
+                                                    align_corners=False, antialias=True)
         bg = t.clamp(0, 1).permute(0, 2, 3, 1).numpy()
         self.backgrounds = np.ascontiguousarray(bg * (255.0 * (1.0 - self.alpha)), dtype=np.float32)
         self.canvases = [self._canvas(b) for b in self._outputs()]

@@ -27,7 +27,8 @@ from .errors import CAManimError
 from .maps import LayerMaps
 from .render import FrameRenderer
 
-__all__ = ["write_video", "write_frames", "encode_gif", "video_format", "VIDEO_FORMATS"]
+__all__ = ["write_video", "write_frames", "encode_gif", "iter_video", "video_format",
+           "VIDEO_FORMATS"]
 
 VIDEO_FORMATS = ("mp4", "webm", "gif", "png")
 _SUFFIX = {".mp4": "mp4", ".webm": "webm", ".gif": "gif"}
@@ -86,7 +87,7 @@ class _FFmpegSink(_Sink):
         h, w = size
         if fmt == "mp4":
             codec = "libx264"
-            params = ["-crf", "18", "-preset", "fast", "-movflags", "+faststart"]
+            params = ["-crf", "18", "-preset", "veryfast", "-movflags", "+faststart"]
         else:
             codec = "libvpx-vp9"
             params = ["-crf", "32", "-b:v", "0", "-deadline", "realtime", "-cpu-used", "8"]
