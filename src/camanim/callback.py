@@ -66,7 +66,7 @@ except ImportError:  # pragma: no cover
 
 from .errors import CAManimError
 from .maps import NORMALIZATIONS, LayerMaps
-from .study import CSV_COLUMNS, CSV_NAME, curve_image, heatmap_image, safe_name
+from .study import CSV_COLUMNS, CSV_NAME, safe_name
 
 __all__ = ["CAManimCallback", "energy_pointing_game"]
 
@@ -457,6 +457,9 @@ class CAManimCallback(Callback):
             monitoring work; ``"warn"`` warns and goes on training.
         progress: show progress bars of the CAM/ROAD work.
         cam_options: further options for `camanim.CAManim` (e.g. ``steps``).
+        media_workers: threads that encode GIFs/MP4s and draw the plots while
+            the next frames render (default: CPU count, 2 to 8). They touch
+            neither torch nor any random stream.
 
     Raises:
         CAManimError: at construction, for probes, targets, masks or options
@@ -479,7 +482,8 @@ class CAManimCallback(Callback):
                  model: str | Callable[[nn.Module], nn.Module] | None = None,
                  class_names: Sequence[str] | None = None,
                  video_size: int | Sequence[int] | None = None, on_error: str = "raise",
-                 progress: bool = False, cam_options: dict | None = None) -> None:
+                 progress: bool = False, cam_options: dict | None = None,
+                 media_workers: int | None = None) -> None:
         super().__init__()
         self._probes = _load_probes(probes, masks, probe_names)
         B, C = self._probes.images.shape[:2]
@@ -588,6 +592,13 @@ class CAManimCallback(Callback):
         self._csv_keys: set[tuple[int, str, str]] | None = None
         self._last_epoch: int | None = None
         self._warned: set[str] = set()
+        #: seconds per phase of the last epoch's work (cam, road, ebpg, render,
+        #: encode_wait, plots (on a worker, overlapped), total), for benchmarks
+        self.last_timing: dict[str, float] = {}
+        self._pool: Any = None
+        if media_workers is not None and (not isinstance(media_workers, int) or media_workers < 1):
+            raise CAManimError(f"media_workers must be an int >= 1, got {media_workers!r}")
+        self.media_workers = media_workers or max(2, min(8, os.cpu_count() or 2))
 
     # ------------------------------------------------------------ validation
     def _check_targets(self, targets: Any, B: int) -> tuple[str, Any]:
@@ -813,8 +824,9 @@ class CAManimCallback(Callback):
         model = self._module(pl_module)
         out_dir = self._resolve_dir(trainer)
         x, dev = self._probe_batch(model)
+        self.last_timing = timing = {}
         with self._context(model, dev):
-            maps, road_scores, ebpg = self._compute(model, x)
+            maps, road_scores, ebpg = self._compute(model, x, timing)
             maps.to("cpu")
             targets = ([None] * maps.batch_size if maps.targets is None
                        else [int(t) for t in maps.targets.reshape(-1)])
@@ -832,7 +844,7 @@ class CAManimCallback(Callback):
             self._history[epoch] = record
             self._write_csv(out_dir, epoch)
             tb = _tensorboard(trainer)
-            self._log_media(trainer, tb, out_dir, epoch, maps, road_scores)
+            self._log_media(trainer, tb, out_dir, epoch, maps, road_scores, timing)
             if self.save_maps:
                 maps.save(out_dir / "maps" / f"epoch{epoch:03d}.npz")
             del maps, x
@@ -840,12 +852,16 @@ class CAManimCallback(Callback):
             self._log_scalars(trainer, tb, epoch, record)
         if tb is not None:
             tb.flush()
+        timing["total"] = time.perf_counter() - t0
 
-    def _compute(self, model: nn.Module, x: torch.Tensor
+    def _compute(self, model: nn.Module, x: torch.Tensor, timing: dict[str, float]
                  ) -> tuple[LayerMaps, np.ndarray | None, np.ndarray | None]:
         anim = self._engine(model)
         targets = None if self._targets_mode == "predicted" else self._targets
+        t = time.perf_counter()
         maps = anim(x, targets)
+        _sync(x.device)
+        timing["cam"] = time.perf_counter() - t
         scores = None
         if self.road:
             from .road import ybroad
@@ -855,12 +871,16 @@ class CAManimCallback(Callback):
             if self.batch_size is not None:
                 kw["batch_size"] = self.batch_size
             road_targets = maps.targets if maps.targets is not None else targets
+            t = time.perf_counter()
             res = ybroad(model, x, maps, targets=road_targets, **kw)
             scores = np.asarray(getattr(res, "scores", res), dtype=np.float64)
+            timing["road"] = time.perf_counter() - t
             del res
         ebpg = None
         if self._probes.masks is not None:
+            t = time.perf_counter()
             ebpg = energy_pointing_game(maps, self._probes.masks)
+            timing["ebpg"] = time.perf_counter() - t
         return maps, scores, ebpg
 
     # ------------------------------------------------------------ files
@@ -960,10 +980,33 @@ class CAManimCallback(Callback):
             os.fsync(f.fileno())
 
     # ------------------------------------------------------------ logging
+    def _executor(self) -> Any:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=self.media_workers,
+                                            thread_name_prefix="camanim-media")
+        return self._pool
+
     def _log_media(self, trainer: Any, tb: Any, out_dir: Path, epoch: int, maps: LayerMaps,
-                   road: np.ndarray | None) -> None:
+                   road: np.ndarray | None, timing: dict[str, float]) -> None:
+        """Frames are rendered here (torch upsampling stays on this thread);
+        GIF/MP4 encoding and the matplotlib plots run on worker threads that
+        touch neither torch nor any RNG, and are waited for before returning."""
         step = int(trainer.global_step)
         names = self._probes.names
+        pool = self._executor()
+        jobs = []
+        t = time.perf_counter()
+        if road is not None:
+            plots = []
+            for b, name in enumerate(names):
+                eb = self._history[epoch]["ebpg"]
+                eb_b = None if eb is None or name not in eb else np.array(
+                    [math.nan if v is None else v for v in eb[name]])
+                plots.append((name, self.road_history(name), road[:, b].copy(), eb_b))
+            jobs.append(pool.submit(self._plots, tb, out_dir, epoch, step, list(maps.names),
+                                    plots, timing))
         if (self.log_videos and tb is not None) or self.save_videos:
             from .render import FrameRenderer
 
@@ -978,26 +1021,49 @@ class CAManimCallback(Callback):
                         frames[b].append(fr)
                 del r
                 for b, name in enumerate(names):
-                    if self.log_videos and tb is not None:
-                        _add_gif(tb, f"camanim/{name}/{norm}", frames[b], self.fps, step)
-                    if self.save_videos:
-                        _write_mp4(out_dir / "videos" / f"{name}_epoch{epoch:03d}_{norm}.mp4",
-                                   frames[b], self.fps)
-                    frames[b] = []
-        if road is not None:
-            for b, name in enumerate(names):
-                epochs, lnames, mat = self.road_history(name)
-                img = heatmap_image(mat, epochs, lnames,
-                                    title=f"{name}: ybROAD by epoch ({self._method_name()})")
-                _save_png(out_dir / "heatmaps" / f"{name}.png", img)
-                if tb is not None:
-                    tb.add_image(f"ybroad/{name}/heatmap", img, step, dataformats="HWC")
-                    eb = self._history[epoch]["ebpg"]
-                    eb_b = None if eb is None or name not in eb else np.array(
-                        [math.nan if v is None else v for v in eb[name]])
-                    curve = curve_image(road[:, b], maps.names, ebpg=eb_b,
-                                        title=f"{name}: ybROAD, epoch {epoch}")
-                    tb.add_image(f"ybroad/{name}/curve", curve, step, dataformats="HWC")
+                    gif_tag = f"camanim/{name}/{norm}" if self.log_videos and tb is not None else None
+                    mp4 = (out_dir / "videos" / f"{name}_epoch{epoch:03d}_{norm}.mp4"
+                           if self.save_videos else None)
+                    jobs.append(pool.submit(_encode, tb, gif_tag, mp4, frames[b], self.fps, step))
+                del frames
+        timing["render"] = time.perf_counter() - t
+        t = time.perf_counter()
+        errors = []
+        for job in jobs:
+            try:
+                job.result()
+            except Exception as e:  # noqa: BLE001 - first one re-raised below
+                errors.append(e)
+        jobs.clear()
+        timing["encode_wait"] = time.perf_counter() - t
+        if errors:
+            raise errors[0]
+
+    def _plots(self, tb: Any, out_dir: Path, epoch: int, step: int, layer_names: list[str],
+               plots: list, timing: dict[str, float]) -> None:
+        t = time.perf_counter()
+        method = self._method_name()
+        for name, (epochs, lnames, mat), scores, eb in plots:
+            img = fast_heatmap_image(mat, epochs, lnames,
+                                     title=f"{name}: ybROAD by epoch ({method})")
+            _save_png(out_dir / "heatmaps" / f"{name}.png", img)
+            if tb is not None:
+                tb.add_image(f"ybroad/{name}/heatmap", img, step, dataformats="HWC")
+                curve = fast_curve_image(scores, layer_names, ebpg=eb,
+                                         title=f"{name}: ybROAD, epoch {epoch}")
+                tb.add_image(f"ybroad/{name}/curve", curve, step, dataformats="HWC")
+        timing["plots"] = time.perf_counter() - t
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # picklable for ddp_spawn: no thread pool, no engine holding the model
+        state = dict(self.__dict__)
+        state.update(_pool=None, _anim=None, _anim_model=None)
+        return state
 
     def _log_scalars(self, trainer: Any, tb: Any, epoch: int, rec: dict) -> None:
         step = int(trainer.global_step)
@@ -1048,6 +1114,187 @@ class CAManimCallback(Callback):
         return "\n\n".join(lines)
 
 
+# ===================================================================== fast plots
+# The heatmap and curve logged every epoch are drawn with numpy + PIL: ~10 ms
+# instead of ~0.5 s for a matplotlib figure with 53 layer labels (text layout
+# dominates there). The label strips, which never change during a run, are
+# drawn once and cached. `camanim study` draws the same pictures with
+# matplotlib (`camanim.study.heatmap_image`).
+
+_BG = (255, 255, 255)
+_INK = (30, 30, 30)
+_GRID = (200, 200, 200)
+_NAN = (215, 215, 215)
+_font_cache: dict[int, Any] = {}
+_strip_cache: dict[tuple, np.ndarray] = {}
+
+
+def _pil_font(size: int) -> Any:
+    if size not in _font_cache:
+        from PIL import ImageFont
+
+        try:
+            import matplotlib
+
+            path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSansMono.ttf")
+            _font_cache[size] = ImageFont.truetype(path, size)
+        except Exception:  # noqa: BLE001 - any font will do
+            _font_cache[size] = ImageFont.load_default(size=size)
+    return _font_cache[size]
+
+
+def _label_strip(names: Sequence[str], row: int, font_size: int, rotate: bool) -> np.ndarray:
+    """Layer labels ``"i  name"``, one per ``row`` pixels, right-aligned;
+    rotated 90 degrees for an x axis. Cached (``(H, W, 3)`` uint8)."""
+    key = (tuple(names), row, font_size, rotate)
+    if key not in _strip_cache:
+        from PIL import Image, ImageDraw
+
+        font = _pil_font(font_size)
+        step = max(1, math.ceil(font_size * 1.1 / row))
+        labels = [f"{i}  {n}" if not rotate else n for i, n in enumerate(names)]
+        width = int(max(font.getlength(t) for t in labels)) + 6
+        im = Image.new("RGB", (width, row * len(names)), _BG)
+        d = ImageDraw.Draw(im)
+        for i in range(0, len(names), step):
+            d.text((width - 3, i * row + row / 2), labels[i], font=font, fill=_INK, anchor="rm")
+        if rotate:
+            im = im.transpose(Image.Transpose.ROTATE_90)
+        if len(_strip_cache) > 64:
+            _strip_cache.clear()
+        _strip_cache[key] = np.asarray(im)
+    return _strip_cache[key]
+
+
+def _lut(name: str) -> np.ndarray:
+    from .render import colormap_lut
+
+    return colormap_lut(name)
+
+
+def _colors(values: np.ndarray, v: float, lut: np.ndarray) -> np.ndarray:
+    idx = np.clip((np.nan_to_num(values) + v) / (2 * v) * 255 + 0.5, 0, 255).astype(np.int64)
+    rgb = lut[idx]
+    rgb[~np.isfinite(values)] = _NAN
+    return rgb
+
+
+def fast_heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
+                       title: str = "") -> np.ndarray:
+    """Epoch-by-layer ROAD heatmap (layers top to bottom, epochs left to
+    right, each epoch's best layer marked, colour bar), ``(H, W, 3)`` uint8.
+    A column is 14 px wide up to 40 epochs, so the image widens by one
+    column per epoch; then columns narrow to keep it under ~560 px."""
+    from PIL import Image, ImageDraw
+
+    road = np.asarray(road, dtype=np.float64).reshape(len(epochs), len(names))
+    E, L = road.shape
+    cw = 14 if E <= 40 else max(2, 560 // E)
+    rh = 12 if L <= 80 else max(3, 960 // L)
+    fs = 10
+    strip = _label_strip(names, rh, fs, rotate=False)
+    top, bottom, gap = 24, 34, 4
+    x0 = strip.shape[1] + gap
+    pw, ph = cw * max(E, 1), rh * L
+    width = x0 + pw + 70
+    height = top + ph + bottom
+    im = Image.new("RGB", (width, height), _BG)
+    canvas = np.asarray(im).copy()
+    canvas[top:top + ph, :strip.shape[1]] = strip
+    finite = road[np.isfinite(road)]
+    v = float(np.abs(finite).max()) if finite.size else 1.0
+    v = v if v > 0 else 1.0
+    lut = _lut("RdYlGn")
+    if E:
+        cells = _colors(road.T, v, lut)                                  # (L, E, 3)
+        canvas[top:top + ph, x0:x0 + pw] = np.repeat(np.repeat(cells, rh, 0), cw, 1)
+    bar = _colors(np.linspace(v, -v, ph)[:, None], v, lut)             # colour bar
+    bx = x0 + pw + 10
+    canvas[top:top + ph, bx:bx + 10] = np.repeat(bar, 10, 1)
+    im = Image.fromarray(canvas)
+    d = ImageDraw.Draw(im)
+    font = _pil_font(fs)
+    d.rectangle([x0 - 1, top - 1, x0 + pw, top + ph], outline=_INK)
+    for e in range(E):
+        if np.isfinite(road[e]).any():
+            b = int(np.nanargmax(road[e]))
+            cx, cy, r = x0 + e * cw + cw / 2, top + b * rh + rh / 2, max(2, min(cw, rh) / 2 - 2)
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(0, 0, 0), width=2)
+    step = max(1, math.ceil(24 / cw))
+    for e in range(0, E, step):
+        d.text((x0 + e * cw + cw / 2, top + ph + 3), str(epochs[e]), font=font, fill=_INK,
+               anchor="ma")
+    d.text((x0 + pw / 2, top + ph + 18), "epoch", font=font, fill=_INK, anchor="ma")
+    for val, y in ((v, top), (0.0, top + ph / 2), (-v, top + ph)):
+        d.text((bx + 13, y), f"{val:+.2g}", font=font, fill=_INK, anchor="lm")
+    d.text((4, 6), title, font=_pil_font(11), fill=_INK)
+    return np.asarray(im)
+
+
+def fast_curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
+                     ebpg: np.ndarray | None = None) -> np.ndarray:
+    """This epoch's ybROAD curve (ROAD per layer, best layer marked), with
+    the EBPG per layer dashed on a 0..1 axis when given. ``(H, W, 3)`` uint8."""
+    from PIL import Image, ImageDraw
+
+    road = np.asarray(road, dtype=np.float64).reshape(-1)
+    L = len(names)
+    cw = max(6, min(16, 800 // max(L, 1)))
+    fs = 10
+    strip = _label_strip(names, cw, fs, rotate=True)                   # (h, L*cw)
+    left, right, top, ph = 56, 50 if ebpg is not None else 16, 24, 150
+    pw = cw * L
+    width, height = left + pw + right, top + ph + 6 + strip.shape[0] + 4
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    canvas[top + ph + 6: top + ph + 6 + strip.shape[0], left:left + pw] = strip[:, :pw]
+    im = Image.fromarray(canvas)
+    d = ImageDraw.Draw(im)
+    font = _pil_font(fs)
+    finite = road[np.isfinite(road)]
+    lo = min(0.0, float(finite.min())) if finite.size else -1.0
+    hi = max(0.0, float(finite.max())) if finite.size else 1.0
+    if hi - lo < 1e-12:
+        hi = lo + 1.0
+    pad = 0.08 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+
+    def y_of(val: float, a: float = lo, b: float = hi) -> float:
+        return top + ph - (val - a) / (b - a) * ph
+
+    def x_of(i: int) -> float:
+        return left + i * cw + cw / 2
+
+    d.rectangle([left, top, left + pw, top + ph], outline=_INK)
+    d.line([(left, y_of(0.0)), (left + pw, y_of(0.0))], fill=_GRID)
+    for val in (lo + pad, 0.0, hi - pad):
+        d.text((left - 4, y_of(val)), f"{val:+.3g}", font=font, fill=_INK, anchor="rm")
+    d.text((4, top + ph / 2 + 14), "ROAD", font=font, fill=(31, 119, 180))
+    if ebpg is not None:
+        eb = np.asarray(ebpg, dtype=np.float64).reshape(-1)
+        pts = [(x_of(i), y_of(float(e), 0.0, 1.0)) for i, e in enumerate(eb) if np.isfinite(e)]
+        for (xa, ya), (xb, yb) in zip(pts[:-1], pts[1:]):
+            for k in range(0, 10, 2):  # dashed
+                f0, f1 = k / 10, (k + 1) / 10
+                d.line([(xa + (xb - xa) * f0, ya + (yb - ya) * f0),
+                        (xa + (xb - xa) * f1, ya + (yb - ya) * f1)], fill=(148, 103, 189), width=2)
+        for val in (0.0, 1.0):
+            d.text((left + pw + 4, y_of(val, 0.0, 1.0)), f"{val:.0f}", font=font,
+                   fill=(148, 103, 189), anchor="lm")
+        d.text((left + pw + 4, top + ph / 2), "EBPG", font=font, fill=(148, 103, 189),
+               anchor="lm")
+    pts = [(x_of(i), y_of(float(r))) for i, r in enumerate(road) if np.isfinite(r)]
+    if len(pts) > 1:
+        d.line(pts, fill=(31, 119, 180), width=2)
+    for x, y in pts:
+        d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(31, 119, 180))
+    if finite.size:
+        b = int(np.nanargmax(road))
+        x, y = x_of(b), y_of(float(road[b]))
+        d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=(245, 197, 24), outline=(0, 0, 0))
+    d.text((4, 6), title, font=_pil_font(11), fill=_INK)
+    return np.asarray(im)
+
+
 # ===================================================================== helpers
 
 def _floats(a: np.ndarray) -> list[float | None]:
@@ -1074,6 +1321,11 @@ def _csv_rows(epoch: int, probe: str, rec: dict) -> list[list[Any]]:
             for i, (n, r, e) in enumerate(zip(names, road, ebpg))]
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _tb_logger(trainer: Any) -> Any:
     try:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -1089,6 +1341,14 @@ def _tensorboard(trainer: Any) -> Any:
     """The SummaryWriter of the first TensorBoardLogger, or None."""
     lg = _tb_logger(trainer)
     return None if lg is None else lg.experiment
+
+
+def _encode(tb: Any, gif_tag: str | None, mp4: Path | None, frames: list[np.ndarray],
+            fps: float, step: int) -> None:
+    if gif_tag is not None:
+        _add_gif(tb, gif_tag, frames, fps, step)
+    if mp4 is not None:
+        _write_mp4(mp4, frames, fps)
 
 
 def _add_gif(writer: Any, tag: str, frames: list[np.ndarray], fps: float, step: int) -> None:

@@ -350,12 +350,18 @@ def trajectories_image(series: Sequence[ProbeSeries]) -> np.ndarray:
     relative = len(counts) > 1
     fig = _figure(8.0, 4.6)
     ax = fig.add_axes((0.09, 0.12, 0.62, 0.8))
-    for s in series:
+    n = len(series)
+    for k, s in enumerate(series):
         best = s.best_layers().astype(np.float64)
         best[best < 0] = np.nan
         y = best / max(len(s.names) - 1, 1) if relative else best
+        # a small offset per line so that equal trajectories stay visible
+        y = y + (k - (n - 1) / 2) * (0.012 if relative else 0.06) * (n > 1)
         ax.plot(s.epochs, y, marker="o", markersize=3, linewidth=1.2,
                 drawstyle="steps-post", label=f"{s.run} · {s.method} · {s.probe}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch", fontsize=8)
     ax.set_ylabel("best layer (relative depth)" if relative else "best layer index",
                   fontsize=8)

@@ -1,0 +1,156 @@
+"""CAManimCallback: seconds added to a training epoch.
+
+ResNet-50 (random weights, torchvision), 4 probes, every Conv2d layer
+(``layers="conv"``: 53 layers), GradCAM + ybROAD (4 percentiles), both
+normalizations, TensorBoard GIFs + heatmaps + MP4 files, on a tiny synthetic
+data set. One ``fit`` runs ``2 * --pairs + 1`` epochs; the callback works at
+every second epoch (``epochs=[1, 3, 5, ...]``), so plain epochs and epochs
+with the callback are interleaved in one process. Epoch 0 is a plain
+warm-up. Added seconds = median(epoch with callback) - median(plain epoch).
+Also reports the callback's own phase timings (CAM, ROAD, videos, plots).
+Prints one JSON object.
+
+    python benchmarks/bench_callback.py                       # full: 224 px, 4 probes, 53 layers
+    python benchmarks/bench_callback.py --size 64 --probes 2  # quick run on a busy CPU
+    python benchmarks/bench_callback.py --layers 12           # 12 evenly spaced conv layers
+
+Target (PRODUCT.md): <= 5 s added per epoch on an H100 at the full setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import rss_bytes, sync  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--size", type=int, default=224, help="image side (default 224)")
+    ap.add_argument("--probes", type=int, default=4, help="probe images (default 4)")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="keep N evenly spaced conv layers (0 = all 53)")
+    ap.add_argument("--pairs", type=int, default=2, help="plain/callback epoch pairs")
+    ap.add_argument("--train-images", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--no-road", action="store_true")
+    ap.add_argument("--no-videos", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import lightning as L
+    import torchvision
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from camanim.callback import CAManimCallback
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torchvision.models.resnet50(weights=None, num_classes=10)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+    class EpochTimer(Callback):
+        def __init__(self) -> None:
+            self.start: dict[int, float] = {}
+            self.seconds: dict[int, float] = {}
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            sync(pl_module.device)
+            self.start[trainer.current_epoch] = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):  # after the CAManim callback
+            sync(pl_module.device)
+            e = trainer.current_epoch
+            self.seconds[e] = time.perf_counter() - self.start[e]
+
+    g = torch.Generator().manual_seed(0)
+    s = args.size
+    x = torch.randn(args.train_images, 3, s, s, generator=g)
+    y = torch.randint(0, 10, (args.train_images,), generator=g)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
+                                       batch_size=args.batch, shuffle=True)
+    probes = torch.randn(args.probes, 3, s, s, generator=g)
+    masks = torch.zeros(args.probes, s, s, dtype=torch.bool)
+    masks[:, s // 4: 3 * s // 4, s // 4: 3 * s // 4] = True
+    epochs = 2 * args.pairs + 1
+    cam_epochs = list(range(1, epochs, 2))
+    timings: list[dict] = []
+
+    class Cam(CAManimCallback):
+        def _run(self, trainer, pl_module, epoch):
+            super()._run(trainer, pl_module, epoch)
+            timings.append(dict(self.last_timing))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cb = Cam(probes, masks=masks, epochs=cam_epochs, on_fit_end=False,
+                 road=not args.no_road, log_videos=not args.no_videos,
+                 save_videos=not args.no_videos,
+                 max_layers=args.layers or None)
+        timer = EpochTimer()
+        trainer = L.Trainer(max_epochs=epochs, accelerator="gpu" if args.device.startswith("cuda")
+                            else "cpu", devices=1, logger=TensorBoardLogger(tmp),
+                            callbacks=[cb, timer], enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False,
+                            log_every_n_steps=1, num_sanity_val_steps=0)
+        rss0 = rss_bytes()
+        t = time.perf_counter()
+        trainer.fit(Module(), data)
+        wall = time.perf_counter() - t
+        n_layers = len(cb.road_history(0)[1]) if not args.no_road else None
+        files = sum(1 for _ in Path(tmp).rglob("*") if _.is_file())
+        gif_bytes = sum(p.stat().st_size for p in Path(tmp).rglob("events.out.tfevents.*"))
+
+    plain = [timer.seconds[e] for e in range(2, epochs, 2)]  # epoch 0 is the warm-up
+    with_cb = [timer.seconds[e] for e in cam_epochs]
+    phases = {k: round(statistics.median(t.get(k, 0.0) for t in timings), 3)
+              for k in ("cam", "road", "ebpg", "render", "encode_wait", "plots", "total")}
+    out = {
+        "benchmark": "callback_epoch_overhead",
+        "device": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                   else platform.processor() or platform.machine()),
+        "threads": torch.get_num_threads(),
+        "load_avg_1min": os.getloadavg()[0],
+        "size": s, "probes": args.probes, "layers": n_layers,
+        "road": not args.no_road, "videos": not args.no_videos,
+        "train_images": args.train_images, "batch": args.batch,
+        "plain_epoch_s": [round(v, 3) for v in plain],
+        "callback_epoch_s": [round(v, 3) for v in with_cb],
+        "added_s_per_epoch": round(statistics.median(with_cb) - statistics.median(plain), 3),
+        "callback_phases_s": phases,
+        "fit_wall_s": round(wall, 1),
+        "rss_growth_mib": round((rss_bytes() - rss0) / 2**20, 1),
+        "tensorboard_event_mib": round(gif_bytes / 2**20, 2),
+        "files": files,
+    }
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
