@@ -260,17 +260,32 @@ def test_synthetic_lesions(index):
     assert (y1 - y0) > (x1 - x0), "malignant: taller than wide"
     by0, by1, bx0, bx1 = _bbox(bm)
     assert (bx1 - bx0) > (by1 - by0), "benign: wider than tall"
+    from scipy import ndimage
+    f, inside = img.astype(float), m > 0
+    ring = ndimage.binary_dilation(inside, iterations=6) & ~ndimage.binary_dilation(inside, iterations=2)
+    assert f[inside].mean() < 0.8 * f[ring].mean(), "malignant: hypoechoic (darker than around it)"
+
+
+def _posterior_ratio(img, m):
+    """Mean intensity just below the mass / the same rows away from it."""
     f = img.astype(float)
-    lesion = f[m > 0].mean()
-    ring = f[max(0, y0 - 5):y1 + 6, max(0, x0 - 5):x1 + 6][m[max(0, y0 - 5):y1 + 6, max(0, x0 - 5):x1 + 6] == 0].mean()
-    assert lesion < 0.7 * ring, "malignant: hypoechoic"
-    # posterior acoustic shadowing: below the mass darker than the same rows beside it
+    size = f.shape[0]
+    y0, y1, x0, x1 = _bbox(m)
     cx0, cx1 = x0 + (x1 - x0) // 4, x1 - (x1 - x0) // 4
     rows = slice(y1 + 3, min(size, y1 + 3 + size // 6))
-    if rows.start < size - 4:
-        under = f[rows, cx0:cx1 + 1].mean()
-        side = np.concatenate([f[rows, :max(1, x0 - 8)].ravel(), f[rows, min(size - 1, x1 + 8):].ravel()]).mean()
-        assert under < 0.85 * side
+    under = f[rows, cx0:cx1 + 1].mean()
+    side = np.concatenate([f[rows, :max(1, x0 - 8)].ravel(), f[rows, min(size - 1, x1 + 8):].ravel()]).mean()
+    return under / side
+
+
+def test_synthetic_posterior_shadowing_and_enhancement():
+    """Most malignant masses cast a shadow below them; benign ones do not
+    (they tend to enhance)."""
+    mal = [_posterior_ratio(*bs.synthesize_bus_image("malignant", i, 0, 96)) for i in range(20)]
+    ben = [_posterior_ratio(*bs.synthesize_bus_image("benign", i, 0, 96)) for i in range(20)]
+    assert np.mean(np.array(mal) < 0.85) >= 0.6, mal
+    assert np.mean(np.array(ben) < 0.85) <= 0.1, ben
+    assert np.median(ben) > np.median(mal) + 0.3
 
 
 def test_synthetic_records_and_cache():

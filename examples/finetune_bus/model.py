@@ -151,14 +151,13 @@ class BUSClassifier(L.LightningModule):
         bs = batch["label"].shape[0]
         self.log(f"{stage}_loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=bs)
         scores = self._scores(logits)
-        for name, metric in self.metrics[stage].items():
+        for metric in self.metrics[stage].values():
             metric.update(scores, batch["label"])
         return loss
 
     def _eval_epoch_end(self, stage: str):
         for name, metric in self.metrics[stage].items():
-            self.log(f"{stage}_{name}", metric.compute(), prog_bar=stage == "val" and name != "sensitivity"
-                     and name != "specificity")
+            self.log(f"{stage}_{name}", metric.compute(), prog_bar=stage == "val" and name in ("acc", "auroc"))
             metric.reset()
 
     def validation_step(self, batch, batch_idx):

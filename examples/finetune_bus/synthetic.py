@@ -10,12 +10,13 @@ CNNs) use on BUSI:
   smoothed complex Gaussian field, i.e. Rayleigh distributed), depth
   attenuation, log compression to 8 bits;
 * malignant: a hypoechoic (dark), irregular and spiculated mass, *taller
-  than wide*, often with an echogenic halo, and *posterior acoustic
-  shadowing* (a dark band below the mass, following its columns);
+  than wide*, often with an echogenic halo, and mostly (80 %) *posterior
+  acoustic shadowing* (a dark band below the mass, following its columns);
 * benign (``--include-benign``): an oval, smooth mass, *wider than tall*,
   hypoechoic or anechoic (cyst), with *posterior acoustic enhancement*;
-* normal: the same tissue without a mass (fat lobules still present, so a
-  dark blob alone does not give the class away).
+* normal: the same tissue without a mass.  Fat lobules (dark ovals) and
+  narrow refraction/Cooper's-ligament shadows occur in every class, so
+  neither a dark blob nor a shadow alone gives the class away.
 
 Every lesion comes with its binary mask (normal images: an empty mask), in
 the pixel grid of the image, like BUSI's ``*_mask.png``.
@@ -195,6 +196,15 @@ def synthesize_bus_image(kind: str, index: int, seed: int = 0,
              + np.square((np.arange(y0, y1, dtype=f32)[:, None] - ly) / lb))
         E[y0:y1, x0:x1] *= 1 - 0.45 * _sigmoid((1 - d) / f32(0.15))
 
+    # refraction / Cooper's-ligament shadows: narrow dark columns without a
+    # mass, in every class, so that shadowing alone does not give it away
+    n_cols = int(rng.integers(1, 3)) if rng.random() < 0.4 else 0
+    for _ in range(n_cols):
+        xc, wc = rng.uniform(0.1, 0.9) * W, rng.uniform(0.012, 0.03) * W
+        prof = np.exp(-np.square((np.arange(W, dtype=f32) - f32(xc)) / f32(wc)))[None]
+        start = _sigmoid((Y - f32(rng.uniform(0.15, 0.45))) / f32(0.01))
+        E *= 1 - f32(rng.uniform(0.3, 0.6)) * prof * start
+
     # --- lesion -------------------------------------------------------------
     mask = np.zeros((H, W), dtype=bool)
     if kind in ("malignant", "benign"):
@@ -204,7 +214,8 @@ def synthesize_bus_image(kind: str, index: int, seed: int = 0,
             if rng.random() < 0.6:  # echogenic halo around the mass
                 halo = rng.uniform(0.15, 0.4) * np.exp(-np.square((rel - f32(1.15)) / f32(0.18)))
                 E *= 1 + halo * (1 - soft)
-            post_strength = -rng.uniform(0.45, 0.75)        # posterior shadowing
+            # posterior shadowing, in most (not all) malignant masses
+            post_strength = -rng.uniform(0.35, 0.75) if rng.random() < 0.8 else -rng.uniform(0.0, 0.15)
         else:
             cyst = rng.random() < 0.4
             inner = rng.uniform(0.02, 0.06) if cyst else rng.uniform(0.22, 0.4)
