@@ -22,7 +22,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import TinyCNN
 from pytorch_grad_cam.metrics import road as ref_road
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
@@ -166,6 +165,9 @@ def test_noise_reproducible_seeded_and_side_effect_free():
     model.conv1.weight.grad = torch.ones_like(model.conv1.weight)
     grad = model.conv1.weight.grad.clone()
     modes = {n: m.training for n, m in model.named_modules()}
+    model.conv3.bias.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    stats = model.bn1.running_mean.clone()
     maps = hand_maps(2, 24, 40)
     rng = torch.get_rng_state()
     a = ybroad(model, x, maps, targets=[1, 3], noise=0.01, seed=0, progress=False)
@@ -180,7 +182,8 @@ def test_noise_reproducible_seeded_and_side_effect_free():
     assert {n: m.training for n, m in model.named_modules()} == modes
     assert torch.equal(model.conv1.weight.grad, grad)
     assert model.conv2.weight.grad is None
-    assert all(not p.requires_grad or True for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert torch.equal(model.bn1.running_mean, stats)      # bn1 was in train mode
 
 
 def test_scores_do_not_depend_on_batch_size():

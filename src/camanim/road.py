@@ -32,7 +32,7 @@ from torch import nn
 
 from .errors import CAManimError
 from .imputation import add_noise, impute
-from .inputs import check_images, model_device_dtype, resolve_targets, score_outputs
+from .inputs import check_images, resolve_targets, score_outputs
 from .maps import LayerMaps
 
 SCORES = ("softmax", "logit")
@@ -449,7 +449,6 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
     x = check_images(images, model)
     b, _, h, w = x.shape
     names, cams, n_layers = _layer_cams(maps, b, (h, w))
-    device, _ = model_device_dtype(model)
     n_p = len(ps)
 
     modes = {m: m.training for m in model.modules()}
@@ -465,19 +464,18 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
             n_trials = int(trials) if noise else 1   # without noise every trial is the same
             pert = torch.full((n_trials, n_layers, 2 * n_p, b), float("nan"), dtype=torch.float64)
             queue = _ForwardQueue(model, calls, pert, bs)
-            bar = tqdm(total=n_layers, desc="ybROAD", unit="layer", disable=not progress)
-            for layer, cam in enumerate(cams):
-                cam = cam.to(x.device)
-                if not bool(torch.isfinite(cam).all()):
-                    raise CAManimError(f"the map of layer {names[layer]!r} contains NaN or inf")
-                keep = road_masks(cam, ps).reshape(2 * n_p * b, h, w)
-                filled = impute(x.repeat(2 * n_p, 1, 1, 1), keep)
-                for t in range(n_trials):
-                    imgs = add_noise(filled, keep, float(noise), gens[t]) if noise else filled
-                    queue.push(imgs, t, layer)
-                bar.update(1)
-            queue.flush()
-            bar.close()
+            with tqdm(total=n_layers, desc="ybROAD", unit="layer", disable=not progress) as bar:
+                for layer, cam in enumerate(cams):
+                    cam = cam.to(x.device)
+                    if not bool(torch.isfinite(cam).all()):
+                        raise CAManimError(f"the map of layer {names[layer]!r} contains NaN or inf")
+                    keep = road_masks(cam, ps).reshape(2 * n_p * b, h, w)
+                    filled = impute(x.repeat(2 * n_p, 1, 1, 1), keep)
+                    for t in range(n_trials):
+                        imgs = add_noise(filled, keep, float(noise), gens[t]) if noise else filled
+                        queue.push(imgs, t, layer)
+                    bar.update(1)
+                queue.flush()
     finally:
         for m, mode in modes.items():
             m.training = mode
