@@ -163,6 +163,9 @@ def _layout(module: nn.Module, out: Any, known_sizes: set[tuple[int, int]]) -> t
     if out.dim() != 4:
         return UNKNOWN, f"{out.dim()}-D output {shape}: layout cannot be told"
     _, a, b, c = shape
+    if (b, c) == (1, 1) or (a, b) == (1, 1):
+        return VECTOR, ("1x1 spatial output: no spatial extent, a CAM of it "
+                        "is constant (CAManim paper, Fig. 7)")
     if isinstance(module, _NCHW_TYPES):
         layout = NCHW
     else:
@@ -181,10 +184,6 @@ def _layout(module: nn.Module, out: Any, known_sizes: set[tuple[int, int]]) -> t
     if layout == UNKNOWN:
         return UNKNOWN, (f"4-D output {shape} matches no spatial size seen in "
                          "this forward (window or patch tensor?): layout cannot be told")
-    h, w = (b, c) if layout == NCHW else (a, b)
-    if h * w == 1:
-        return VECTOR, ("1x1 spatial output: no spatial extent, a CAM of it "
-                        "is constant (CAManim paper, Fig. 7)")
     return layout, None
 
 
