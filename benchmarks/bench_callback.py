@@ -130,7 +130,7 @@ def main() -> None:
     plain = [timer.seconds[e] for e in range(2, epochs, 2)]  # epoch 0 is the warm-up
     with_cb = [timer.seconds[e] for e in cam_epochs]
     phases = {k: round(statistics.median(t.get(k, 0.0) for t in timings), 3)
-              for k in ("cam", "road", "ebpg", "render", "encode_wait", "plots", "total")}
+              for k in ("cam", "road", "ebpg", "videos", "plots", "total")}
     out = {
         "benchmark": "callback_epoch_overhead",
         "device": (torch.cuda.get_device_name() if args.device.startswith("cuda")

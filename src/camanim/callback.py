@@ -325,7 +325,7 @@ def untouched(model: nn.Module) -> Iterator[None]:
     """Run a block and leave ``model`` and the global RNG streams as they were.
 
     Saves and restores: the torch CPU and CUDA, numpy and Python ``random``
-    states; every submodule's ``training`` flag; every parameter's
+    states; torch's intra-op thread count; every submodule's ``training`` flag; every parameter's
     ``requires_grad`` and ``.grad`` (the same tensor object); hooks added
     during the block are removed. In-place changes that cannot be undone
     without a copy (parameters, gradients, buffers such as BatchNorm
@@ -334,6 +334,7 @@ def untouched(model: nn.Module) -> Iterator[None]:
     """
     py_state = random.getstate()
     np_state = np.random.get_state()
+    threads = torch.get_num_threads()
     params = list(model.parameters())
     buffers = list(model.buffers())
     modes = [(m, m.training) for m in model.modules()]
@@ -348,6 +349,8 @@ def untouched(model: nn.Module) -> Iterator[None]:
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         for m, t in modes:
             m.training = t
         changed = []
@@ -592,8 +595,8 @@ class CAManimCallback(Callback):
         self._csv_keys: set[tuple[int, str, str]] | None = None
         self._last_epoch: int | None = None
         self._warned: set[str] = set()
-        #: seconds per phase of the last epoch's work (cam, road, ebpg, render,
-        #: encode_wait, plots (on a worker, overlapped), total), for benchmarks
+        #: seconds per phase of the last epoch's work (cam, road, ebpg, videos
+        #: (render + encode, parallel jobs), plots (a job, overlapped), total)
         self.last_timing: dict[str, float] = {}
         self._pool: Any = None
         if media_workers is not None and (not isinstance(media_workers, int) or media_workers < 1):
@@ -990,54 +993,62 @@ class CAManimCallback(Callback):
 
     def _log_media(self, trainer: Any, tb: Any, out_dir: Path, epoch: int, maps: LayerMaps,
                    road: np.ndarray | None, timing: dict[str, float]) -> None:
-        """Frames are rendered here (torch upsampling stays on this thread);
-        GIF/MP4 encoding and the matplotlib plots run on worker threads that
-        touch neither torch nor any RNG, and are waited for before returning."""
+        """Videos (render, GIF, MP4; one job per probe and normalization) and
+        plots run in parallel on worker threads, all finished before this
+        returns (training waits meanwhile); none of them uses a random stream."""
         step = int(trainer.global_step)
         names = self._probes.names
         pool = self._executor()
         jobs = []
+        errors: list[BaseException] = []
         t = time.perf_counter()
-        if road is not None:
-            plots = []
-            for b, name in enumerate(names):
-                eb = self._history[epoch]["ebpg"]
-                eb_b = None if eb is None or name not in eb else np.array(
-                    [math.nan if v is None else v for v in eb[name]])
-                plots.append((name, self.road_history(name), road[:, b].copy(), eb_b))
-            jobs.append(pool.submit(self._plots, tb, out_dir, epoch, step, list(maps.names),
-                                    plots, timing))
-        if (self.log_videos and tb is not None) or self.save_videos:
-            from .render import FrameRenderer
-
-            images = self._probes.images
-            for norm in self.normalization:
-                r = FrameRenderer(images, maps, normalization=norm, mean=self.mean, std=self.std,
-                                  road=road, size=self.video_size, class_names=self.class_names,
-                                  title=f"epoch {epoch}")
-                frames: list[list[np.ndarray]] = [[] for _ in names]
-                for per_layer in r.iter_layers():
-                    for b, fr in enumerate(per_layer):
-                        frames[b].append(fr)
-                del r
+        threads = torch.get_num_threads()
+        try:
+            if road is not None:
+                plots = []
                 for b, name in enumerate(names):
-                    gif_tag = f"camanim/{name}/{norm}" if self.log_videos and tb is not None else None
-                    mp4 = (out_dir / "videos" / f"{name}_epoch{epoch:03d}_{norm}.mp4"
-                           if self.save_videos else None)
-                    jobs.append(pool.submit(_encode, tb, gif_tag, mp4, frames[b], self.fps, step))
-                del frames
-        timing["render"] = time.perf_counter() - t
-        t = time.perf_counter()
-        errors = []
-        for job in jobs:
-            try:
-                job.result()
-            except Exception as e:  # noqa: BLE001 - first one re-raised below
-                errors.append(e)
-        jobs.clear()
-        timing["encode_wait"] = time.perf_counter() - t
+                    eb = self._history[epoch]["ebpg"]
+                    eb_b = None if eb is None or name not in eb else np.array(
+                        [math.nan if v is None else v for v in eb[name]])
+                    plots.append((name, self.road_history(name), road[:, b].copy(), eb_b))
+                jobs.append(pool.submit(self._plots, tb, out_dir, epoch, step,
+                                        list(maps.names), plots, timing))
+            if (self.log_videos and tb is not None) or self.save_videos:
+                # The renderer upsamples with torch under a temporary 1-thread
+                # setting; pinning the count to 1 while the jobs run keeps
+                # their save/restore from racing. Restored below, before
+                # training resumes (and by `untouched`).
+                torch.set_num_threads(1)
+                for norm in self.normalization:
+                    for b, name in enumerate(names):
+                        gif_tag = (f"camanim/{name}/{norm}" if self.log_videos and tb is not None
+                                   else None)
+                        mp4 = (out_dir / "videos" / f"{name}_epoch{epoch:03d}_{norm}.mp4"
+                               if self.save_videos else None)
+                        jobs.append(pool.submit(self._video_job, maps, b, norm, road, epoch,
+                                                tb, gif_tag, mp4, step))
+            for job in jobs:
+                try:
+                    job.result()
+                except Exception as e:  # noqa: BLE001 - first one re-raised below
+                    errors.append(e)
+            jobs.clear()
+        finally:
+            torch.set_num_threads(threads)
+        timing["videos"] = time.perf_counter() - t
         if errors:
             raise errors[0]
+
+    def _video_job(self, maps: LayerMaps, b: int, norm: str, road: np.ndarray | None,
+                   epoch: int, tb: Any, gif_tag: str | None, mp4: Path | None,
+                   step: int) -> None:
+        from .render import render_frames
+
+        frames = list(render_frames(self._probes.images, maps, normalization=norm,
+                                    mean=self.mean, std=self.std, road=road, index=b,
+                                    size=self.video_size, class_names=self.class_names,
+                                    title=f"epoch {epoch}"))
+        _encode(tb, gif_tag, mp4, frames, self.fps, step)
 
     def _plots(self, tb: Any, out_dir: Path, epoch: int, step: int, layer_names: list[str],
                plots: list, timing: dict[str, float]) -> None:
@@ -1058,6 +1069,8 @@ class CAManimCallback(Callback):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if stage == "fit":  # keep no reference to the model after fit
+            self._anim = self._anim_model = None
 
     def __getstate__(self) -> dict[str, Any]:
         # picklable for ddp_spawn: no thread pool, no engine holding the model
