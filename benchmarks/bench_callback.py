@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import rss_bytes, sync  # noqa: E402
+from _util import sync  # noqa: E402
 
 
 def main() -> None:
@@ -119,18 +119,17 @@ def main() -> None:
                             callbacks=[cb, timer], enable_progress_bar=False,
                             enable_model_summary=False, enable_checkpointing=False,
                             log_every_n_steps=1, num_sanity_val_steps=0)
-        rss0 = rss_bytes()
         t = time.perf_counter()
         trainer.fit(Module(), data)
         wall = time.perf_counter() - t
-        n_layers = len(cb.road_history(0)[1]) if not args.no_road else None
+        n_layers = len(cb._history[max(cb._history)]["names"])
         files = sum(1 for _ in Path(tmp).rglob("*") if _.is_file())
         gif_bytes = sum(p.stat().st_size for p in Path(tmp).rglob("events.out.tfevents.*"))
 
     plain = [timer.seconds[e] for e in range(2, epochs, 2)]  # epoch 0 is the warm-up
     with_cb = [timer.seconds[e] for e in cam_epochs]
     phases = {k: round(statistics.median(t.get(k, 0.0) for t in timings), 3)
-              for k in ("cam", "road", "ebpg", "videos", "plots", "total")}
+              for k in ("cam", "road", "ebpg", "to_cpu", "csv", "videos", "plots", "log", "total")}
     out = {
         "benchmark": "callback_epoch_overhead",
         "device": (torch.cuda.get_device_name() if args.device.startswith("cuda")
@@ -145,7 +144,6 @@ def main() -> None:
         "added_s_per_epoch": round(statistics.median(with_cb) - statistics.median(plain), 3),
         "callback_phases_s": phases,
         "fit_wall_s": round(wall, 1),
-        "rss_growth_mib": round((rss_bytes() - rss0) / 2**20, 1),
         "tensorboard_event_mib": round(gif_bytes / 2**20, 2),
         "files": files,
     }

@@ -101,29 +101,38 @@ def energy_pointing_game(maps: LayerMaps | torch.Tensor, masks: torch.Tensor) ->
         m = m[None]
     if m.dim() != 3:
         raise CAManimError(f"masks must be (B, H, W), got shape {tuple(m.shape)}")
-    m = m.detach().to("cpu", torch.float64)
     if isinstance(maps, LayerMaps):
-        it: Any = (u.detach().to("cpu", torch.float64) for u in maps.iter_upsampled("local"))
+        it: Any = maps.iter_upsampled("local")
         n_layers = len(maps)
+        device = maps.raw[0].device if maps.raw else torch.device("cpu")
     else:
-        t = torch.as_tensor(maps).detach().to("cpu", torch.float64)
+        t = torch.as_tensor(maps).detach()
         if t.dim() == 3:
             t = t[None]
         if t.dim() != 4:
             raise CAManimError(f"maps must be (L, B, H, W), got shape {tuple(t.shape)}")
-        it, n_layers = iter(t), t.shape[0]
+        it, n_layers, device = iter(t), t.shape[0], t.device
+    m = m.detach().to(device=device, dtype=torch.float32)
     out = np.full((n_layers, m.shape[0]), np.nan)
-    empty = m.flatten(1).sum(1) <= 0
-    for i, u in enumerate(it):
-        if u.shape != m.shape:
-            raise CAManimError(f"maps of shape {tuple(u.shape)} (B, H, W) and masks of shape "
-                               f"{tuple(m.shape)} differ: resize the masks to the input size")
-        total = u.flatten(1).sum(1)
-        inside = (u * m).flatten(1).sum(1)
-        e = torch.where(total > 0, inside / total.clamp_min(1e-300),
-                        torch.full_like(total, math.nan))
-        e[empty] = math.nan
-        out[i] = e.numpy()
+    empty = (m.flatten(1).sum(1) <= 0).cpu().numpy()
+    # small elementwise work: one CPU thread (OpenMP stalls on a busy CPU
+    # make 2 threads ~30x slower here); sums accumulate in float64
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for i, u in enumerate(it):
+            if u.shape != m.shape:
+                raise CAManimError(f"maps of shape {tuple(u.shape)} (B, H, W) and masks of shape "
+                                   f"{tuple(m.shape)} differ: resize the masks to the input size")
+            u = u.detach().float()
+            total = u.flatten(1).sum(1, dtype=torch.float64)
+            inside = (u * m).flatten(1).sum(1, dtype=torch.float64)
+            e = (inside / total.clamp_min(1e-300)).cpu().numpy()
+            e[(total <= 0).cpu().numpy() | empty] = np.nan
+            out[i] = e
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -595,8 +604,9 @@ class CAManimCallback(Callback):
         self._csv_keys: set[tuple[int, str, str]] | None = None
         self._last_epoch: int | None = None
         self._warned: set[str] = set()
-        #: seconds per phase of the last epoch's work (cam, road, ebpg, videos
-        #: (render + encode, parallel jobs), plots (a job, overlapped), total)
+        #: seconds per phase of the last epoch's work (cam, road, ebpg, to_cpu,
+        #: csv, videos (render + encode, parallel jobs), plots (a job,
+        #: overlapped with videos), log (scalars, text, flush), total)
         self.last_timing: dict[str, float] = {}
         self._pool: Any = None
         if media_workers is not None and (not isinstance(media_workers, int) or media_workers < 1):
@@ -830,7 +840,9 @@ class CAManimCallback(Callback):
         self.last_timing = timing = {}
         with self._context(model, dev):
             maps, road_scores, ebpg = self._compute(model, x, timing)
+            t = time.perf_counter()
             maps.to("cpu")
+            timing["to_cpu"] = time.perf_counter() - t
             targets = ([None] * maps.batch_size if maps.targets is None
                        else [int(t) for t in maps.targets.reshape(-1)])
             record = {
@@ -845,16 +857,20 @@ class CAManimCallback(Callback):
                     if self._probes.has_mask[b]},
             }
             self._history[epoch] = record
+            t = time.perf_counter()
             self._write_csv(out_dir, epoch)
+            timing["csv"] = time.perf_counter() - t
             tb = _tensorboard(trainer)
             self._log_media(trainer, tb, out_dir, epoch, maps, road_scores, timing)
             if self.save_maps:
                 maps.save(out_dir / "maps" / f"epoch{epoch:03d}.npz")
             del maps, x
-            record["seconds"] = time.perf_counter() - t0
+            t = time.perf_counter()
+            record["seconds"] = t - t0
             self._log_scalars(trainer, tb, epoch, record)
-        if tb is not None:
-            tb.flush()
+            if tb is not None:
+                tb.flush()
+            timing["log"] = time.perf_counter() - t
         timing["total"] = time.perf_counter() - t0
 
     def _compute(self, model: nn.Module, x: torch.Tensor, timing: dict[str, float]
