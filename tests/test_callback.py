@@ -6,12 +6,10 @@ from __future__ import annotations
 import csv
 import gc
 import json
-import math
 import os
 import random
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -537,8 +535,8 @@ if __name__ == "__main__":
     L.seed_everything(0)
     x, y, m = data(n=16)
     cb = CAManimCallback(x[:2], masks=m[:2], normalization="local")
-    tr = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", callbacks=[cb],
-                   logger=TensorBoardLogger({root!r}), enable_progress_bar=False,
+    tr = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp",
+                   callbacks=[cb], logger=TensorBoardLogger({root!r}), enable_progress_bar=False,
                    enable_model_summary=False, enable_checkpointing=False,
                    default_root_dir={root!r})
     tr.fit(Net(), loader(x, y))

@@ -507,7 +507,8 @@ class CAManimCallback(Callback):
             raise CAManimError(f"every_n_epochs must be >= 1, got {every_n_epochs} (to log "
                                "only at chosen epochs pass epochs=[...])")
         if epochs is not None:
-            if isinstance(epochs, (int, str)) or not isinstance(epochs, (Sequence, range, np.ndarray)):
+            if isinstance(epochs, (int, str)) or not isinstance(
+                    epochs, (Sequence, range, np.ndarray)):
                 raise CAManimError(f"epochs must be a list of epoch numbers, e.g. [0, 4, 9]; "
                                    f"got {epochs!r}")
             ep = list(epochs)
@@ -1124,8 +1125,8 @@ class CAManimCallback(Callback):
     def _summary_text(self, epoch: int, rec: dict, p: str, best: int | None,
                       eb: np.ndarray | None, names: list[str]) -> str:
         t = rec["targets"].get(p)
-        tname = ("" if t is None else
-                 f"{self.class_names[t]} ({t})" if self.class_names and 0 <= t < len(self.class_names)
+        named = t is not None and self.class_names and 0 <= t < len(self.class_names)
+        tname = ("" if t is None else f"{self.class_names[t]} ({t})" if named  # type: ignore[index]
                  else f"class {t}")
         lines = [f"**{p}**, epoch {epoch} (step {rec['global_step']}), {rec['method']}, "
                  f"{len(names)} layers" + (f", target {tname}" if tname else "")]

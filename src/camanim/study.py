@@ -31,6 +31,7 @@ import csv
 import math
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -113,7 +114,8 @@ def read_ybroad_csv(path: str | Path, run: str | None = None) -> list[ProbeSerie
         groups: dict[tuple[str, str], dict[int, dict[int, dict]]] = {}
         for row in reader:
             key = (row.get("method") or "", row["probe"])
-            groups.setdefault(key, {}).setdefault(int(row["epoch"]), {})[int(row["layer_index"])] = row
+            by_epoch = groups.setdefault(key, {}).setdefault(int(row["epoch"]), {})
+            by_epoch[int(row["layer_index"])] = row
     label = run if run is not None else path.parent.name
     out = []
     for (method, probe), by_epoch in sorted(groups.items()):
@@ -195,14 +197,11 @@ def mean_series(series: Sequence[ProbeSeries]) -> ProbeSeries | None:
     if not common or len(same) < 2:
         return None
     rows = [s.road[[s.epochs.index(e) for e in common]] for s in same]
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            road = np.nanmean(np.stack(rows), axis=0)
-            eb = [s.ebpg[[s.epochs.index(e) for e in common]] for s in same if s.ebpg is not None]
-            ebpg = np.nanmean(np.stack(eb), axis=0) if eb else None
+    eb = [s.ebpg[[s.epochs.index(e) for e in common]] for s in same if s.ebpg is not None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
+        road = np.nanmean(np.stack(rows), axis=0)
+        ebpg = np.nanmean(np.stack(eb), axis=0) if eb else None
     return ProbeSeries(run=same[0].run, method=same[0].method, probe="mean", epochs=common,
                        names=names, road=road, ebpg=ebpg, targets=[None] * len(common),
                        path=same[0].path)
