@@ -151,3 +151,11 @@ def test_study_reads_what_the_callback_wrote(tmp_path):
         assert math.isfinite(r["final_max"]) and r["best_layer"]
         assert r["settle_epoch"] in (0, 1)
     assert len(list((tmp_path / "out").glob("heatmap_*.png"))) == 6
+
+
+def test_camanim_command_has_the_study_subcommand(tmp_path):
+    from camanim.cli import main as camanim_main
+    write_run(tmp_path / "run" / "ybroad.csv", {"p0": P0})
+    assert camanim_main(["study", str(tmp_path / "run"), "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "study.csv").exists()
+    assert camanim_main(["study", str(tmp_path / "nothing-here")]) == 2
