@@ -161,6 +161,14 @@ def test_smoke_end_to_end(tmp_path, capsys, one_thread):
     assert all(split2[k] == split[k] for k in ("train", "val", "test"))
 
 
+def test_same_seed_same_run(tmp_path, one_thread):
+    a = train.main(TINY + ["--out", str(tmp_path / "a")])
+    b = train.main(TINY + ["--out", str(tmp_path / "b")])
+    c = train.main(TINY + ["--seed", "1", "--out", str(tmp_path / "c")])
+    assert a["test"] == b["test"] and a["val"] == b["val"]
+    assert a["test"]["test_loss"] != c["test"]["test_loss"]
+
+
 def test_runs_as_a_script_from_the_repo_root():
     proc = subprocess.run([sys.executable, "examples/finetune_bus/train.py", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
@@ -168,11 +176,10 @@ def test_runs_as_a_script_from_the_repo_root():
     assert "--image-size" in proc.stdout and "--weights" in proc.stdout
 
 
-@pytest.mark.slow
 def test_script_trains_end_to_end(tmp_path):
     """``python examples/finetune_bus/train.py`` (script mode), tiny settings."""
     out = tmp_path / "runs"
-    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--out", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--threads", "1", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _check_run(out / "finetune_bus" / "version_0", out, proc.stdout)
