@@ -245,8 +245,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         callbacks=callbacks, deterministic="warn", log_every_n_steps=5,
         enable_progress_bar=not args.no_progress, enable_model_summary=False,
         num_sanity_val_steps=0)
+    t_start = time.time()
     trainer.fit(model, datamodule=dm)
-    t_fit = time.time() - t0
+    t_fit = time.time() - t_start
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
 
     ckpt = _checkpoint_callback(callbacks)
@@ -259,7 +260,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     best_score = ckpt.best_model_score
     print()
-    print(f"done in {seconds:.0f} s (training {t_fit:.0f} s) on {trainer.accelerator.__class__.__name__}")
+    device = trainer.strategy.root_device
+    print(f"done in {seconds:.0f} s (fit: {t_fit:.0f} s for {trainer.current_epoch} epochs) on {device}")
     print(f"last validation: {_fmt_metrics(val)}")
     print(f"best checkpoint ({args.monitor} {float(best_score):.3f}): {best}" if best_score is not None
           else f"best checkpoint: {best}")
