@@ -154,7 +154,9 @@ def build_callbacks(args: argparse.Namespace, datamodule: bus_data.BUSDataModule
         callbacks.append(camanim.CAManimCallback(
             probes["image"], targets=probes["label"].tolist(), masks=probes["mask"],
             probe_names=probes["id"], method="gradcam", layers="conv",
-            every_n_epochs=1, save_dir=args.run_dir / "camanim"))
+            every_n_epochs=1, save_dir=args.run_dir / "camanim",
+            mean=bus_data.IMAGENET_MEAN, std=bus_data.IMAGENET_STD,   # images are normalized
+            class_names=datamodule.classes))
 
     and fill ``camanim_outputs()`` below with its videos / ybroad.csv.
     """
