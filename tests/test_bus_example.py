@@ -33,7 +33,7 @@ def one_thread():
 
 
 TINY = ["--arch", "resnet18", "--image-size", "64", "--limit", "24", "--epochs", "1",
-        "--batch-size", "8", "--no-progress"]
+        "--batch-size", "8", "--no-progress", "--cam-probes", "2", "--cam-max-layers", "4"]
 
 
 def test_help_explains_every_flag():
@@ -60,14 +60,24 @@ def test_args_validation_and_lr_default():
             train.parse_args(bad)
 
 
-def test_checkpoint_is_only_callback_until_camanim_is_wired(tmp_path):
+def test_callbacks_checkpoint_and_camanim(tmp_path):
+    import camanim
     from lightning.pytorch.callbacks import ModelCheckpoint
-    args = train.parse_args(["--monitor", "val_loss"])
+    args = train.parse_args(["--monitor", "val_loss", "--no-cam"])
     args.run_dir = tmp_path
     cbs = train.build_callbacks(args, None)
-    ckpt = [c for c in cbs if isinstance(c, ModelCheckpoint)]
-    assert len(ckpt) == 1 and ckpt[0].monitor == "val_loss" and ckpt[0].mode == "min"
-    assert Path(ckpt[0].dirpath) == tmp_path / "checkpoints" and ckpt[0].filename.startswith("best-")
+    assert len(cbs) == 1 and isinstance(cbs[0], ModelCheckpoint)
+    assert cbs[0].monitor == "val_loss" and cbs[0].mode == "min"
+    assert Path(cbs[0].dirpath) == tmp_path / "checkpoints" and cbs[0].filename.startswith("best-")
+
+    args = train.parse_args(TINY + ["--cam-probes", "3", "--cam-max-layers", "5", "--cam-every", "2"])
+    args.run_dir = tmp_path
+    dm = train.build_datamodule(args)
+    cbs = train.build_callbacks(args, dm)
+    cam = [c for c in cbs if isinstance(c, camanim.CAManimCallback)]
+    assert len(cam) == 1
+    assert cam[0].every_n_epochs == 2 and len(cam[0].probe_names) == 3
+    assert cam[0].probe_names[0].startswith("malignant_")     # malignant probes first
 
 
 class _FakeWeights:
@@ -144,15 +154,36 @@ def test_smoke_end_to_end(tmp_path, capsys, one_thread):
     res = train.main(TINY + ["--out", str(out)])
     run = out / "finetune_bus" / "version_0"
     assert res["run_dir"] == run and res["best_checkpoint"]
-    split = _check_run(run, out, capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    split = _check_run(run, out, printed)
+
+    # the CAManim callback's outputs: videos per probe/epoch/norm, ybROAD CSV,
+    # heatmaps, GIFs in TensorBoard, and `camanim explain` on the best checkpoint
+    import csv
+
+    import imageio.v3 as iio
+    videos = sorted((run / "videos").glob("*.mp4"))
+    assert len(videos) == 2 * 2            # 2 probes x (local, global), one epoch
+    frames = list(iio.imiter(videos[0]))
+    assert len(frames) == 4 and frames[0].std() > 0                  # --cam-max-layers 4
+    rows = list(csv.DictReader((run / "ybroad.csv").open()))
+    assert len(rows) == 2 * 4 and {r["epoch"] for r in rows} == {"0"}
+    assert all(r["ebpg"] != "" for r in rows)                       # masks came with the probes
+    assert len(list((run / "heatmaps").glob("*.png"))) == 2
+    explain = run / "explain"
+    assert list(explain.glob("malignant_*_local.mp4")) and list(explain.glob("*_contact_sheet.png"))
+    assert list(explain.glob("*_ybroad.csv"))
+    assert "tensorboard --logdir" in printed and "--samples_per_plugin images=100" in printed
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tags = set()
     for ev in run.glob("events.out.tfevents.*"):
         acc = EventAccumulator(str(ev))
         acc.Reload()
-        tags |= set(acc.Tags()["scalars"])
+        tags |= set(acc.Tags()["scalars"]) | set(acc.Tags()["images"])
     assert {"train_loss_epoch", "train_acc", "val_acc", "val_auroc", "val_loss"} <= tags
+    assert any(t.startswith("camanim/malignant_") and t.endswith("/local") for t in tags)
+    assert any(t.startswith("ybroad/") and t.endswith("/mean") for t in tags)
 
     # --split-file (and another seed): exactly that split
     res2 = train.main(TINY + ["--seed", "7", "--split-file", str(run / "split.json"), "--out", str(out)])
@@ -186,11 +217,33 @@ def test_script_trains_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_learns_well_above_chance(tmp_path, one_thread):
+def test_learns_well_above_chance_and_localizes(tmp_path, one_thread):
     """A short run from random weights on the synthetic set: validation and
-    test accuracy far above the majority-class rate (~0.61)."""
-    res = train.main(["--arch", "resnet18", "--image-size", "96", "--limit", "200", "--epochs", "5",
-                      "--no-progress", "--out", str(tmp_path / "runs")])
+    test accuracy far above the majority-class rate (~0.61); and on the
+    malignant probes, the map of the best-ybROAD layer puts more of its
+    energy inside the lesion mask than a uniform map would (EBPG above the
+    mask's area fraction)."""
+    import csv
+    args = ["--arch", "resnet18", "--image-size", "96", "--limit", "200", "--epochs", "5",
+            "--no-progress", "--out", str(tmp_path / "runs"), "--cam-probes", "3",
+            "--cam-max-layers", "8", "--no-explain"]
+    res = train.main(args)
     assert res["val"]["val_acc"] >= 0.8, res["val"]          # 20 validation images
     assert res["test"]["test_auroc"] >= 0.9, res["test"]     # 20 test images, best checkpoint
     assert res["test"]["test_acc"] >= 0.75, res["test"]
+
+    dm = train.build_datamodule(train.parse_args(args))
+    probes = dm.probes(n=3, part="test")
+    rows = list(csv.DictReader((res["run_dir"] / "ybroad.csv").open()))
+    last = max(int(r["epoch"]) for r in rows)
+    checked = 0
+    for b, label in enumerate(probes["label"].tolist()):
+        if dm.classes[label] != "malignant":
+            continue
+        name = [r for r in rows if r["layer_index"] == "0" and int(r["epoch"]) == last][b]["probe"]
+        mine = [r for r in rows if r["probe"] == name and int(r["epoch"]) == last]
+        best = max(mine, key=lambda r: float(r["road"]))
+        area = float(probes["mask"][b].float().mean())
+        assert float(best["ebpg"]) > area, (name, best["layer_name"], best["ebpg"], area)
+        checked += 1
+    assert checked >= 2

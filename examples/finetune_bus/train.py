@@ -105,6 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "(measured 5-7x slower with 2 threads on a loaded 2-core machine)")
     m.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda", "mps"),
                    help="Lightning accelerator (auto: a GPU when there is one)")
+    c = p.add_argument_group("CAManim (the callback that watches training)")
+    c.add_argument("--cam-method", default="gradcam", metavar="M",
+                   help="CAM method: gradcam, hirescam, gradcam++, layercam, xgradcam, eigencam, "
+                        "scorecam, ablationcam, integrated-gradcam, sise, ada-sise, ...")
+    c.add_argument("--cam-layers", default="conv", metavar="SEL",
+                   help="layers to animate: conv (every Conv2d call; ResNet-50 has 53), all, blocks, "
+                        "or comma-separated layer names")
+    c.add_argument("--cam-max-layers", type=int, default=16, metavar="N",
+                   help="keep N evenly spaced layers of --cam-layers (0: all of them, as in the paper; "
+                        "ybROAD of all 53 ResNet-50 layers x 4 probes costs ~1-2 min per epoch on a 2-core CPU)")
+    c.add_argument("--cam-every", type=int, default=1, metavar="K",
+                   help="run CAManim and ybROAD on the probes every K epochs (and once at the end of fit)")
+    c.add_argument("--cam-probes", type=int, default=4, metavar="P",
+                   help="fixed probe images from the test split, malignant first, with their lesion masks "
+                        "(so the energy-based pointing game is logged beside ybROAD)")
+    c.add_argument("--no-road", action="store_true", help="skip ybROAD (videos and EBPG only)")
+    c.add_argument("--no-cam", action="store_true", help="train without the CAManim callback")
+    c.add_argument("--no-explain", action="store_true",
+                   help="skip the final 'camanim explain' run on the best checkpoint")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path("runs"), metavar="DIR",
                    help="TensorBoard/checkpoint root; each run gets <out>/<name>/version_N")
@@ -127,6 +146,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--num-workers must be >= 0")
     if args.threads < 0:
         parser.error("--threads must be >= 0")
+    if args.cam_max_layers < 0 or args.cam_every < 1 or args.cam_probes < 1:
+        parser.error("--cam-max-layers must be >= 0, --cam-every and --cam-probes >= 1")
     if args.lr is None:
         args.lr = DEFAULTS["lr_none"] if args.weights == "none" else DEFAULTS["lr_imagenet"]
     return args
@@ -146,20 +167,10 @@ def build_model(args: argparse.Namespace, datamodule: bus_data.BUSDataModule) ->
 
 
 def build_callbacks(args: argparse.Namespace, datamodule: bus_data.BUSDataModule) -> list:
-    """Callbacks of the Trainer.  ``args.run_dir`` is this run's folder.
-
-    TODO(CAManimCallback): add camanim.CAManimCallback here, e.g.::
-
-        probes = datamodule.probes(n=4, part="test")   # malignant test images first
-        callbacks.append(camanim.CAManimCallback(
-            probes["image"], targets=probes["label"].tolist(), masks=probes["mask"],
-            probe_names=probes["id"], method="gradcam", layers="conv",
-            every_n_epochs=1, save_dir=args.run_dir / "camanim",
-            mean=bus_data.IMAGENET_MEAN, std=bus_data.IMAGENET_STD,   # images are normalized
-            class_names=datamodule.classes))
-
-    and fill ``camanim_outputs()`` below with its videos / ybroad.csv.
-    """
+    """Callbacks of the Trainer: the best-model checkpoint and, unless
+    ``--no-cam``, `camanim.CAManimCallback` on fixed test probes (malignant
+    first, with their masks).  ``args.run_dir`` is this run's folder; the
+    callback writes ``ybroad.csv`` and ``videos/`` there."""
     import lightning.pytorch.callbacks as plc
     mode = "min" if args.monitor == "val_loss" else "max"
     checkpoint = plc.ModelCheckpoint(
@@ -169,15 +180,74 @@ def build_callbacks(args: argparse.Namespace, datamodule: bus_data.BUSDataModule
         filename="best-epoch{epoch:02d}-" + args.monitor.split("_")[1] + "{" + args.monitor + ":.3f}",
         auto_insert_metric_name=False)
     callbacks: list = [checkpoint]
+    if not args.no_cam:
+        import camanim
+        probes = datamodule.probes(n=args.cam_probes, part="test")
+        layers = args.cam_layers if args.cam_layers in ("conv", "all", "blocks") \
+            else [n.strip() for n in args.cam_layers.split(",") if n.strip()]
+        callbacks.append(camanim.CAManimCallback(
+            probes["image"], targets=probes["label"].tolist(), masks=probes["mask"],
+            probe_names=[f"{datamodule.classes[int(label)]}_{_probe_name(i)}"
+                         for label, i in zip(probes["label"], probes["id"])],
+            method=args.cam_method,
+            layers=layers, max_layers=args.cam_max_layers or None, every_n_epochs=args.cam_every,
+            road=not args.no_road, save_dir=args.run_dir, mean=bus_data.IMAGENET_MEAN,
+            std=bus_data.IMAGENET_STD, class_names=datamodule.classes,
+            progress=not args.no_progress))
     return callbacks
 
 
-def camanim_outputs(args: argparse.Namespace, callbacks: list) -> dict[str, str]:
-    """Where the CAManim callback wrote its outputs, for the final summary.
+def _probe_name(image_id: str) -> str:
+    """A TensorBoard-tag-friendly probe name from a data set id."""
+    name = "".join(ch if ch.isalnum() else "_" for ch in Path(str(image_id)).stem)
+    return "_".join(part for part in name.split("_") if part)
 
-    TODO(CAManimCallback): return e.g. {"CAManim videos": str(args.run_dir / "camanim" / "videos"),
-    "ybROAD table": str(args.run_dir / "camanim" / "ybroad.csv")}."""
-    return {}
+
+def camanim_outputs(args: argparse.Namespace, callbacks: list) -> dict[str, str]:
+    """Where the CAManim callback wrote its outputs, for the final summary."""
+    if args.no_cam:
+        return {}
+    out = {"CAManim videos": str(args.run_dir / "videos")}
+    if not args.no_road:
+        out["ybROAD table"] = str(args.run_dir / "ybroad.csv")
+        out["ybROAD heatmaps"] = str(args.run_dir / "heatmaps")
+    return out
+
+
+def explain_best(args: argparse.Namespace, datamodule: bus_data.BUSDataModule,
+                 checkpoint: str | None) -> Path | None:
+    """``camanim explain`` on the best checkpoint for one malignant test
+    image (the paper's Fig. 4): the image is written as a PNG first, so this
+    is exactly the command a user would type."""
+    if args.no_explain or not checkpoint:
+        return None
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from camanim.cli import main as camanim_main
+    probe = datamodule.probes(n=1, part="test")
+    mean = torch.tensor(bus_data.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(bus_data.IMAGENET_STD)[:, None, None]
+    rgb = ((probe["image"][0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    out = args.run_dir / "explain"
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"{datamodule.classes[int(probe['label'][0])]}_{_probe_name(probe['id'][0])}.png"
+    Image.fromarray(np.ascontiguousarray(rgb)).save(png)
+    argv = ["explain", str(png), "--model", args.arch, "--checkpoint", str(checkpoint),
+            "--num-classes", str(datamodule.num_classes), "--classes", ",".join(datamodule.classes),
+            "--method", args.cam_method, "--layers", args.cam_layers, "--size", str(args.image_size),
+            "--out", str(out), "--norm", "local,global"]
+    if not args.no_road:
+        argv.append("--road")
+    if args.no_progress:
+        argv.append("--quiet")
+    print("\n$ camanim " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    rc = camanim_main(argv)
+    if rc != 0:
+        print(f"warning: camanim explain exited with status {rc}")
+        return None
+    return out
 
 
 def _checkpoint_callback(callbacks: list):
@@ -260,6 +330,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     (args.run_dir / "test_metrics.json").write_text(json.dumps(
         {"checkpoint": best, "test": test, "last_val": val, "fit_seconds": t_fit, "seconds": seconds}, indent=1))
 
+    explained = explain_best(args, dm, best)
+    seconds = time.time() - t0
+
     best_score = ckpt.best_model_score
     print()
     device = trainer.strategy.root_device
@@ -274,6 +347,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     outputs = {"checkpoints": str(args.run_dir / "checkpoints"), "split": str(split_path),
                "test metrics": str(args.run_dir / "test_metrics.json"),
                **camanim_outputs(args, callbacks)}
+    if explained is not None:
+        outputs["camanim explain"] = str(explained)
     for k, v in outputs.items():
         print(f"  {k + ':':16s}{v}")
     print()
