@@ -7,6 +7,9 @@ for a quick run on a busy CPU.
 
     python benchmarks/bench_seed_methods.py                       # ResNet-50, 224
     python benchmarks/bench_seed_methods.py --arch resnet18 --size 64
+    python benchmarks/bench_seed_methods.py --bus-checkpoint runs/finetune_bus/version_0/checkpoints/best-*.ckpt
+        # the fine-tuning example's trained model on its malignant synthetic test
+        # images: ROAD and EBPG (share of map energy inside the lesion mask) per method
 
 Timing: one torch thread by default and both wall and process-CPU seconds
 are reported; on a CPU shared with other jobs the CPU seconds (and the mask
@@ -77,16 +80,33 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="SISE/Ada-SISE runs (median)")
     p.add_argument("--road-trials", type=int, default=3, help="ROAD noise trials")
     p.add_argument("--no-road", action="store_true")
+    p.add_argument("--bus-checkpoint", default=None, metavar="CKPT",
+                   help="use the examples/finetune_bus checkpoint and its synthetic malignant "
+                        "test images (with lesion masks: EBPG per method); --arch/--size are "
+                        "read from the run's args.json")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, args.arch)(weights=None).eval()
-    x = torch.randn(args.images, 3, args.size, args.size,
-                    generator=torch.Generator().manual_seed(0))
-    note: list[str] = ["random weights: runtimes and mask counts are meaningful, ROAD "
-                       "values only compare methods on the same untrained model"]
+    masks = None
+    if args.bus_checkpoint:
+        model, x, masks = bus_model_and_probes(args)
+        note: list[str] = [f"trained examples/finetune_bus model {args.bus_checkpoint}, "
+                           f"{args.images} malignant synthetic test image(s)"]
+    else:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, args.arch)(weights=None).eval()
+        x = torch.randn(args.images, 3, args.size, args.size,
+                        generator=torch.Generator().manual_seed(0))
+        note = ["random weights: runtimes and mask counts are meaningful, ROAD "
+                "values only compare methods on the same untrained model"]
+
+    def ebpg_of(maps):
+        """Energy-based pointing game of the final frame, mean over images."""
+        if masks is None:
+            return None
+        from camanim.callback import energy_pointing_game
+        return round(float(energy_pointing_game(maps.select([len(maps) - 1]), masks).mean()), 4)
 
     gradcam = camanim.CAManim(model, "gradcam", layers=["layer4"], progress=False)
     gradcam(x)                                                        # warm-up, discovery
@@ -106,6 +126,9 @@ def main() -> None:
     }
     if not args.no_road:
         result["gradcam"]["road"] = road_of(model, x, gc_maps, args.road_trials, note)
+    if masks is not None:
+        result["gradcam"]["ebpg"] = ebpg_of(gc_maps)
+        result["uniform_map_ebpg"] = round(float(masks.float().mean()), 4)
 
     def entry(seconds, cpu, maps):
         n = maps.extra["n_masks"][-1]
@@ -115,6 +138,8 @@ def main() -> None:
              "channels": maps.extra["n_channels"][-1]}
         if not args.no_road:
             e["road"] = road_of(model, x, maps, args.road_trials, note)
+        if masks is not None:
+            e["ebpg"] = ebpg_of(maps)
         return e
 
     for mu in [float(m) for m in args.mus.split(",")]:
@@ -141,6 +166,28 @@ def main() -> None:
     result["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     result["notes"] = sorted(set(note))
     print(json.dumps(result, indent=2))
+
+
+def bus_model_and_probes(args):
+    """The fine-tuning example's model from ``args.bus_checkpoint`` and the
+    first ``args.images`` malignant test probes of its synthetic set."""
+    root = Path(__file__).resolve().parents[1] / "examples"
+    sys.path.insert(0, str(root))
+    from finetune_bus import train  # noqa: PLC0415
+
+    from camanim.cli import load_checkpoint  # noqa: PLC0415
+    ckpt = Path(args.bus_checkpoint)
+    run = json.loads((ckpt.parent.parent / "args.json").read_text())
+    args.arch, args.size = run["arch"], int(run["image_size"])
+    targs = train.parse_args(["--image-size", str(args.size), "--seed", str(run["seed"])]
+                             + (["--limit", str(run["limit"])] if run.get("limit") else []))
+    dm = train.build_datamodule(targs)
+    model = getattr(torchvision.models, args.arch)(weights=None, num_classes=dm.num_classes)
+    model = load_checkpoint(model, ckpt).eval()
+    probes = dm.probes(n=args.images, part="test")
+    keep = [i for i, label in enumerate(probes["label"].tolist())
+            if dm.classes[label] == "malignant"]
+    return model, probes["image"][keep], probes["mask"][keep]
 
 
 if __name__ == "__main__":
