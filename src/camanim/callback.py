@@ -1174,20 +1174,26 @@ def _pil_font(size: int) -> Any:
 
 
 def _label_strip(names: Sequence[str], row: int, font_size: int, rotate: bool) -> np.ndarray:
-    """Layer labels ``"i  name"``, one per ``row`` pixels, right-aligned;
-    rotated 90 degrees for an x axis. Cached (``(H, W, 3)`` uint8)."""
+    """Layer labels, one per ``row`` pixels: the index right-aligned in its own
+    column, then the name; only names, right-aligned and rotated 90 degrees,
+    for an x axis. Cached (``(H, W, 3)`` uint8)."""
     key = (tuple(names), row, font_size, rotate)
     if key not in _strip_cache:
         from PIL import Image, ImageDraw
 
         font = _pil_font(font_size)
         step = max(1, math.ceil(font_size * 1.1 / row))
-        labels = [f"{i}  {n}" if not rotate else n for i, n in enumerate(names)]
-        width = int(max(font.getlength(t) for t in labels)) + 6
+        idx_w = 0 if rotate else int(font.getlength(str(len(names) - 1))) + 8
+        width = idx_w + int(max(font.getlength(n) for n in names)) + 6
         im = Image.new("RGB", (width, row * len(names)), _BG)
         d = ImageDraw.Draw(im)
         for i in range(0, len(names), step):
-            d.text((width - 3, i * row + row / 2), labels[i], font=font, fill=_INK, anchor="rm")
+            y = i * row + row / 2
+            if rotate:
+                d.text((width - 3, y), names[i], font=font, fill=_INK, anchor="rm")
+            else:
+                d.text((idx_w - 6, y), str(i), font=font, fill=_INK, anchor="rm")
+                d.text((idx_w, y), names[i], font=font, fill=_INK, anchor="lm")
         if rotate:
             im = im.transpose(Image.Transpose.ROTATE_90)
         if len(_strip_cache) > 64:
