@@ -575,3 +575,23 @@ def test_ddp_two_processes_no_hang_no_duplicates(tmp_path):
     assert len(list(d.glob("events.out.tfevents.*"))) == 1
     assert len(list(root.rglob("ybroad.csv"))) == 1
     print(f"DDP run took {time.time() - t:.1f} s")
+
+
+def test_target_callables_are_scored_as_given(tmp_path):
+    """User score callables reach ybROAD unchanged (their `category` is not
+    turned into a softmax class target); the scores equal ybroad's with the
+    same callables."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    import camanim
+    x, y, _ = data(n=8)
+    targets = [ClassifierOutputTarget(2), ClassifierOutputTarget(1)]
+    cb = quick(x[:2], targets=targets, road_noise=0.0)
+    model = Net()
+    trainer(tmp_path, [cb], max_epochs=1).fit(model, loader(x, y))
+    _, _, got = cb.road_history(0)
+    maps = camanim.CAManim(model, "gradcam", "conv", progress=False)(x[:2], targets)
+    want = camanim.ybroad(model, x[:2], maps, targets=targets, noise=0.0, progress=False)
+    np.testing.assert_allclose(got[-1], want.scores[:, 0], rtol=1e-5, atol=1e-6)
+    soft = camanim.ybroad(model, x[:2], maps, targets=[2, 1], noise=0.0, progress=False)
+    assert not np.allclose(soft.scores[:, 0], want.scores[:, 0])

@@ -232,3 +232,42 @@ def test_resnet50_all_layers_blocks_and_seconds():
     assert maps.names == ["relu", "layer1", "layer2", "layer3", "layer4"]
     assert len(maps.seconds) == 5 and all(s > 0 for s in maps.seconds)
     assert [r.shape[1:] for r in maps.raw] == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
+
+
+def test_numpy_integer_targets(tiny, tiny_input):
+    a = camanim.CAManim(tiny, "gradcam", "conv")(tiny_input, targets=[1, 3])
+    for t in (np.array([1, 3]), [np.int64(1), np.int64(3)]):
+        b = camanim.CAManim(tiny, "gradcam", "conv")(tiny_input, targets=t)
+        assert b.targets.tolist() == [1, 3]
+        assert all(torch.equal(x, y) for x, y in zip(a.raw, b.raw))
+    with pytest.raises(camanim.CAManimError, match="integer class indices"):
+        camanim.CAManim(tiny, "gradcam")(tiny_input, targets=np.array([1.0, 3.0]))
+
+
+def test_callable_targets_with_an_out_of_range_category_keep_no_class_index(tiny, tiny_input):
+    class Score:
+        category = 7            # not a class of this 5-class model: not used as an index
+
+        def __call__(self, out):
+            return out[0] - out[1]
+
+    maps = camanim.CAManim(tiny, "gradcam", "conv")(tiny_input, targets=[Score(), Score()])
+    assert maps.targets is None
+
+
+def test_load_finds_the_suffix_save_added(tmp_path, tiny, tiny_input):
+    maps = camanim.CAManim(tiny, "gradcam", "conv")(tiny_input)
+    written = maps.save(tmp_path / "mm")
+    assert written.name == "mm.npz"
+    assert camanim.LayerMaps.load(tmp_path / "mm").names == maps.names
+
+
+def test_basecam_adapter_on_bfloat16(tiny_input):
+    from pytorch_grad_cam import GradCAM
+
+    class MyGradCAM(GradCAM):
+        pass
+
+    model = TinyCNN().to(torch.bfloat16).eval()
+    maps = camanim.CAManim(model, MyGradCAM, ["conv2", "conv3"])(tiny_input.to(torch.bfloat16))
+    assert all(torch.isfinite(r.float()).all() for r in maps.raw)

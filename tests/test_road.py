@@ -322,3 +322,17 @@ def test_cuda_matches_cpu():
     a = ybroad(model, x.cuda(), maps, targets=[1, 3], noise=0.01, seed=0, progress=False)
     b = ybroad(model, x.cuda(), maps, targets=[1, 3], noise=0.01, seed=0, progress=False)
     assert np.array_equal(a.scores, b.scores)
+
+
+def test_single_output_model_with_softmax_score_is_a_clear_error():
+    import camanim
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 1)).double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    maps = camanim.CAManim(model, "gradcam", "conv")(x, targets=[0, 0])
+    with pytest.raises(camanim.CAManimError, match="single output.*score='logit'"):
+        camanim.ybroad(model, x, maps, progress=False)
+    res = camanim.ybroad(model, x, maps, score="logit", noise=0.0, progress=False)
+    assert np.isfinite(res.scores).all()

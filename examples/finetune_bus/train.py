@@ -5,7 +5,7 @@ The case study of the CAManim paper (Kaczmarek et al., PLOS ONE 2024):
 a ResNet-50 pre-trained on ImageNet, fine-tuned on BUSI (Al-Dhabyani et al.)
 to tell malignant from normal images, then explained layer by layer.
 
-    python examples/finetune_bus/train.py            # offline: synthetic set, ~2.5 min on 2 idle CPU cores
+    python examples/finetune_bus/train.py            # offline: synthetic set, ~4.5 min on 2 idle CPU cores
     python examples/finetune_bus/train.py --help
 
 Importable: ``main(argv) -> dict``, ``build_parser()``, ``build_callbacks()``.
@@ -32,8 +32,8 @@ except ImportError:  # run as a script: python examples/finetune_bus/train.py
 
 # Defaults chosen so that the offline run (synthetic set, random init,
 # ResNet-50) trains in ~2.5 minutes on an idle 2-core CPU (measured: 133 s,
-# ~20 s per epoch), leaving room in a 10-minute budget for the CAManim
-# callback's per-epoch work; see --help.
+# ~20 s per epoch); with the CAManim callback (4 probes x 16 layers, ybROAD
+# every epoch) and the final `camanim explain` the whole run took 4 min 19 s.
 DEFAULTS = dict(image_size=128, epochs=6, batch_size=16, limit=None, lr_none=1e-3, lr_imagenet=1e-4)
 
 PAPER = ("paper settings (BC-ResNet50): --data-dir /path/to/Dataset_BUSI_with_GT "
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
             "ultrasound set made in code; without --weights imagenet it starts from random weights."),
         epilog=(
             "Defaults are sized for a 2-core CPU without a GPU (ResNet-50, 128x128, 6 epochs: about "
-            "2.5 minutes on an idle 2-core CPU, ~20 s per epoch; 224x224 costs ~3x more).  The "
+            "4.5 minutes on an idle 2-core CPU with the CAManim callback, ~2.5 without it "
+            "(--no-cam); 224x224 costs ~3x more).  The "
             + PAPER + ".  "
             "Quick smoke run: --arch resnet18 --image-size 64 --limit 40 --epochs 1.\n"
             "Outputs: <out>/<name>/version_N/ holds checkpoints/, split.json, test_metrics.json and "

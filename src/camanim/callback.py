@@ -223,7 +223,8 @@ def _split_item(item: Any, i: int) -> tuple[Any, Any, Any]:
 
 
 def _is_dataset_probes(p: Any) -> bool:
-    return (isinstance(p, tuple) and len(p) == 2 and not isinstance(p[0], torch.Tensor)
+    return (isinstance(p, tuple) and len(p) == 2
+            and not isinstance(p[0], (torch.Tensor, np.ndarray))
             and hasattr(p[0], "__getitem__") and hasattr(p[0], "__len__")
             and isinstance(p[1], (Sequence, range, np.ndarray, torch.Tensor))
             and not isinstance(p[1], (str, bytes)))
@@ -890,7 +891,9 @@ class CAManimCallback(Callback):
                                       seed=self.seed, progress=self.progress)
             if self.batch_size is not None:
                 kw["batch_size"] = self.batch_size
-            road_targets = maps.targets if maps.targets is not None else targets
+            # the user's own score callables are kept; class indices otherwise
+            road_targets = targets if self._targets_mode == "callables" or maps.targets is None \
+                else maps.targets
             t = time.perf_counter()
             res = ybroad(model, x, maps, targets=road_targets, **kw)
             scores = np.asarray(getattr(res, "scores", res), dtype=np.float64)

@@ -45,7 +45,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="a torchvision model name (resnet50, densenet161, ...) or an importable "
                         "'package.module:callable' / 'path/to/file.py:callable' returning an nn.Module")
     p.add_argument("--num-classes", type=int, default=None, metavar="K",
-                   help="output classes of a torchvision model (default: 1000, or what --checkpoint holds)")
+                   help="output classes of a torchvision model (default: 1000; explain: or what --checkpoint holds)")
 
 
 def build_parser() -> argparse.ArgumentParser:

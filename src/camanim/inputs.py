@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -86,6 +87,12 @@ def resolve_targets(targets: Any, batch: int, logits: torch.Tensor) -> tuple[lis
                 f"the model output has shape {tuple(logits.shape)}, not (B, classes): "
                 "class-index targets need a classifier; pass target callables instead")
     n_classes = logits.shape[-1]
+    if isinstance(targets, np.ndarray):
+        if not np.issubdtype(targets.dtype, np.integer):
+            raise CAManimError(f"targets must be integer class indices, got a {targets.dtype} array")
+        targets = torch.as_tensor(targets)
+    if isinstance(targets, np.integer):
+        targets = int(targets)
     if targets is None:
         idx = logits.argmax(-1).detach().cpu()
     elif isinstance(targets, torch.Tensor) and not targets.is_floating_point():
@@ -101,7 +108,8 @@ def resolve_targets(targets: Any, batch: int, logits: torch.Tensor) -> tuple[lis
             raise CAManimError(f"got {len(targets)} target callables for {batch} images; "
                                "pass one per image")
         cls = [getattr(t, "category", None) for t in targets]
-        idx = torch.tensor(cls) if all(isinstance(c, int) for c in cls) else None
+        ok = all(isinstance(c, (int, np.integer)) and 0 <= int(c) < n_classes for c in cls)
+        idx = torch.tensor([int(c) for c in cls]) if ok else None
         return list(targets), idx
     else:
         raise CAManimError(
@@ -119,7 +127,7 @@ def resolve_targets(targets: Any, batch: int, logits: torch.Tensor) -> tuple[lis
 
 def _all_int(xs: Any) -> bool:
     try:
-        return all(isinstance(x, int) or (isinstance(x, torch.Tensor) and x.numel() == 1
+        return all(isinstance(x, (int, np.integer)) or (isinstance(x, torch.Tensor) and x.numel() == 1
                                           and not x.is_floating_point()) for x in xs)
     except TypeError:
         return False

@@ -206,6 +206,9 @@ class LayerMaps:
     def load(cls, path: str | Path) -> "LayerMaps":
         """Read maps written by `save`."""
         path = Path(path)
+        if not path.exists() and path.suffix != ".npz" and \
+                (path.with_name(path.name + ".npz")).exists():
+            path = path.with_name(path.name + ".npz")      # save() added the suffix
         if not path.exists():
             raise CAManimError(f"no LayerMaps file at {path}")
         with np.load(path, allow_pickle=False) as data:

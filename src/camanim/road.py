@@ -379,6 +379,11 @@ def _score_targets(targets: Any, maps: Any, logits: torch.Tensor, score: str
         cls = [getattr(t, "category", None) for t in calls]
         return calls, [int(c) if isinstance(c, (int, np.integer)) else None for c in cls], "callable"
     classes = [int(c) for c in idx]
+    if score == "softmax" and logits.shape[-1] == 1:
+        raise CAManimError(
+            "the model has a single output: its softmax is always 1, so every ROAD score would "
+            "be 0; pass score='logit', or target callables such as pytorch_grad_cam's "
+            "BinaryClassifierOutputTarget")
     make = ClassifierOutputSoftmaxTarget if score == "softmax" else ClassifierOutputTarget
     return [make(c) for c in classes], classes, score
 

@@ -17,8 +17,9 @@ def adapt_basecam(cls: type) -> CamFn:
         module = dict(ctx.model.named_modules())[ctx.layer.module_name]
         cam = cls(ctx.model, [module])
         cam.activations_and_grads.release()          # its hooks are not needed
-        a = acts.detach().cpu().numpy()
-        g = grads.detach().cpu().numpy() if grads is not None else np.zeros_like(a)
+        wide = torch.float64 if acts.dtype == torch.float64 else torch.float32  # numpy has no bf16
+        a = acts.detach().to(wide).cpu().numpy()
+        g = grads.detach().to(wide).cpu().numpy() if grads is not None else np.zeros_like(a)
         out = cam.get_cam_image(ctx.images, module, list(ctx.targets), a, g, False)
         return torch.as_tensor(np.asarray(out), dtype=acts.dtype, device=acts.device)
 
