@@ -800,6 +800,13 @@ class CAManimCallback(Callback):
                       **self.cam_options)
             if self.batch_size is not None:
                 kw["batch_size"] = self.batch_size
+            from .methods import get_method
+            if get_method(self.method).name == "integrated-gradcam":
+                # its black baseline lives in the model's input space: use the
+                # normalization the probes were given with
+                for key in ("mean", "std"):
+                    if getattr(self, key, None) is not None:
+                        kw.setdefault(key, getattr(self, key))
             self._anim = CAManim(model, self.method, self.layers, **kw)
             self._anim_model = model
         return self._anim
