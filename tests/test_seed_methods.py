@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import torchvision
 
 import camanim
+from helpers import no_hooks
 from camanim.errors import CAManimError
 from camanim.methods.integrated_gradcam import baseline_images, ig_options, integrated_gradcam
 from camanim.methods.otsu import histogram, otsu_binarize, otsu_split, otsu_threshold
@@ -25,9 +26,6 @@ from camanim.methods.sise import ada_sise, adaptive_channels, fuse, select_chann
 
 
 
-def no_hooks(model) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
-               for m in model.modules())
 
 
 # ------------------------------------------------------------- references

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from camanim.images import IMAGENET_MEAN, IMAGENET_STD  # re-exported for train.py
+
 try:  # part of the finetune_bus package (tests) or run as a script
     from .synthetic import BUSI_COUNTS, cached_bus_image, synthesize_bus_image
 except ImportError:  # pragma: no cover - script mode
@@ -51,8 +53,7 @@ __all__ = [
     "apply_split", "make_transforms", "synthesize_bus_image", "export_synthetic_busi",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 BUSI_FOLDER = "Dataset_BUSI_with_GT"
 SPLIT_VERSION = 1

@@ -117,10 +117,9 @@ def energy_pointing_game(maps: LayerMaps | torch.Tensor, masks: torch.Tensor) ->
     empty = (m.flatten(1).sum(1) <= 0).cpu().numpy()
     # small elementwise work: one CPU thread (OpenMP stalls on a busy CPU
     # make 2 threads ~30x slower here); sums accumulate in float64
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    from .render import one_torch_thread
+
+    with one_torch_thread(device.type == "cpu"):
         for i, u in enumerate(it):
             if u.shape != m.shape:
                 raise CAManimError(f"maps of shape {tuple(u.shape)} (B, H, W) and masks of shape "
@@ -131,8 +130,6 @@ def energy_pointing_game(maps: LayerMaps | torch.Tensor, masks: torch.Tensor) ->
             e = (inside / total.clamp_min(1e-300)).cpu().numpy()
             e[(total <= 0).cpu().numpy() | empty] = np.nan
             out[i] = e
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 

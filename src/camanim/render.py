@@ -181,7 +181,7 @@ def _blend(background: np.ndarray, cam: np.ndarray, lut: np.ndarray) -> np.ndarr
 
 
 @contextlib.contextmanager
-def _one_torch_thread(enabled: bool = True) -> Iterator[None]:
+def one_torch_thread(enabled: bool = True) -> Iterator[None]:
     """Run the block with one intra-op thread, then restore the count.
 
     Upsampling one small map gains nothing from threads, and on a busy CPU
@@ -205,7 +205,7 @@ def iter_maps(maps: LayerMaps, normalization: str, size: tuple[int, int]) -> Ite
     stream = maps.iter_upsampled(normalization, size)
     on_cpu = bool(maps.raw) and maps.raw[0].device.type == "cpu"
     while True:
-        with _one_torch_thread(on_cpu):
+        with one_torch_thread(on_cpu):
             try:
                 up = next(stream)
             except StopIteration:
@@ -402,7 +402,7 @@ class FrameRenderer:
         # Backgrounds at panel size, pre-scaled by (1 - alpha), 0..255.
         t = torch.from_numpy(disp).permute(0, 3, 1, 2)
         if tuple(t.shape[-2:]) != (ph, pw):
-            with _one_torch_thread():
+            with one_torch_thread():
                 t = torch.nn.functional.interpolate(t, size=(ph, pw), mode="bilinear",
                                                     align_corners=False, antialias=True)
         bg = t.clamp(0, 1).permute(0, 2, 3, 1).numpy()

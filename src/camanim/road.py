@@ -32,12 +32,11 @@ from torch import nn
 
 from .errors import CAManimError
 from .imputation import add_noise, impute
-from .inputs import check_images, resolve_targets, score_outputs
+from .inputs import Target, check_images, resolve_targets, score_outputs
 from .maps import LayerMaps
 
 SCORES = ("softmax", "logit")
 DEFAULT_PERCENTILES = (20, 40, 60, 80)
-Target = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ------------------------------------------------------------------ results

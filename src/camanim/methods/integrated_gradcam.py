@@ -41,13 +41,12 @@ from tqdm.auto import tqdm
 
 from ..capture import capture
 from ..errors import CAManimError
+from ..images import IMAGENET_MEAN, IMAGENET_STD
 from ..inputs import check_images
 from ..layers import LayerInfo, Selector, list_layers
 from ..maps import LayerMaps
 from .sise import ExplanationMaps, clean_targets
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PATHS = ("paper", "authors")
 
 

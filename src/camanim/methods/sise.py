@@ -55,9 +55,9 @@ from ..errors import CAManimError
 from ..inputs import Target, check_images, logit_target, resolve_targets, score_outputs
 from ..layers import NCHW, LayerInfo, Selector, list_layers, select
 from ..maps import LayerMaps, minmax
+from ..road import SCORES
 from .otsu import bin_index, histogram, otsu_binarize, otsu_split
 
-SCORES = ("softmax", "logit")
 MASK_NORMS = ("area", "pixel", "none")
 FUSIONS = ("hard", "soft")
 MASK_EPS = 1e-6  # the authors' code's epsilon on mask sums
