@@ -59,7 +59,7 @@ def main() -> None:
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from camanim.callback import CAManimCallback
+    from camanim.lightning.callback import CAManimCallback
 
     class Module(L.LightningModule):
         def __init__(self) -> None:

@@ -84,7 +84,7 @@ def main() -> None:
                     ours_t.append(t)
                     ours_mem.append(mem["peak_mib"])
                 if rep < args.ref_repeats:
-                    tg = [camanim.inputs.logit_target(int(c)) for c in targets]
+                    tg = [camanim.core.inputs.logit_target(int(c)) for c in targets]
                     with peak_memory(device) as mem:
                         ref, t = timed(lambda: reference(model, ref_layers, x, tg), device)
                     ref_t.append(t * len(layers) / len(ref_layers))

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camanim.layers import LayerInfo
-from camanim.maps import LayerMaps
+from camanim.core.layers import LayerInfo
+from camanim.core.maps import LayerMaps
 
 # ResNet-50's 53 Conv2d calls at 224x224: (count, channels, resolution)
 _RESNET50 = [(1, 64, 112), (10, 256, 56), (1, 128, 56), (12, 512, 28), (1, 256, 28),
@@ -63,8 +63,8 @@ def image(size: int = 224) -> torch.Tensor:
 
 
 def bench_fps(n_layers: int = 53, repeats: int = 2) -> dict:
-    from camanim.render import FrameRenderer
-    from camanim.video import write_video
+    from camanim.viz.render import FrameRenderer
+    from camanim.viz.video import write_video
 
     maps, img = synthetic_maps(n_layers), image()
     road = np.linspace(-0.1, 0.5, n_layers)[:, None]
@@ -106,7 +106,7 @@ def memory_child(n_layers: int, fmt: str) -> dict:
     """Run in a fresh process: peak memory of writing ``n_layers`` frames."""
     import tracemalloc
 
-    from camanim.video import write_video
+    from camanim.viz.video import write_video
 
     img = image()
     with tempfile.TemporaryDirectory() as tmp:

@@ -45,8 +45,8 @@ def gradcam_maps(model, x, target):
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        from camanim.layers import list_layers
-        from camanim.maps import LayerMaps
+        from camanim.core.layers import list_layers
+        from camanim.core.maps import LayerMaps
         table = list_layers(model, x, "conv")
         modules = dict(model.named_modules())
         raw = []
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     from pytorch_grad_cam.metrics import road as ref_road
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
-    from camanim.imputation import impute
-    from camanim.road import road_masks, ybroad
+    from camanim.metrics.imputation import impute
+    from camanim.metrics.road import road_masks, ybroad
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -45,11 +45,11 @@ ANCHORS_T4 = {"sise_mu0_s": 9.21, "sise_mu0.3_s": 2.18, "sise_mu0.5_s": 0.65,
 
 def road_of(model, x, maps, trials, note):
     """ROAD (ybroad's, softmax score) of the last frame of ``maps``, mean over
-    images and noise trials, or None when camanim.road is not there."""
+    images and noise trials, or None when camanim.metrics.road is not there."""
     try:
-        from camanim.road import ybroad
+        from camanim.metrics.road import ybroad
     except ImportError:
-        note.append("camanim.road is not there yet: ROAD skipped")
+        note.append("camanim.metrics.road is not there yet: ROAD skipped")
         return None
     last = maps.select([len(maps) - 1])
     res = ybroad(model, x, last, targets=maps.targets, trials=trials, progress=False)
@@ -105,7 +105,7 @@ def main() -> None:
         """Energy-based pointing game of the final frame, mean over images."""
         if masks is None:
             return None
-        from camanim.callback import energy_pointing_game
+        from camanim.lightning.callback import energy_pointing_game
         return round(float(energy_pointing_game(maps.select([len(maps) - 1]), masks).mean()), 4)
 
     gradcam = camanim.CAManim(model, "gradcam", layers=["layer4"], progress=False)

@@ -23,9 +23,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from camanim import CAManimError, LayerMaps
-from camanim.callback import CAManimCallback, energy_pointing_game
-from camanim.layers import LayerInfo
-from camanim.study import CSV_COLUMNS
+from camanim.lightning.callback import CAManimCallback, energy_pointing_game
+from camanim.core.layers import LayerInfo
+from camanim.runs.study import CSV_COLUMNS
 
 from helpers import no_hooks
 
@@ -208,7 +208,7 @@ def test_tensorboard_events_read_back(tmp_path):
     ea.Reload()
     steps = [3, 6, 9]  # global step at the end of each epoch (3 batches per epoch)
     for probe in ("cat", "dog"):
-        for norm in ("local", "global"):
+        for norm in ("local_global",):  # one GIF: local | global side by side
             events = ea.Images(f"camanim/{probe}/{norm}")
             assert [e.step for e in events] == steps
             for e in events:
@@ -244,10 +244,10 @@ def test_runs_after_validation_skips_sanity_and_other_stages(tmp_path):
     x, y, _ = data()
 
     class Spy(CAManimCallback):
-        def _run(self, trainer, pl_module, epoch):
+        def _run_synced(self, trainer, pl_module, epoch):
             pl_module.order.append(("cam", epoch))
             assert not trainer.sanity_checking
-            super()._run(trainer, pl_module, epoch)
+            super()._run_synced(trainer, pl_module, epoch)
 
     cb = Spy(x[:1], road=False, log_videos=False, save_videos=False, save_dir=tmp_path / "c")
     model = Net()
@@ -440,17 +440,17 @@ def test_fit_start_checks_targets_and_layers_against_the_model(tmp_path):
 
 def test_on_error_warn_keeps_training(tmp_path, monkeypatch):
     x, y, _ = data(n=8)
-    cb = quick(x[:1], save_dir=tmp_path / "c", on_error="warn")
+    cb = quick(x[:1], save_dir=tmp_path / "c")  # on_error="warn" is the default
 
     def boom(*a, **k):
         raise RuntimeError("ROAD exploded")
 
-    monkeypatch.setattr("camanim.road.ybroad", boom)
+    monkeypatch.setattr("camanim.metrics.road.ybroad", boom)
     with pytest.warns(UserWarning, match="ROAD exploded"):
         tr = trainer(tmp_path, [cb], max_epochs=2)
         tr.fit(Net(), loader(x, y))
     assert tr.current_epoch == 2 and cb.epochs_done == []
-    cb2 = quick(x[:1], save_dir=tmp_path / "d")
+    cb2 = quick(x[:1], save_dir=tmp_path / "d", on_error="raise")
     with pytest.raises(RuntimeError, match="ROAD exploded"):
         trainer(tmp_path, [cb2], max_epochs=2).fit(Net(), loader(x, y))
 
@@ -529,7 +529,7 @@ torch.set_num_threads(1)
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from test_callback import Net, data, loader
-from camanim.callback import CAManimCallback
+from camanim.lightning.callback import CAManimCallback
 
 if __name__ == "__main__":
     L.seed_everything(0)

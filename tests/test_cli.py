@@ -15,8 +15,8 @@ from torch import nn
 
 from camanim import cli
 from camanim.errors import CAManimError
-from camanim.images import load_image, parse_size, to_model_input
-from camanim.video import iter_video
+from camanim.core.images import load_image, parse_size, to_model_input
+from camanim.viz.video import iter_video
 
 TINY = f"{__file__}:tiny_cnn"
 

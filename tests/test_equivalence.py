@@ -43,7 +43,7 @@ def without_inplace(model: nn.Module) -> nn.Module:
 def reference_maps(model, layer, x, classes):
     """Run every gradient method of pytorch-grad-cam on one layer, sharing
     one reference forward/backward (its own ActivationsAndGradients)."""
-    targets = [camanim.inputs.logit_target(int(c)) for c in classes]
+    targets = [camanim.core.inputs.logit_target(int(c)) for c in classes]
     out, keep = {}, []  # keep: BaseCAM.__del__ would clear the shared capture
     with GradCAM(model, [layer]) as first:
         first(x, targets)
@@ -161,7 +161,7 @@ def test_perturbation_methods_match_reference(method, cls):
     for l, name in enumerate(names):
         with cls(model, [model[int(name)]]) as cam:
             cam.batch_size = 4
-            ref = cam(x, [camanim.inputs.logit_target(int(c)) for c in maps.targets])
+            ref = cam(x, [camanim.core.inputs.logit_target(int(c)) for c in maps.targets])
         assert np.abs(up[l] - ref).max() <= TOL, name
 
 

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from pytorch_grad_cam.metrics.road import NoisyLinearImputer, neighbors_weights
 
 from camanim import CAManimError
-from camanim.imputation import (FineOperator, Grid, Multigrid, add_noise, galerkin, impute,
+from camanim.metrics.imputation import (FineOperator, Grid, Multigrid, add_noise, galerkin, impute,
                                 prolong_add, restrict)
-from camanim.road import road_masks
+from camanim.metrics.road import road_masks
 
 
 def cam_like(h, w, low, seed, dtype=torch.float32):

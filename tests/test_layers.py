@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import camanim
-from camanim.layers import NCHW, NHWC, VECTOR
+from camanim.core.layers import NCHW, NHWC, VECTOR
 
 from helpers import no_hooks
 

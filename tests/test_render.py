@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from camanim.errors import CAManimError
-from camanim.layers import LayerInfo
-from camanim.maps import LayerMaps
-from camanim.render import (FrameRenderer, colormap_lut, display_images, overlay,
+from camanim.core.layers import LayerInfo
+from camanim.core.maps import LayerMaps
+from camanim.viz.render import (FrameRenderer, colormap_lut, display_images, overlay,
                             panel_size, render_frames)
 
 

@@ -29,9 +29,9 @@ from torch import nn
 
 import camanim
 from camanim import CAManimError
-from camanim.layers import LayerInfo
-from camanim.maps import LayerMaps
-from camanim.road import YbRoad, ybroad
+from camanim.core.layers import LayerInfo
+from camanim.core.maps import LayerMaps
+from camanim.metrics.road import YbRoad, ybroad
 
 PS = (20, 40, 60, 80)
 

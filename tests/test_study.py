@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from camanim import CAManimError
-from camanim.study import (CSV_COLUMNS, add_study_parser, main, read_ybroad_csv, settle_epoch,
+from camanim.runs.study import (CSV_COLUMNS, add_study_parser, main, read_ybroad_csv, settle_epoch,
                            study)
 
 NAMES = ["conv1", "layer1", "layer2"]
@@ -128,7 +128,7 @@ def test_study_reads_what_the_callback_wrote(tmp_path):
     the study of both."""
     import lightning as L
 
-    from camanim.callback import CAManimCallback
+    from camanim.lightning.callback import CAManimCallback
     from test_callback import Net, data, loader, trainer
 
     n = torch.get_num_threads()

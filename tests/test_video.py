@@ -13,8 +13,8 @@ from PIL import Image
 
 from camanim import render as render_mod
 from camanim.errors import CAManimError
-from camanim.render import FrameRenderer, render_frames
-from camanim.video import encode_gif, iter_video, video_format, write_frames, write_video
+from camanim.viz.render import FrameRenderer, render_frames
+from camanim.viz.video import encode_gif, iter_video, video_format, write_frames, write_video
 from test_render import make_images, make_maps
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from camanim.images import IMAGENET_MEAN, IMAGENET_STD  # re-exported for train.py
+from camanim.core.images import IMAGENET_MEAN, IMAGENET_STD  # re-exported for train.py
 
 try:  # part of the finetune_bus package (tests) or run as a script
     from .synthetic import BUSI_COUNTS, cached_bus_image, synthesize_bus_image

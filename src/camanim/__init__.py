@@ -1,20 +1,21 @@
 """camanim: class activation maps through every layer of a CNN (CAManim),
 ROAD for every layer (ybROAD), and both during training."""
 
-from .callback import CAManimCallback, energy_pointing_game
-from .cam import CAManim
+from .lightning.callback import CAManimCallback
+from .metrics.pointing import energy_pointing_game
+from .core.cam import CAManim
 from .errors import CAManimError
-from .figures import contact_sheet, plot_params, run_summary
-from .images import IMAGENET_MEAN, IMAGENET_STD, load_image
-from .layers import LayerInfo, LayerTable, list_layers
-from .maps import LayerMaps
+from .viz.figures import contact_sheet, plot_params, run_summary
+from .core.images import IMAGENET_MEAN, IMAGENET_STD, load_image
+from .core.layers import LayerInfo, LayerTable, list_layers
+from .core.maps import LayerMaps
 from .methods import get_method, method_names
 from .methods.integrated_gradcam import integrated_gradcam
 from .methods.sise import ExplanationMaps, ada_sise, sise
-from .render import render_frames
-from .road import RoadSummary, YbRoad, ybroad
-from .study import study
-from .video import encode_gif, write_frames, write_video
+from .viz.render import render_frames
+from .metrics.road import RoadSummary, YbRoad, ybroad
+from .runs.study import study
+from .viz.video import encode_gif, write_frames, write_video
 
 __all__ = [
     "CAManim", "CAManimCallback", "CAManimError", "ExplanationMaps", "IMAGENET_MEAN", "IMAGENET_STD",

@@ -10,10 +10,10 @@ value for every channel.)"""
 import torch
 from tqdm.auto import tqdm
 
-from ..capture import Hooks
+from ..core.capture import Hooks
 from ..errors import CAManimError
-from ..inputs import score_outputs
-from ..layers import NHWC, TOKENS
+from ..core.inputs import score_outputs
+from ..core.layers import NHWC, TOKENS
 from .base import LayerContext
 
 

@@ -8,8 +8,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..inputs import Target
-from ..layers import LayerInfo
+from ..core.inputs import Target
+from ..core.layers import LayerInfo
 
 
 @dataclass

@@ -39,12 +39,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..capture import capture
+from ..core.capture import capture
 from ..errors import CAManimError
-from ..images import IMAGENET_MEAN, IMAGENET_STD
-from ..inputs import check_images
-from ..layers import LayerInfo, Selector, list_layers
-from ..maps import LayerMaps
+from ..core.images import IMAGENET_MEAN, IMAGENET_STD
+from ..core.inputs import check_images
+from ..core.layers import LayerInfo, Selector, list_layers
+from ..core.maps import LayerMaps
 from .sise import ExplanationMaps, clean_targets
 
 PATHS = ("paper", "authors")

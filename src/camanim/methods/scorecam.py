@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..inputs import score_outputs
+from ..core.inputs import score_outputs
 from .base import LayerContext
 
 

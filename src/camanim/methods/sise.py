@@ -50,12 +50,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..capture import capture, eval_mode, forward_logits
+from ..core.capture import capture, eval_mode, forward_logits
 from ..errors import CAManimError
-from ..inputs import Target, check_images, logit_target, resolve_targets, score_outputs
-from ..layers import NCHW, LayerInfo, Selector, list_layers, select
-from ..maps import LayerMaps, minmax
-from ..road import SCORES
+from ..core.inputs import Target, check_images, logit_target, resolve_targets, score_outputs
+from ..core.layers import NCHW, LayerInfo, Selector, list_layers, select
+from ..core.maps import LayerMaps, minmax
+from ..metrics.road import SCORES
 from .otsu import bin_index, histogram, otsu_binarize, otsu_split
 
 MASK_NORMS = ("area", "pixel", "none")

@@ -25,19 +25,20 @@ at a time, so memory does not grow with the number of layers.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from .errors import CAManimError
-from .images import IMAGENET_MEAN, IMAGENET_STD
-from .layers import LayerInfo
-from .maps import NORMALIZATIONS, LayerMaps
+from ..errors import CAManimError
+from ..core.guard import one_torch_thread
+from .fonts import sans_font
+from ..core.images import IMAGENET_MEAN, IMAGENET_STD
+from ..core.layers import LayerInfo
+from ..core.maps import NORMALIZATIONS, LayerMaps
 
 __all__ = ["render_frames", "FrameRenderer", "colormap_lut", "display_images", "iter_maps",
            "overlay", "panel_size", "road_scores", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -92,7 +93,7 @@ def display_images(images: Any, mean: Sequence[float] | None = None,
         ``(B, H, W, 3)`` float32 in [0, 1].
     """
     if isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
-        from .images import pil_to_rgb
+        from ..core.images import pil_to_rgb
 
         arrs = [pil_to_rgb(im) for im in images]
         if len({a.shape for a in arrs}) != 1:
@@ -180,25 +181,6 @@ def _blend(background: np.ndarray, cam: np.ndarray, lut: np.ndarray) -> np.ndarr
     return out.astype(np.uint8)
 
 
-@contextlib.contextmanager
-def one_torch_thread(enabled: bool = True) -> Iterator[None]:
-    """Run the block with one intra-op thread, then restore the count.
-
-    Upsampling one small map gains nothing from threads, and on a busy CPU
-    (other processes on the cores) OpenMP's parallel regions stall: we
-    measured ~100 ms instead of ~1 ms per 320x320 map on a loaded 2-core box.
-    """
-    if not enabled:
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def iter_maps(maps: LayerMaps, normalization: str, size: tuple[int, int]) -> Iterator[np.ndarray]:
     """Yield each layer's normalized map upsampled to ``size``: ``(B, H, W)``
     float32 numpy, one layer at a time (memory stays flat)."""
@@ -230,13 +212,6 @@ def road_scores(road: Any, n_layers: int, batch: int) -> np.ndarray | None:
                            f"{n_layers} layers and {batch} images: pass scores of shape "
                            f"({n_layers}, {batch}) computed on these maps")
     return scores
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: fixed bitmap font only
-        return ImageFont.load_default()
 
 
 def _fit(text: str, font: Any, width: float, tail: bool = False) -> str:
@@ -396,8 +371,8 @@ class FrameRenderer:
         self.layout = _Layout(ph=ph, pw=pw, n_norm=len(self.norms), rows=rows, cols=cols,
                               header=header, band=_even(n_lines * line + 0.8 * font),
                               strip=_even(max(4, ph // 48)), font=font)
-        self.font = _font(font)
-        self.font_big = _font(font + 2)
+        self.font = sans_font(font)
+        self.font_big = sans_font(font + 2)
         self.line = line
         # Backgrounds at panel size, pre-scaled by (1 - alpha), 0..255.
         t = torch.from_numpy(disp).permute(0, 3, 1, 2)

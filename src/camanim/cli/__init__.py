@@ -24,8 +24,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .errors import CAManimError
-from .images import IMAGENET_MEAN, IMAGENET_STD, load_image, parse_size, to_model_input
+from ..errors import CAManimError
+from ..core.images import IMAGENET_MEAN, IMAGENET_STD, load_image, parse_size, to_model_input
 
 NORMS = ("local", "global", "both")
 FORMATS = ("mp4", "webm", "gif", "png")
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``camanim`` argument parser (subcommands ``explain`` and ``layers``)."""
     parser = _Parser(prog="camanim", description="Class activation maps through every layer "
                      "of a CNN (CAManim), scored with ROAD (ybROAD).")
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"camanim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,layers,study}")
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="conv, all (default), blocks, or comma-separated layer names")
     ly.add_argument("--size", default="224", metavar="224|HxW", help="example input size (default 224)")
     ly.set_defaults(func=cmd_layers)
-    from .study import add_study_parser
+    from ..runs.study import add_study_parser
     add_study_parser(sub)
     return parser
 
@@ -423,9 +423,9 @@ def _stems(paths: Sequence[Path]) -> list[str]:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """``camanim explain``: see the module docstring."""
-    from .cam import CAManim
-    from .figures import contact_sheet, format_summary, plot_params, run_summary, write_summary
-    from .video import write_video
+    from ..core.cam import CAManim
+    from ..viz.figures import contact_sheet, format_summary, plot_params, run_summary, write_summary
+    from ..viz.video import write_video
 
     quiet = args.quiet
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
@@ -440,7 +440,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise CAManimError(f"--alpha must be within 0..1, got {args.alpha}")
     if args.hold_last < 0:
         raise CAManimError(f"--hold-last must be >= 0, got {args.hold_last}")
-    from .render import colormap_lut
+    from ..viz.render import colormap_lut
 
     colormap_lut(args.colormap)  # fail before the heavy work
     paths = [Path(p) for p in args.images]
@@ -457,7 +457,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     road_fn = None
     if args.road:
         try:
-            from .road import ybroad as road_fn
+            from ..metrics.road import ybroad as road_fn
         except ImportError:
             raise CAManimError("--road: ybROAD is not available in this installation") from None
 
@@ -537,7 +537,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_layers(args: argparse.Namespace) -> int:
     """``camanim layers``: print the layer table."""
-    from .layers import list_layers
+    from ..core.layers import list_layers
 
     size = parse_size(args.size)
     if size is None:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CAManimError
+from ..errors import CAManimError
 
 Target = Callable[[torch.Tensor], torch.Tensor]
 

@@ -16,14 +16,14 @@ touched.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from .errors import CAManimError
+from ..errors import CAManimError
+from .guard import eval_mode
 from .inputs import Target, resolve_targets, score_outputs
 from .layers import NHWC, TOKENS, LayerInfo
 
@@ -46,18 +46,6 @@ class Captured:
     gradients: list[torch.Tensor] | None
     targets: list[Target]
     target_idx: torch.Tensor | None
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode; restore every submodule's own mode after."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, t in modes:
-            m.training = t
 
 
 class Hooks:
@@ -160,7 +148,7 @@ def capture(model: nn.Module, images: torch.Tensor, layers: Sequence[LayerInfo],
             ``.grad``, hooks).
         images: ``(B, C, H, W)`` checked batch on the model's device/dtype.
         layers: selected `LayerInfo` calls (from `camanim.list_layers`).
-        targets: see `camanim.inputs.resolve_targets`.
+        targets: see `camanim.core.inputs.resolve_targets`.
         gradients: also compute d(sum of target scores)/d(each output).
 
     Returns:

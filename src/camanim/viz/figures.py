@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CAManimError
-from .maps import LayerMaps
+from ..errors import CAManimError
+from ..core.maps import LayerMaps
 from .render import colormap_lut, display_images, iter_maps, overlay, road_scores
 
 __all__ = ["percentile_layers", "contact_sheet", "plot_params", "run_summary",

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import CAManimError
+from ..errors import CAManimError
 
 # (dy, dx) of the 3x3 neighbourhood in row-major order; index 4 is the pixel.
 OFFSETS: tuple[tuple[int, int], ...] = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))

@@ -17,8 +17,8 @@ from one or many runs, and writes what a study needs::
   the best layer when masks were given, and the epoch where the best layer
   settles (the first epoch from which the best layer never changes again).
 
-The plotting helpers (`heatmap_image`, `curve_image`) are shared with the
-callback, so TensorBoard and the study show the same pictures.
+The heatmap is `camanim.viz.plots.heatmap_image`, the one the callback logs,
+so TensorBoard and the study show the same pictures.
 
 Entry points: `study` (Python), `main` (``camanim study ...``), and for the
 ``camanim`` CLI `add_study_parser` + `run_study`.
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -38,19 +37,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import CAManimError
+from ..errors import CAManimError
+from ..viz.plots import heatmap_image, save_png, trajectories_image
+from .history import CSV_COLUMNS, CSV_NAME, safe_name
 
 __all__ = ["CSV_COLUMNS", "CSV_NAME", "ProbeSeries", "read_ybroad_csv", "find_csvs",
-           "settle_epoch", "heatmap_image", "curve_image", "study", "main",
+           "settle_epoch", "study", "main",
            "add_study_parser", "run_study"]
-
-CSV_NAME = "ybroad.csv"
-#: Columns of ``ybroad.csv``, one row per (epoch, probe, layer). ``road_mean``
-#: and ``road_max`` repeat that epoch's mean and max over the probe's layers;
-#: ``road`` / ``ebpg`` are empty when not computed (no ROAD, no mask).
-CSV_COLUMNS = ("epoch", "global_step", "probe", "target", "method", "layer_index",
-               "layer_name", "road", "road_mean", "road_max", "ebpg")
-
 
 # ------------------------------------------------------------------ reading
 
@@ -232,164 +225,6 @@ TABLE_COLUMNS = ("run", "method", "probe", "layers", "epochs", "final_epoch", "f
                  "ebpg_best")
 
 
-# ------------------------------------------------------------------ plots
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)  # Agg canvas, no pyplot: no global state, no GUI, no leak
-    return fig
-
-
-def _to_rgb(fig) -> np.ndarray:
-    fig.canvas.draw()
-    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    fig.clear()
-    return rgb
-
-
-def _layer_ticks(ax, names: Sequence[str], axis: str = "y", max_labels: int = 80) -> None:
-    step = max(1, math.ceil(len(names) / max_labels))
-    idx = list(range(0, len(names), step))
-    size = 7 if len(idx) <= 60 else 6
-    labels = [f"{i}  {names[i]}" if axis == "y" else names[i] for i in idx]
-    if axis == "y":
-        ax.set_yticks(idx)
-        ax.set_yticklabels(labels, fontsize=size, family="monospace")
-    else:
-        ax.set_xticks(idx)
-        ax.set_xticklabels(labels, fontsize=size, rotation=90, family="monospace")
-
-
-def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
-                  title: str = "", mark_best: bool = True) -> np.ndarray:
-    """Epoch-by-layer ROAD heatmap as an RGB image.
-
-    Args:
-        road: ``(E, L)`` scores.
-        epochs: the E epoch numbers (columns, left to right).
-        names: the L layer names (rows, forward order top to bottom).
-        title: figure title.
-        mark_best: circle each epoch's best layer.
-
-    Returns:
-        ``(H, W, 3)`` uint8. The width grows with the number of epochs (up
-        to a cap), the height with the number of layers.
-    """
-    road = np.asarray(road, dtype=np.float64).reshape(len(epochs), len(names))
-    E, L = road.shape
-    name_w = min(3.6, 0.9 + 0.065 * max((len(n) for n in names), default=4))
-    width = name_w + 1.9 + min(12.0, 0.3 * E)   # 30 px per epoch, up to 40 epochs
-    height = 1.3 + max(2.0, 0.15 * min(L, 80))
-    fig = _figure(width, height)
-    ax = fig.add_axes((name_w / width, 0.9 / height, (width - name_w - 1.4) / width,
-                       (height - 1.3) / height))
-    finite = road[np.isfinite(road)]
-    v = float(np.abs(finite).max()) if finite.size else 1.0
-    v = v if v > 0 else 1.0
-    im = ax.imshow(road.T, aspect="auto", cmap="RdYlGn", vmin=-v, vmax=v,
-                   interpolation="nearest")
-    if mark_best:
-        for e in range(E):
-            if np.isfinite(road[e]).any():
-                ax.plot(e, int(np.nanargmax(road[e])), marker="o", markersize=5,
-                        markerfacecolor="none", markeredgecolor="black", markeredgewidth=1.2)
-    _layer_ticks(ax, names, "y")
-    step = max(1, math.ceil(E / 25))
-    ax.set_xticks(list(range(0, E, step)))
-    ax.set_xticklabels([str(epochs[i]) for i in range(0, E, step)], fontsize=7)
-    ax.set_xlabel("epoch", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    cax = fig.add_axes(((width - 1.15) / width, 0.9 / height, 0.15 / width,
-                        (height - 1.3) / height))
-    cb = fig.colorbar(im, cax=cax)
-    cb.set_label("ROAD (higher = better)", fontsize=7)
-    cb.ax.tick_params(labelsize=6)
-    return _to_rgb(fig)
-
-
-def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
-                ebpg: np.ndarray | None = None) -> np.ndarray:
-    """The ybROAD curve of one epoch (score per layer), best layer marked,
-    with the EBPG curve on a second axis when given. ``(H, W, 3)`` uint8."""
-    road = np.asarray(road, dtype=np.float64).reshape(-1)
-    L = len(names)
-    width = max(5.0, min(16.0, 1.5 + 0.16 * L))
-    height = 2.4 + min(2.4, 0.065 * max((len(n) for n in names), default=4))
-    fig = _figure(width, height)
-    bottom = (height - 2.0) / height
-    ax = fig.add_axes((0.9 / width, bottom, (width - 1.8) / width, 1.6 / height))
-    x = np.arange(L)
-    ax.plot(x, road, color="tab:blue", marker="o", markersize=3, linewidth=1.2, label="ROAD")
-    ax.axhline(0.0, color="0.6", linewidth=0.6)
-    if np.isfinite(road).any():
-        b = int(np.nanargmax(road))
-        ax.plot(b, road[b], marker="*", markersize=11, color="gold", markeredgecolor="black")
-    ax.set_ylabel("ROAD", fontsize=8, color="tab:blue")
-    ax.set_xlim(-0.5, L - 0.5)
-    ax.tick_params(labelsize=7)
-    _layer_ticks(ax, names, "x")
-    if ebpg is not None:
-        ax2 = ax.twinx()
-        ax2.plot(x, np.asarray(ebpg, dtype=np.float64).reshape(-1), color="tab:purple",
-                 linewidth=1.0, linestyle="--", label="EBPG")
-        ax2.set_ylim(0, 1)
-        ax2.set_ylabel("EBPG", fontsize=8, color="tab:purple")
-        ax2.tick_params(labelsize=7)
-    ax.set_title(title, fontsize=9)
-    return _to_rgb(fig)
-
-
-def trajectories_image(series: Sequence[ProbeSeries]) -> np.ndarray:
-    """Best layer per epoch, one line per series (relative depth 0..1 when
-    the series have different layer counts)."""
-    counts = {len(s.names) for s in series}
-    relative = len(counts) > 1
-    fig = _figure(8.0, 4.6)
-    ax = fig.add_axes((0.09, 0.12, 0.62, 0.8))
-    n = len(series)
-    for k, s in enumerate(series):
-        best = s.best_layers().astype(np.float64)
-        best[best < 0] = np.nan
-        y = best / max(len(s.names) - 1, 1) if relative else best
-        # a small offset per line so that equal trajectories stay visible
-        y = y + (k - (n - 1) / 2) * (0.012 if relative else 0.06) * (n > 1)
-        ax.plot(s.epochs, y, marker="o", markersize=3, linewidth=1.2,
-                drawstyle="steps-post", label=f"{s.run} · {s.method} · {s.probe}")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch", fontsize=8)
-    ax.set_ylabel("best layer (relative depth)" if relative else "best layer index",
-                  fontsize=8)
-    if not relative and series:
-        names = series[0].names
-        if len(names) <= 40:
-            ax.set_yticks(range(len(names)))
-            ax.set_yticklabels(names, fontsize=6, family="monospace")
-    ax.tick_params(labelsize=7)
-    ax.set_title("best ybROAD layer per epoch", fontsize=9)
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _to_rgb(fig)
-
-
-def _save_png(path: Path, rgb: np.ndarray) -> Path:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(rgb).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
-
-
-def safe_name(s: str) -> str:
-    """A file-name- and tag-safe version of ``s``."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s)).strip("_") or "x"
-
-
 # ------------------------------------------------------------------ study
 
 def _fmt(v) -> str:
@@ -459,10 +294,10 @@ def study(run_dirs: Sequence[str | Path], out: str | Path = "camanim_study",
         for s in all_series:
             tag = safe_name(s.run.replace("/", "__"))
             meth = f"_{safe_name(s.method)}" if len(methods) > 1 else ""
-            _save_png(out / f"heatmap_{tag}{meth}_{safe_name(s.probe)}.png",
+            save_png(out / f"heatmap_{tag}{meth}_{safe_name(s.probe)}.png",
                       heatmap_image(s.road, s.epochs, s.names,
                                     title=f"{s.run} · {s.method} · {s.probe}: ybROAD"))
-        _save_png(out / "best_layer.png", trajectories_image(all_series))
+        save_png(out / "best_layer.png", trajectories_image(all_series))
     if verbose:
         print(format_table(rows))
         print(f"\nwrote {out / 'study.csv'}" + (" and plots" if plots else ""))

@@ -10,11 +10,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import capture, eval_mode
-from .errors import CAManimError
+from ..errors import CAManimError
 from .inputs import check_images
 from .layers import LayerInfo, LayerTable, Selector, discover, select
 from .maps import LayerMaps
-from .methods import LayerContext, Method, get_method
+from ..methods import LayerContext, Method, get_method
 
 
 class CAManim:

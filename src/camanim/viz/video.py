@@ -23,8 +23,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import CAManimError
-from .maps import LayerMaps
+from ..errors import CAManimError
+from ..core.maps import LayerMaps
 from .render import FrameRenderer
 
 __all__ = ["write_video", "write_frames", "encode_gif", "iter_video", "video_format",

@@ -12,7 +12,7 @@ those of ``pytorch_grad_cam.metrics.road.ROADCombined``:
 
 Doing this for every layer of a CAManim run gives the "yellow brick ROAD"
 (CAManim paper, Eq. 5). Here every mask of every layer is imputed in large
-batches (`camanim.imputation`), the clean images go through the model once,
+batches (`camanim.metrics.imputation`), the clean images go through the model once,
 and all perturbed images go through it in large batches.
 """
 
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CAManimError
+from ..errors import CAManimError
 from .imputation import add_noise, impute
-from .inputs import Target, check_images, resolve_targets, score_outputs
-from .maps import LayerMaps
+from ..core.inputs import Target, check_images, resolve_targets, score_outputs
+from ..core.maps import LayerMaps
 
 SCORES = ("softmax", "logit")
 DEFAULT_PERCENTILES = (20, 40, 60, 80)

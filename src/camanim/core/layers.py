@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CAManimError
+from ..errors import CAManimError
 
 # Output layouts.
 NCHW = "nchw"        # spatial map, channels first

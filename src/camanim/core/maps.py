@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import CAManimError
+from ..errors import CAManimError
 from .layers import LayerInfo
 
 NORMALIZATIONS = ("local", "global", "none")

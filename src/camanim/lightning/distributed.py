@@ -1,0 +1,58 @@
+"""Sharing the callback's ROAD work across distributed ranks.
+
+Every rank scores an interleaved share of the layers (``rank, rank + world,
+...``: neighbouring layers cost about the same, so the shares are even);
+the shares are gathered on every rank through ``torch.distributed``'s object
+collective (the process group Lightning's strategy set up) and merged into
+the same ``(L, B)`` array a single process computes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["layer_share", "merge_shares", "gather_objects", "check_strategy"]
+
+Share = tuple[list[int], "np.ndarray | None"]   # (layer indices, (l, B) scores)
+
+
+def layer_share(n_layers: int, rank: int, world: int) -> list[int]:
+    """The layer indices one rank scores."""
+    return list(range(rank, n_layers, max(1, world)))
+
+
+def merge_shares(shares: Sequence[Share | None]) -> np.ndarray | None:
+    """``(L, B)`` scores from every rank's ``(indices, (l, B) scores)``."""
+    parts = [(idx, s) for sh in shares if sh is not None for idx, s in [sh] if s is not None]
+    if not parts:
+        return None
+    n = max(max(idx) for idx, _ in parts) + 1
+    out = np.full((n, parts[0][1].shape[1]), np.nan)
+    for idx, s in parts:
+        out[idx] = s
+    return out
+
+
+def gather_objects(trainer: Any, obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (every rank gets the list)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def check_strategy(trainer: Any) -> None:
+    """Sharded strategies hold a slice of each parameter per rank: the
+    one-pass capture needs the whole model on every rank."""
+    from ..errors import CAManimError
+
+    name = type(getattr(trainer, "strategy", None)).__name__
+    if "FSDP" in name or "DeepSpeed" in name:
+        raise CAManimError(f"CAManimCallback does not support the sharded strategy {name}: "
+                           "its hooks need the whole model on every rank. Use DDP, or run "
+                           "`camanim explain` on a checkpoint after training")

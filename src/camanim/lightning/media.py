@@ -1,0 +1,317 @@
+"""The callback's media work, off the training thread.
+
+Once an epoch's maps and scores are on the CPU, everything that turns them
+into pictures (frame rendering, GIF and MP4 encoding, heatmaps and curves,
+TensorBoard image writes) runs on background threads while training goes on.
+
+`MediaQueue` keeps the epochs in order and bounded: at most ``max_pending``
+epochs are in flight; a new one waits (the training thread blocks) until
+the oldest is done, so memory stays bounded. Errors of a background job are
+kept with their epoch and handed back by `MediaQueue.errors` at the next
+callback epoch or at `MediaQueue.drain`, never lost.
+
+Worker threads set their own intra-op thread count to 1 once (OpenMP's
+thread count is per thread), so the training thread's setting is never
+touched and none of them uses a random stream.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..core.maps import LayerMaps
+from ..errors import CAManimError
+
+__all__ = ["MediaQueue", "EpochMedia", "write_epoch_media", "tensorboard_logger", "add_gif",
+           "events_bytes", "output_dir"]
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+class MediaQueue:
+    """Ordered, bounded background execution of per-epoch media jobs.
+
+    Args:
+        workers: threads for the parallel parts of one epoch (one video job
+            per probe and normalization, the plots).
+        max_pending: epochs whose media may be in flight while training goes
+            on; ``0`` runs every job on the calling thread (synchronous).
+    """
+
+    def __init__(self, workers: int = 2, max_pending: int = 1) -> None:
+        self.workers = int(workers)
+        self.max_pending = int(max_pending)
+        self._epoch_pool: ThreadPoolExecutor | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[tuple[int, Future]] = deque()
+        self._errors: list[tuple[int, BaseException]] = []
+        self._lock = threading.Lock()
+        #: seconds the training thread waited in `submit` / `drain`, and
+        #: seconds the background jobs ran, since the last `take_timing`
+        self.waited_s = 0.0
+        self.background_s = 0.0
+
+    # ---------------------------------------------------------------- pools
+    def pool(self) -> ThreadPoolExecutor:
+        """The worker pool for the parallel parts of an epoch's job."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.workers,
+                                            thread_name_prefix="camanim-media",
+                                            initializer=_one_thread)
+        return self._pool
+
+    def _epochs(self) -> ThreadPoolExecutor:
+        if self._epoch_pool is None:
+            self._epoch_pool = ThreadPoolExecutor(max_workers=1,
+                                                  thread_name_prefix="camanim-epoch",
+                                                  initializer=_one_thread)
+        return self._epoch_pool
+
+    # ---------------------------------------------------------------- jobs
+    def submit(self, epoch: int, job: Callable[[], None]) -> None:
+        """Run ``job`` (one epoch's media) after the jobs submitted before it.
+
+        Blocks while ``max_pending`` epochs are already in flight.
+        """
+        if self.max_pending <= 0:
+            self._run(epoch, job)
+            return
+        self._reap()
+        t = time.perf_counter()
+        while len(self._pending) >= self.max_pending:
+            e, fut = self._pending.popleft()
+            fut.exception()  # wait; the error itself was recorded by _run
+        self.waited_s += time.perf_counter() - t
+        self._pending.append((epoch, self._epochs().submit(self._run, epoch, job)))
+
+    def _run(self, epoch: int, job: Callable[[], None]) -> None:
+        t = time.perf_counter()
+        try:
+            job()
+        except BaseException as e:  # noqa: BLE001 - handed back by errors()
+            with self._lock:
+                self._errors.append((epoch, e))
+        finally:
+            with self._lock:
+                self.background_s += time.perf_counter() - t
+
+    def _reap(self) -> None:
+        while self._pending and self._pending[0][1].done():
+            self._pending.popleft()
+
+    @property
+    def in_flight(self) -> int:
+        """Epochs submitted and not finished yet."""
+        self._reap()
+        return len(self._pending)
+
+    def errors(self) -> list[tuple[int, BaseException]]:
+        """The ``(epoch, exception)`` of every failed job so far (taken: each
+        error is handed back once)."""
+        with self._lock:
+            out, self._errors = self._errors, []
+        return out
+
+    def drain(self) -> None:
+        """Wait for every submitted job (fit end, teardown, exceptions)."""
+        t = time.perf_counter()
+        while self._pending:
+            _, fut = self._pending.popleft()
+            fut.exception()
+        self.waited_s += time.perf_counter() - t
+
+    def take_timing(self) -> tuple[float, float]:
+        """``(waited_s, background_s)`` since the last call, reset."""
+        with self._lock:
+            out = (self.waited_s, self.background_s)
+            self.waited_s = self.background_s = 0.0
+        return out
+
+    def close(self) -> None:
+        """Drain, then stop the threads."""
+        self.drain()
+        for attr in ("_epoch_pool", "_pool"):
+            pool = getattr(self, attr)
+            if pool is not None:
+                pool.shutdown(wait=True)
+                setattr(self, attr, None)
+
+
+# -------------------------------------------------------------- TensorBoard
+
+def tensorboard_logger(trainer: Any) -> Any:
+    """The first ``TensorBoardLogger`` among ``trainer.loggers``, or None."""
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+    except ImportError:  # pragma: no cover
+        from pytorch_lightning.loggers import TensorBoardLogger  # type: ignore[no-redef]
+    for lg in getattr(trainer, "loggers", []) or []:
+        if isinstance(lg, TensorBoardLogger):
+            return lg
+    return None
+
+
+def output_dir(save_dir: Path | None, trainer: Any) -> Path:
+    """The folder for files: ``save_dir``, else the TensorBoard logger's
+    ``log_dir``, else ``<default_root_dir>/camanim``; created and checked
+    to be writable now (before a long epoch, not after it)."""
+    if save_dir is not None:
+        d = Path(save_dir)
+    else:
+        tb = tensorboard_logger(trainer)
+        d = Path(tb.log_dir) if tb is not None else Path(trainer.default_root_dir) / "camanim"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".camanim-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CAManimError(f"CAManimCallback: cannot write to the output folder {d} "
+                           f"({e.strerror or e}); pass save_dir= a writable folder") from None
+    return d
+
+
+def add_gif(writer: Any, tag: str, data: bytes, hw: tuple[int, int], step: int) -> None:
+    """An encoded animated GIF as a TensorBoard image summary (no moviepy:
+    ``add_video`` needs it and silently logs nothing with moviepy 2)."""
+    if type(writer).__module__.startswith("tensorboardX"):  # pragma: no cover
+        from tensorboardX.proto.summary_pb2 import Summary
+    else:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+    summary = Summary(value=[Summary.Value(tag=tag, image=Summary.Image(
+        height=int(hw[0]), width=int(hw[1]), colorspace=3, encoded_image_string=data))])
+    writer._get_file_writer().add_summary(summary, step)
+
+
+def events_bytes(log_dir: str | Path) -> int:
+    """Total size of the TensorBoard event files under ``log_dir``."""
+    return sum(p.stat().st_size for p in Path(log_dir).rglob("events.out.tfevents.*"))
+
+
+# -------------------------------------------------------------- one epoch
+
+@dataclass
+class EpochMedia:
+    """Everything one epoch's pictures need, on the CPU (made on the
+    training thread, consumed by `write_epoch_media` in the background)."""
+
+    epoch: int
+    step: int
+    images: torch.Tensor                  # (B, C, H, W) probe images, CPU
+    maps: LayerMaps                       # on the CPU
+    probes: list[str]
+    out_dir: Path
+    method: str
+    road: np.ndarray | None = None        # (L, B)
+    ebpg: dict[str, np.ndarray] = field(default_factory=dict)   # probe -> (L,), masked probes
+    #: per probe: (epochs, layer names, (E, L) ROAD so far), for the heatmap
+    history: dict[str, tuple[list[int], list[str], np.ndarray]] = field(default_factory=dict)
+    writer: Any = None                    # TensorBoard SummaryWriter or None
+    normalization: tuple[str, ...] = ("local", "global")
+    log_videos: bool = True
+    save_videos: bool = True
+    save_maps: bool = False
+    fps: float = 8.0
+    render: dict = field(default_factory=dict)   # mean, std, size, class_names
+    tb_size: int | None = 160             # long side of a TensorBoard GIF panel
+    timing: dict = field(default_factory=dict)
+
+
+def tensorboard_norms(norms: Sequence[str]) -> list[str]:
+    """The GIFs logged per probe: local and global become one side-by-side
+    ``"both"`` GIF (half the images, one tag to compare them)."""
+    out = [n for n in norms if n not in ("local", "global")]
+    if "local" in norms and "global" in norms:
+        out.insert(0, "both")
+    else:
+        out[:0] = [n for n in norms if n in ("local", "global")]
+    return list(dict.fromkeys(out))
+
+
+def gif_tag(probe: str, norm: str) -> str:
+    return f"camanim/{probe}/" + ("local_global" if norm == "both" else norm)
+
+
+def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> None:
+    """Render, encode and write one epoch's pictures.
+
+    TensorBoard: one GIF per probe (local | global side by side, small
+    panels), ``ybroad/<probe>/heatmap`` and ``ybroad/<probe>/curve``.
+    Files: full-size MP4s per normalization, ``heatmaps/<probe>.png`` and
+    ``maps/epochNNN.npz``. Independent parts run on ``pool``; the first
+    error is raised after every part has finished.
+    """
+    from ..viz.plots import curve_image, heatmap_image, save_png
+    from ..viz.render import render_frames
+    from ..viz.video import encode_gif, write_frames
+
+    t0 = time.perf_counter()
+    jobs: list[Callable[[], None]] = []
+    tb = m.writer if m.log_videos else None
+
+    def video(b: int, probe: str, norm: str, size: Any, to_tb: bool, to_file: bool) -> None:
+        frames = list(render_frames(m.images, m.maps, normalization=norm, road=m.road,
+                                    index=b, title=f"epoch {m.epoch}",
+                                    **{**m.render, "size": size}))
+        if to_tb:
+            add_gif(tb, gif_tag(probe, norm), encode_gif(frames, m.fps), frames[0].shape[:2],
+                    m.step)
+        if to_file:
+            write_frames(m.out_dir / "videos" / f"{probe}_epoch{m.epoch:03d}_{norm}.mp4",
+                         frames, fps=m.fps)
+
+    for b, probe in enumerate(m.probes):
+        if tb is not None:
+            for norm in tensorboard_norms(m.normalization):
+                jobs.append(lambda b=b, p=probe, n=norm: video(b, p, n, m.tb_size, True, False))
+        if m.save_videos:
+            for norm in m.normalization:
+                jobs.append(lambda b=b, p=probe, n=norm: video(b, p, n, m.render.get("size"),
+                                                                False, True))
+
+    def plots() -> None:
+        for b, probe in enumerate(m.probes):
+            if probe not in m.history:
+                continue
+            epochs, names, mat = m.history[probe]
+            img = heatmap_image(mat, epochs, names, title=f"{probe}: ybROAD by epoch ({m.method})")
+            save_png(m.out_dir / "heatmaps" / f"{probe}.png", img)
+            if m.writer is not None:
+                m.writer.add_image(f"ybroad/{probe}/heatmap", img, m.step, dataformats="HWC")
+                eb = m.ebpg.get(probe)
+                curve = curve_image(m.road[:, b], list(m.maps.names), ebpg=eb,
+                                    title=f"{probe}: ybROAD, epoch {m.epoch}")
+                m.writer.add_image(f"ybroad/{probe}/curve", curve, m.step, dataformats="HWC")
+
+    if m.road is not None:
+        jobs.append(plots)
+    if m.save_maps:
+        jobs.append(lambda: m.maps.save(m.out_dir / "maps" / f"epoch{m.epoch:03d}.npz"))
+    errors: list[BaseException] = []
+    if pool is None:
+        for job in jobs:
+            try:
+                job()
+            except Exception as e:  # noqa: BLE001 - first one raised below
+                errors.append(e)
+    else:
+        for fut in [pool.submit(job) for job in jobs]:
+            if fut.exception() is not None:
+                errors.append(fut.exception())
+    if m.writer is not None:
+        m.writer.flush()
+    m.timing["media"] = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
