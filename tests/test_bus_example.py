@@ -182,7 +182,7 @@ def test_smoke_end_to_end(tmp_path, capsys, one_thread):
         acc.Reload()
         tags |= set(acc.Tags()["scalars"]) | set(acc.Tags()["images"])
     assert {"train_loss_epoch", "train_acc", "val_acc", "val_auroc", "val_loss"} <= tags
-    assert any(t.startswith("camanim/malignant_") and t.endswith("/local") for t in tags)
+    assert any(t.startswith("camanim/malignant_") and t.endswith("/local_global") for t in tags)
     assert any(t.startswith("ybroad/") and t.endswith("/mean") for t in tags)
 
     # --split-file (and another seed): exactly that split

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from camanim import render as render_mod
+from camanim.viz import render as render_mod
 from camanim.errors import CAManimError
 from camanim.viz.render import FrameRenderer, render_frames
 from camanim.viz.video import encode_gif, iter_video, video_format, write_frames, write_video

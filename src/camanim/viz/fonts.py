@@ -8,7 +8,7 @@ from typing import Any
 
 from PIL import ImageFont
 
-__all__ = ["sans_font", "mono_font"]
+__all__ = ["sans_font", "mono_font", "fit_text"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -33,3 +33,18 @@ def sans_font(size: int) -> Any:
 def mono_font(size: int) -> Any:
     """DejaVu Sans Mono at ``size`` px (layer-name columns line up)."""
     return _truetype("DejaVuSansMono.ttf", int(size))
+
+
+def fit_text(text: str, font: Any, width: float, tail: bool = False) -> str:
+    """``text``, cut in the middle (layer names: both ends matter) or at the
+    end (``tail=True``) with an ellipsis to fit ``width`` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    keep = len(text)
+    while keep > 4:
+        keep -= 1
+        head = keep if tail else (keep + 1) // 2
+        cand = text[:head] + "…" + text[len(text) - (keep - head):]
+        if font.getlength(cand) <= width:
+            return cand
+    return text[:4]

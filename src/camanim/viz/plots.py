@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .fonts import mono_font
+from .fonts import fit_text, mono_font
 from .render import colormap_lut
 
 __all__ = ["heatmap_image", "curve_image", "trajectories_image", "save_png"]
@@ -74,8 +74,8 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
 
     road = np.asarray(road, dtype=np.float64).reshape(len(epochs), len(names))
     E, L = road.shape
-    cw = 14 if E <= 40 else max(2, 560 // E)
-    rh = max(12, min(24, 240 // max(L, 1))) if L <= 80 else max(3, 960 // L)
+    cw = 24 if E <= 20 else 14 if E <= 40 else max(2, 560 // E)
+    rh = max(12, min(32, 320 // max(L, 1))) if L <= 80 else max(3, 960 // L)
     fs = 10
     strip = _label_strip(names, rh, fs, rotate=False)
     top, bottom, gap = 24, 34, 4
@@ -112,7 +112,7 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
     d.text((x0 + pw / 2, top + ph + 18), "epoch", font=font, fill=_INK, anchor="ma")
     for val, y in ((v, top), (0.0, top + ph / 2), (-v, top + ph)):
         d.text((bx + 13, y), f"{val:+.2g}", font=font, fill=_INK, anchor="lm")
-    d.text((4, 6), title, font=mono_font(11), fill=_INK)
+    d.text((4, 6), fit_text(title, mono_font(11), im.width - 8), font=mono_font(11), fill=_INK)
     return np.asarray(im)
 
 
@@ -176,7 +176,7 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
         b = int(np.nanargmax(road))
         x, y = x_of(b), y_of(float(road[b]))
         d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=(245, 197, 24), outline=(0, 0, 0))
-    d.text((4, 6), title, font=mono_font(11), fill=_INK)
+    d.text((4, 6), fit_text(title, mono_font(11), im.width - 8), font=mono_font(11), fill=_INK)
     return np.asarray(im)
 
 

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 
 from ..errors import CAManimError
 from ..core.guard import one_torch_thread
-from .fonts import sans_font
+from .fonts import fit_text, sans_font
 from ..core.images import IMAGENET_MEAN, IMAGENET_STD
 from ..core.layers import LayerInfo
 from ..core.maps import NORMALIZATIONS, LayerMaps
@@ -212,21 +212,6 @@ def road_scores(road: Any, n_layers: int, batch: int) -> np.ndarray | None:
                            f"{n_layers} layers and {batch} images: pass scores of shape "
                            f"({n_layers}, {batch}) computed on these maps")
     return scores
-
-
-def _fit(text: str, font: Any, width: float, tail: bool = False) -> str:
-    """``text``, cut in the middle (layer names: both ends matter) or at the
-    end (``tail=True``) with an ellipsis to fit ``width`` pixels."""
-    if font.getlength(text) <= width:
-        return text
-    keep = len(text)
-    while keep > 4:
-        keep -= 1
-        head = keep if tail else (keep + 1) // 2
-        cand = text[:head] + "…" + text[len(text) - (keep - head):]
-        if font.getlength(cand) <= width:
-            return cand
-    return text[:4]
 
 
 def _human(n: int) -> str:
@@ -461,7 +446,7 @@ class FrameRenderer:
                     label = norm if len(imgs) == 1 else f"#{b} {norm}"
                     if len(imgs) > 1 and k == 0 and self._target_text(b):
                         label += f" · {self._target_text(b)}"
-                    d.text((x + 4, y - lay.header + 2), _fit(label, self.font, lay.pw - 8),
+                    d.text((x + 4, y - lay.header + 2), fit_text(label, self.font, lay.pw - 8),
                            font=self.font, fill=_DIM)
         series = self._score_series(imgs)
         if series is not None:
@@ -482,7 +467,7 @@ class FrameRenderer:
         norm = self.norms[0] if len(self.norms) == 1 else ""  # else the panels are labelled
         bits += [b for b in (self.maps.method, norm, self.title) if b]
         d.text((self._pad, lay.grid_h + self._row_y(2)),
-               _fit(" · ".join(bits), self.font, self._text_width(imgs), tail=True),
+               fit_text(" · ".join(bits), self.font, self._text_width(imgs), tail=True),
                font=self.font, fill=_DIM)
         strip_y = lay.grid_h + lay.band
         d.rectangle([0, strip_y, lay.width, lay.height], fill=(55, 55, 55))
@@ -524,18 +509,18 @@ class FrameRenderer:
         im = Image.fromarray(band)
         d = ImageDraw.Draw(im)
         pad, text_w = self._pad, self._text_width(imgs)
-        d.text((pad, self._row_y(0)), _fit(f"{i + 1}/{len(self.maps)}  {self.maps.names[i]}",
+        d.text((pad, self._row_y(0)), fit_text(f"{i + 1}/{len(self.maps)}  {self.maps.names[i]}",
                                            self.font_big, lay.width - 2 * pad),
                font=self.font_big, fill=_FG)
         d.text((pad, self._row_y(1)),
-               _fit(f"{info.type} · {shape_text(info)} · {_human(info.params_total)} params",
+               fit_text(f"{info.type} · {shape_text(info)} · {_human(info.params_total)} params",
                     self.font, lay.width - 2 * pad), font=self.font, fill=_FG)
         series = self._score_series(imgs)
         if series is not None:
             v = series[i]
             label = "ROAD" if len(imgs) == 1 else f"ROAD (mean of {len(imgs)})"
             val = f"{v:+.3f}" if np.isfinite(v) else "n/a"
-            d.text((pad, self._row_y(3)), _fit(f"{label} {val}", self.font, text_w),
+            d.text((pad, self._row_y(3)), fit_text(f"{label} {val}", self.font, text_w),
                    font=self.font, fill=_ACCENT)
             if np.isfinite(v):
                 lo, hi = self._score_range(series)
