@@ -170,6 +170,19 @@ def run_isolated(name: str, size: int, timeout: float) -> dict:
     return res
 
 
+SHORT = (("spatial output: no spatial extent", "1x1"), ("vector output", "vector"),
+         ("token sequence", "tokens"), ("layout cannot be told", "layout?"),
+         ("not a single tensor", "non-tensor"))
+
+
+def short_reasons(r: dict) -> str:
+    """``"1x1 45, vector 1"``: the skip reasons of one model, abbreviated."""
+    out: Counter = Counter()
+    for k, v in r.get("skip_reasons", {}).items():
+        out[next((s for pat, s in SHORT if pat in k), k[:40])] += v
+    return ", ".join(f"{k} {v}" for k, v in out.most_common())
+
+
 def markdown(result: dict) -> str:
     meta = result["meta"]
     rows = result["models"]
@@ -182,10 +195,11 @@ def markdown(result: dict) -> str:
         f"{meta['threads']} CPU thread, {meta['machine']}. "
         + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ".",
         "Seconds: the CAManim call (layer discovery, one forward and backward, every map). "
-        "Skipped: layers `\"all\"` matched that have no drawable map, by reason.",
+        "Skipped: layers `\"all\"` matched that have no drawable map, by reason "
+        "(abbreviated; the reasons in full are in the second table).",
         "",
-        "| model | px | params (M) | drawn | skipped | seconds | result |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| model | px | params (M) | drawn | skipped | skipped by reason | seconds | result |",
+        "|---|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in rows:
         if r["status"] == "ok":
@@ -201,7 +215,8 @@ def markdown(result: dict) -> str:
         res = res.replace("|", "\\|")
         sk = r.get("skipped", "")
         lines.append(f"| {r['model']} | {r.get('size', '')} | {r.get('params_m', '')} | "
-                     f"{r.get('drawn', '')} | {sk} | {r.get('seconds', '')} | {res} |")
+                     f"{r.get('drawn', '')} | {sk} | {short_reasons(r)} | {r.get('seconds', '')} | "
+                     f"{res} |")
     reasons: Counter = Counter()
     models_per_reason: dict[str, set] = {}
     for r in rows:
@@ -210,9 +225,11 @@ def markdown(result: dict) -> str:
             models_per_reason.setdefault(k, set()).add(r["model"])
     if reasons:
         lines += ["", "Skip reasons over the zoo (N: a number):", "",
-                  "| reason | layers | models |", "|---|---:|---:|"]
+                  "| short | reason | layers | models |", "|---|---|---:|---:|"]
         for k, v in reasons.most_common():
-            lines.append(f"| {k.replace('|', chr(92) + '|')} | {v} | {len(models_per_reason[k])} |")
+            short = next((s for pat, s in SHORT if pat in k), "")
+            lines.append(f"| {short} | {k.replace('|', chr(92) + '|')} | {v} | "
+                         f"{len(models_per_reason[k])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -225,7 +242,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     ap.add_argument("--markdown", type=Path, help="write a markdown table here")
     ap.add_argument("--quiet", action="store_true", help="no per-model progress on stderr")
+    ap.add_argument("--render", type=Path, metavar="JSON",
+                    help="only write --markdown from a JSON file this script wrote")
     args = ap.parse_args()
+    if args.render:
+        if not args.markdown:
+            ap.error("--render needs --markdown")
+        args.markdown.write_text(markdown(json.loads(args.render.read_text())))
+        return
     torch.set_num_threads(1)
     zoo = torchvision.models.list_models(module=torchvision.models)
     names = args.models or zoo
