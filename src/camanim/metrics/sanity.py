@@ -67,7 +67,6 @@ from torch import nn
 from ..cam import CAManim
 from ..capture import eval_mode
 from ..errors import CAManimError
-from ..maps import LayerMaps
 from .convergence import spearman
 
 METRICS = ("spearman", "ssim", "hog")
@@ -199,7 +198,8 @@ class SanityReport:
                    f"passed: {len(self.flagged_layers)} of {len(self.layers)} layers flagged")
         top = [f"sanity check ({self.method}): cascading randomization of {len(self.blocks)} "
                f"blocks, top first: {', '.join(self.blocks)}",
-               f"flag: mean Spearman after full randomization > {self.threshold:g}",
+               f"flag: mean Spearman after full randomization > {self.threshold:g}; nan: the map "
+               "is constant (e.g. all zero) in every image, no pixel ordering to compare",
                f"{verdict}"]
         return "\n".join(top + [""] + lines)
 
@@ -239,7 +239,10 @@ class SanityReport:
         fig.suptitle(title or f"Model randomization sanity check: {self.method} ({verdict}; "
                      f"red = layer flagged, Spearman > {self.threshold:g} after all blocks)",
                      fontsize=10)
-        fig.tight_layout()
+        fig.text(0.5, 0.005, "image mean of the similarity to the trained model's map after "
+                 "randomizing blocks 1..k; white: undefined (a constant map)",
+                 ha="center", va="bottom", fontsize=8)
+        fig.tight_layout(rect=(0, 0.02, 1, 1))
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
@@ -499,12 +502,11 @@ def sanity_check(model: nn.Module, images: torch.Tensor, method: Any = "gradcam"
                            f"failed: {type(e).__name__}: {e}. Pass a copyable model (e.g. "
                            "rebuild it and load its state_dict)") from None
 
-    def run(m: nn.Module, tgt: Any) -> LayerMaps:
-        return CAManim(m, method=method, layers=layers, reshape_transform=reshape_transform,
-                       max_layers=max_layers, batch_size=batch_size, seed=int(seed),
-                       progress=False, **options)(images, tgt)
-
-    orig = run(work, targets)
+    # one engine for every step: the copy's weights change in place, its layers do not
+    anim = CAManim(work, method=method, layers=layers, reshape_transform=reshape_transform,
+                   max_layers=max_layers, batch_size=batch_size, seed=int(seed),
+                   progress=False, **options)
+    orig = anim(images, targets)
     keep_targets = targets if orig.targets is None else orig.targets
     ref = orig.upsample("local")                                 # (L, B, H, W)
     n_layers, b = ref.shape[:2]
@@ -519,7 +521,7 @@ def sanity_check(model: nn.Module, images: torch.Tensor, method: Any = "gradcam"
     sims = {m: np.full((len(plan), n_layers, b), np.nan) for m in METRICS}
     for k, (_, modules) in enumerate(tqdm(plan, desc="sanity", unit="block", disable=not progress)):
         _randomize(modules, gen, done)
-        maps = run(work, keep_targets)
+        maps = anim(images, keep_targets)
         if maps.names != orig.names:
             raise CAManimError("the randomized model selected other layers than the original "
                                f"({len(maps.names)} vs {len(orig.names)}); pass layers as a list "
