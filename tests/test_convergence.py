@@ -15,8 +15,8 @@ from helpers import TinyCNN
 
 from camanim import CAManim, CAManimError
 from camanim.metrics.convergence import (CHANCE_NAMES, average_ranks, chance_maps, chance_road,
-                                         kendall_tau, map_change, settle_epochs, share_below,
-                                         spearman)
+                                         kendall_tau, map_change, rank_change, rank_maps,
+                                         settle_epochs, share_below, spearman)
 from camanim.road import ybroad
 
 
@@ -57,6 +57,16 @@ def test_spearman_and_ranks_equal_scipy_with_ties():
     np.testing.assert_allclose(average_ranks(a).numpy(), ss.rankdata(a.numpy(), axis=1), atol=1e-12)
     ref = [ss.spearmanr(a[i].numpy(), b[i].numpy()).statistic for i in range(5)]
     np.testing.assert_allclose(spearman(a, b).numpy(), ref, atol=1e-12)
+
+
+def test_ranks_kept_between_epochs_give_the_same_change():
+    a, b = _maps(8), _maps(9)
+    ra, rb = rank_maps(a), rank_maps(b)
+    assert ra.shape == (3, 2, 24 * 28) and ra.dtype == torch.float32
+    np.testing.assert_array_equal(ra[1, 0].numpy(), ss.rankdata(a[1, 0].numpy().ravel()))
+    np.testing.assert_allclose(rank_change(ra, rb), map_change(a, b), atol=1e-12)
+    with pytest.raises(CAManimError, match="same shape"):
+        rank_change(ra, rb[:2])
 
 
 def test_constant_map_gives_nan():

@@ -105,6 +105,44 @@ def _as_maps(x: Any, what: str) -> torch.Tensor:
     return x.detach()
 
 
+def rank_maps(maps: Any) -> torch.Tensor:
+    """Average ranks of every map's pixels, to keep for the next epoch.
+
+    `map_change` ranks both epochs' maps; a caller comparing each epoch
+    with the previous one can rank every epoch once with this and compare
+    with `rank_change`.
+
+    Args:
+        maps: ``(L, B, H, W)`` upsampled maps (tensor, array or `LayerMaps`).
+
+    Returns:
+        ``(L, B, H * W)`` float32 ranks (exact: ranks and half ranks up to
+        2^23 pixels are whole float32 numbers).
+    """
+    m = _as_maps(maps, "maps")
+    n_layers, b = m.shape[:2]
+    if m.shape[2] * m.shape[3] > 2 ** 23:
+        raise CAManimError(f"maps of {m.shape[2]}x{m.shape[3]} pixels are too large to rank in "
+                           "float32; downsample them first")
+    out = torch.empty((n_layers, b, m.shape[2] * m.shape[3]), dtype=torch.float32, device=m.device)
+    for i in range(n_layers):                       # one layer at a time: memory stays flat
+        out[i] = average_ranks(m[i].reshape(b, -1)).float()
+    return out
+
+
+def rank_change(prev_ranks: torch.Tensor, cur_ranks: torch.Tensor) -> np.ndarray:
+    """``1 - Spearman`` from two `rank_maps` results: ``(L, B)`` float64."""
+    if not isinstance(prev_ranks, torch.Tensor) or not isinstance(cur_ranks, torch.Tensor) \
+            or prev_ranks.dim() != 3 or prev_ranks.shape != cur_ranks.shape:
+        raise CAManimError("prev_ranks and cur_ranks must be (L, B, H*W) tensors of the same shape "
+                           "from rank_maps: compare the same layers, images and input size")
+    out = np.empty(tuple(prev_ranks.shape[:2]), dtype=np.float64)
+    for i in range(prev_ranks.shape[0]):
+        r = _pearson_rows(prev_ranks[i].double(), cur_ranks[i].to(prev_ranks.device).double())
+        out[i] = (1.0 - r).cpu().numpy()
+    return out
+
+
 def map_change(prev: Any, cur: Any) -> np.ndarray:
     """How much every layer's map changed: ``1 - Spearman``.
 
@@ -124,12 +162,7 @@ def map_change(prev: Any, cur: Any) -> np.ndarray:
         raise CAManimError(f"prev and cur must have the same shape (L, B, H, W), got "
                            f"{tuple(p.shape)} and {tuple(c.shape)}: compare the same layers, "
                            "images and input size")
-    n_layers, b = p.shape[:2]
-    out = np.empty((n_layers, b), dtype=np.float64)
-    for i in range(n_layers):                       # one layer at a time: memory stays flat
-        cp = c[i].to(p.device)
-        out[i] = (1.0 - spearman(p[i].reshape(b, -1), cp.reshape(b, -1))).cpu().numpy()
-    return out
+    return rank_change(rank_maps(p), rank_maps(c))
 
 
 # ------------------------------------------------------------ settle epoch
@@ -327,4 +360,4 @@ def chance_road(model: torch.nn.Module, images: torch.Tensor, targets: Any = Non
 
 
 __all__ = ["CHANCE_NAMES", "DEFAULT_SETTLE_THRESHOLD", "average_ranks", "chance_maps", "chance_road",
-           "kendall_tau", "map_change", "settle_epochs", "share_below", "spearman"]
+           "kendall_tau", "map_change", "rank_change", "rank_maps", "settle_epochs", "share_below", "spearman"]
