@@ -1,0 +1,165 @@
+"""The ``camanim sanity`` subcommand: the model-parameter randomization
+check (`camanim.metrics.sanity.sanity_check`) from the command line.
+
+``camanim sanity IMAGE... --model NAME [--method M] [--blocks children]``
+writes ``sanity.txt`` (the table, also printed), ``sanity.json``,
+``sanity.csv`` and ``sanity.png`` (layer x step heatmaps) to ``--out``.
+Wire it with ``add_sanity_parser(subparsers)``; it dispatches to
+`run_sanity` through ``args.func``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cli import (_class_names, _device, _floats, _import_callable, _in_channels, _layer_selector,
+                  _model_args, _n_outputs, _target, build_model)
+from .errors import CAManimError
+from .images import IMAGENET_MEAN, IMAGENET_STD, load_image, parse_size, to_model_input
+
+FAIL_ON = ("never", "method", "layer")
+
+
+def add_sanity_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``sanity`` to an ``argparse`` subparsers object."""
+    p = subparsers.add_parser(
+        "sanity", help="model-parameter randomization sanity check of a CAM method",
+        description="Cascading model-parameter randomization (Adebayo et al. 2018): randomize the "
+                    "model's blocks from the logits down and measure, for every layer, how similar "
+                    "the map stays to the trained model's map (Spearman, SSIM, HOG). Maps that do "
+                    "not change do not explain the model and are flagged. Runs on a copy of the "
+                    "model. Writes sanity.txt, sanity.json, sanity.csv and sanity.png to --out.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    _model_args(p)
+    p.add_argument("--weights", default="none", metavar="DEFAULT|none|NAME",
+                   help="torchvision weights: none (random init), DEFAULT, or a weights name")
+    p.add_argument("--checkpoint", type=Path, default=None, metavar="FILE",
+                   help="a state dict or Lightning checkpoint to load into the model")
+    p.add_argument("--method", default="gradcam", metavar="NAME|module:Class",
+                   help="CAM method name (default gradcam) or a pytorch_grad_cam BaseCAM subclass "
+                        "as 'package.module:Class' / 'file.py:Class'")
+    p.add_argument("--layers", default="conv", metavar="SEL",
+                   help="conv (default), all, blocks, or comma-separated layer names")
+    p.add_argument("--max-layers", type=int, default=None, metavar="N",
+                   help="keep at most N evenly spaced layers")
+    p.add_argument("--blocks", default="children", metavar="children|leaves|A,B,...",
+                   help="what one randomization step covers: the model's top-level children "
+                        "(default), every module with parameters (leaves), or module names, top first")
+    p.add_argument("--target", default="auto", metavar="auto|INT|NAME",
+                   help="class to explain: auto (predicted), an index, or a class name")
+    p.add_argument("--classes", default=None, metavar="A,B,...|FILE", help="class names")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="flag a layer whose mean Spearman after full randomization is above this "
+                        "(default 0.9)")
+    p.add_argument("--fail-on", default="never", choices=FAIL_ON,
+                   help="exit with status 1 when the method (mean over layers) or any layer is "
+                        "flagged (default never)")
+    p.add_argument("--size", default="224", metavar="224|HxW", help="model input size (default 224)")
+    p.add_argument("--mean", default=",".join(map(str, IMAGENET_MEAN)), metavar="M,M,M",
+                   help="input normalization mean (default ImageNet)")
+    p.add_argument("--std", default=",".join(map(str, IMAGENET_STD)), metavar="S,S,S",
+                   help="input normalization std (default ImageNet)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights drawn by the check (and of random init)")
+    p.add_argument("--out", type=Path, default=Path("camanim_sanity"), metavar="DIR",
+                   help="output folder (default camanim_sanity)")
+    p.add_argument("--no-plot", action="store_true", help="skip sanity.png")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default cpu")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no table")
+    p.set_defaults(func=run_sanity)
+    return p
+
+
+def _method(text: str) -> Any:
+    if ":" not in text:
+        return text
+    obj = _import_callable(text)
+    from .methods.basecam import is_basecam_class
+
+    if not is_basecam_class(obj):
+        raise CAManimError(f"--method {text}: {obj!r} is not a pytorch_grad_cam BaseCAM subclass")
+    return obj
+
+
+def _blocks(text: str) -> Any:
+    text = text.strip()
+    if text in ("children", "leaves"):
+        return text
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise CAManimError("--blocks is empty: use children, leaves or module names")
+    return names
+
+
+def run_sanity(args: argparse.Namespace) -> int:
+    """Run ``camanim sanity``; returns the exit status (2 on bad input)."""
+    try:
+        return _run(args)
+    except CAManimError as e:
+        print(f"camanim sanity: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .metrics.sanity import sanity_check
+
+    size = parse_size(args.size)
+    mean, std = _floats(args.mean, "mean"), _floats(args.std, "std")
+    if args.max_layers is not None and args.max_layers < 1:
+        raise CAManimError(f"--max-layers must be >= 1, got {args.max_layers}")
+    method = _method(args.method)
+    rgbs = [load_image(Path(p)) for p in args.images]
+    if size is None and len({r.shape[:2] for r in rgbs}) > 1:
+        raise CAManimError("the images differ in size: pass --size so they form one batch")
+    device = _device(args.device)
+    model, categories = build_model(args.model, args.weights, args.checkpoint, args.num_classes,
+                                    args.quiet, seed=args.seed)
+    model = model.to(device)
+    channels = _in_channels(model)
+    x = torch.cat([to_model_input(r, size, mean, std, channels) for r in rgbs]).to(device)
+    target = _target(args.target, _class_names(args.classes, categories), _n_outputs(model, x[:1]))
+    report = sanity_check(model, x, method, _layer_selector(args.layers),
+                          targets=None if target is None else [target] * x.shape[0],
+                          blocks=_blocks(args.blocks), threshold=args.threshold, seed=args.seed,
+                          max_layers=args.max_layers, progress=not args.quiet)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    table = report.table()
+    (out / "sanity.txt").write_text(table + "\n")
+    report.to_json(out / "sanity.json")
+    report.to_csv(out / "sanity.csv")
+    if not args.no_plot:
+        report.plot(out / "sanity.png", title=f"Randomization sanity check: {report.method} on "
+                    f"{args.model} ({'FLAGGED' if report.method_flagged else 'passed'}; red = "
+                    f"flagged layer)")
+    if not args.quiet:
+        print(table)
+        print(f"\nwrote sanity.txt, sanity.json, sanity.csv{'' if args.no_plot else ', sanity.png'} "
+              f"to {out}/")
+    if args.fail_on == "method" and report.method_flagged:
+        return 1
+    if args.fail_on == "layer" and report.flagged_layers:
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``camanim sanity`` on its own (until the main command wires it)."""
+    from .cli import _Parser
+
+    parser = _Parser(prog="camanim")
+    add_sanity_parser(parser.add_subparsers(dest="command", required=True))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else 2)
+    return run_sanity(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
