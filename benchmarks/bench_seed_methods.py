@@ -175,7 +175,7 @@ def bus_model_and_probes(args):
     sys.path.insert(0, str(root))
     from finetune_bus import train  # noqa: PLC0415
 
-    from camanim.cli import load_checkpoint  # noqa: PLC0415
+    from camanim.cli.models import load_checkpoint  # noqa: PLC0415
     ckpt = Path(args.bus_checkpoint)
     run = json.loads((ckpt.parent.parent / "args.json").read_text())
     args.arch, args.size = run["arch"], int(run["image_size"])

@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 from camanim import cli
+import camanim.cli.models
 from camanim.errors import CAManimError
 from camanim.core.images import load_image, parse_size, to_model_input
 from camanim.viz.video import iter_video
@@ -270,9 +271,9 @@ def test_sizes_and_model_input():
 
 def test_random_init_is_seeded_and_leaves_global_rng_alone():
     state = torch.random.get_rng_state()
-    a, _ = cli.build_model("resnet18", quiet=True, seed=3)
-    b, _ = cli.build_model("resnet18", quiet=True, seed=3)
-    c, _ = cli.build_model("resnet18", quiet=True, seed=4)
+    a, _ = cli.models.build_model("resnet18", quiet=True, seed=3)
+    b, _ = cli.models.build_model("resnet18", quiet=True, seed=3)
+    c, _ = cli.models.build_model("resnet18", quiet=True, seed=4)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.equal(a.conv1.weight, b.conv1.weight)
     assert not torch.equal(a.conv1.weight, c.conv1.weight)

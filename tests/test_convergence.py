@@ -17,7 +17,7 @@ from camanim import CAManim, CAManimError
 from camanim.metrics.convergence import (CHANCE_NAMES, average_ranks, chance_maps, chance_road,
                                          kendall_tau, map_change, rank_change, rank_maps,
                                          settle_epochs, share_below, spearman)
-from camanim.road import ybroad
+from camanim.metrics.road import ybroad
 
 
 def _maps(seed, shape=(3, 2, 24, 28)):

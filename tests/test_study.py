@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from camanim import CAManimError
-from camanim.runs.study import (CSV_COLUMNS, add_study_parser, main, read_ybroad_csv, settle_epoch,
-                           study)
+from camanim.cli.study import add_study_parser, main
+from camanim.runs.history import CSV_COLUMNS
+from camanim.runs.study import read_ybroad_csv, settle_epoch, study
 
 NAMES = ["conv1", "layer1", "layer2"]
 

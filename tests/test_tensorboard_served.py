@@ -38,8 +38,9 @@ LAYERS = "conv"               # the callback's `layers=`
 
 
 def gif_tags(p: str) -> list[str]:
-    """Animated GIFs, one frame per drawn layer."""
-    return [f"camanim/{p}/{n}" for n in NORMS]
+    """Animated GIFs, one frame per drawn layer: local and global side by side
+    in one GIF (the TensorBoard budget, issue 11)."""
+    return [f"camanim/{p}/local_global"]
 
 
 def png_tags(p: str) -> list[str]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import CAManimError
-from ..maps import LayerMaps
+from ..core.maps import LayerMaps
 
 CHANCE_NAMES = ("random", "blob")
 DEFAULT_SETTLE_THRESHOLD = 0.1   # a Spearman correlation of 0.9 with the previous epoch's map
@@ -307,7 +307,7 @@ def chance_maps(shape: Sequence[int], seed: int = 0, cells: int | None = 7,
 
 def _chance_layer_maps(maps: torch.Tensor, targets: Any) -> LayerMaps:
     """Wrap ``(2, B, H, W)`` chance maps as a two-"layer" `LayerMaps`."""
-    from ..layers import LayerInfo
+    from ..core.layers import LayerInfo
 
     b, h, w = (int(s) for s in maps.shape[1:])
     infos = [LayerInfo(name=f"chance:{n}", module_name="", call=1, order=i, type="Chance",
@@ -345,7 +345,7 @@ def chance_road(model: torch.nn.Module, images: torch.Tensor, targets: Any = Non
         `camanim.road.YbRoad` with ``scores`` of shape ``(2, B)``: row 0 the
         random map, row 1 the blob.
     """
-    from ..road import DEFAULT_PERCENTILES, ybroad
+    from .road import DEFAULT_PERCENTILES, ybroad
 
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise CAManimError("images must be a (B, C, H, W) tensor (the images the layers' maps explain)")

@@ -64,8 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cam import CAManim
-from ..capture import eval_mode
+from ..core.cam import CAManim
+from ..core.guard import eval_mode
 from ..errors import CAManimError
 from .convergence import spearman
 
@@ -510,7 +510,7 @@ def sanity_check(model: nn.Module, images: torch.Tensor, method: Any = "gradcam"
     keep_targets = targets if orig.targets is None else orig.targets
     ref = orig.upsample("local")                                 # (L, B, H, W)
     n_layers, b = ref.shape[:2]
-    from ..inputs import check_images
+    from ..core.inputs import check_images
 
     x = check_images(images, work)
     plan = find_blocks(work, x[:1], blocks)

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from .cli import (_class_names, _device, _floats, _import_callable, _in_channels, _layer_selector,
-                  _model_args, _n_outputs, _target, build_model)
-from .errors import CAManimError
-from .images import IMAGENET_MEAN, IMAGENET_STD, load_image, parse_size, to_model_input
+from ..errors import CAManimError
+from .common import (float_list, layer_selector, model_args, parse_class_names, target_index,
+                     torch_device)
+from .models import build_model, import_callable, in_channels, n_outputs
+from ..core.images import IMAGENET_MEAN, IMAGENET_STD, load_image, parse_size, to_model_input
 
 FAIL_ON = ("never", "method", "layer")
 
@@ -35,7 +36,7 @@ def add_sanity_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "not change do not explain the model and are flagged. Runs on a copy of the "
                     "model. Writes sanity.txt, sanity.json, sanity.csv and sanity.png to --out.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--weights", default="none", metavar="DEFAULT|none|NAME",
                    help="torchvision weights: none (random init), DEFAULT, or a weights name")
     p.add_argument("--checkpoint", type=Path, default=None, metavar="FILE",
@@ -78,8 +79,8 @@ def add_sanity_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _method(text: str) -> Any:
     if ":" not in text:
         return text
-    obj = _import_callable(text)
-    from .methods.basecam import is_basecam_class
+    obj = import_callable(text)
+    from ..methods.basecam import is_basecam_class
 
     if not is_basecam_class(obj):
         raise CAManimError(f"--method {text}: {obj!r} is not a pytorch_grad_cam BaseCAM subclass")
@@ -106,24 +107,24 @@ def run_sanity(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .metrics.sanity import sanity_check
+    from ..metrics.sanity import sanity_check
 
     size = parse_size(args.size)
-    mean, std = _floats(args.mean, "mean"), _floats(args.std, "std")
+    mean, std = float_list(args.mean, "mean"), float_list(args.std, "std")
     if args.max_layers is not None and args.max_layers < 1:
         raise CAManimError(f"--max-layers must be >= 1, got {args.max_layers}")
     method = _method(args.method)
     rgbs = [load_image(Path(p)) for p in args.images]
     if size is None and len({r.shape[:2] for r in rgbs}) > 1:
         raise CAManimError("the images differ in size: pass --size so they form one batch")
-    device = _device(args.device)
+    device = torch_device(args.device)
     model, categories = build_model(args.model, args.weights, args.checkpoint, args.num_classes,
                                     args.quiet, seed=args.seed)
     model = model.to(device)
-    channels = _in_channels(model)
+    channels = in_channels(model)
     x = torch.cat([to_model_input(r, size, mean, std, channels) for r in rgbs]).to(device)
-    target = _target(args.target, _class_names(args.classes, categories), _n_outputs(model, x[:1]))
-    report = sanity_check(model, x, method, _layer_selector(args.layers),
+    target = target_index(args.target, parse_class_names(args.classes, categories), n_outputs(model, x[:1]))
+    report = sanity_check(model, x, method, layer_selector(args.layers),
                           targets=None if target is None else [target] * x.shape[0],
                           blocks=_blocks(args.blocks), threshold=args.threshold, seed=args.seed,
                           max_layers=args.max_layers, progress=not args.quiet)
@@ -150,9 +151,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``camanim sanity`` on its own (until the main command wires it)."""
-    from .cli import _Parser
+    from .common import Parser
 
-    parser = _Parser(prog="camanim")
+    parser = Parser(prog="camanim")
     add_sanity_parser(parser.add_subparsers(dest="command", required=True))
     try:
         args = parser.parse_args(argv)
