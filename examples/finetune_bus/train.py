@@ -216,10 +216,10 @@ def camanim_outputs(args: argparse.Namespace, callbacks: list) -> dict[str, str]
 
 
 def explain_best(args: argparse.Namespace, datamodule: bus_data.BUSDataModule,
-                 checkpoint: str | None) -> Path | None:
+                 checkpoint: str | None, device: str = "cpu") -> Path | None:
     """``camanim explain`` on the best checkpoint for one malignant test
-    image (the paper's Fig. 4): the image is written as a PNG first, so this
-    is exactly the command a user would type."""
+    image (the paper's Fig. 4), on the training device: the image is written
+    as a PNG first, so this is exactly the command a user would type."""
     if args.no_explain or not checkpoint:
         return None
     import numpy as np
@@ -238,7 +238,7 @@ def explain_best(args: argparse.Namespace, datamodule: bus_data.BUSDataModule,
     argv = ["explain", str(png), "--model", args.arch, "--checkpoint", str(checkpoint),
             "--num-classes", str(datamodule.num_classes), "--classes", ",".join(datamodule.classes),
             "--method", args.cam_method, "--layers", args.cam_layers, "--size", str(args.image_size),
-            "--out", str(out), "--norm", "local,global"]
+            "--out", str(out), "--norm", "local,global", "--device", device]
     if not args.no_road:
         argv.append("--road")
     if args.no_progress:
@@ -268,6 +268,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=r".*The number of training batches.*")
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")
+        # imageio-ffmpeg's own import of pkg_resources: nothing a user can act on
+        warnings.filterwarnings("ignore", message=r".*pkg_resources.*")
+        import logging
+
+        class _NoTips(logging.Filter):  # Lightning's advert for its cloud logger
+            def filter(self, record: logging.LogRecord) -> bool:
+                return "litlogger" not in record.getMessage()
+
+        for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):
+            logging.getLogger(name).addFilter(_NoTips())
         import torch
         threads = torch.get_num_threads()
         try:
@@ -331,7 +341,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     (args.run_dir / "test_metrics.json").write_text(json.dumps(
         {"checkpoint": best, "test": test, "last_val": val, "fit_seconds": t_fit, "seconds": seconds}, indent=1))
 
-    explained = explain_best(args, dm, best)
+    dev_type = trainer.strategy.root_device.type
+    explained = explain_best(args, dm, best, dev_type if dev_type in ("cuda", "mps") else "cpu")
     seconds = time.time() - t0
 
     best_score = ckpt.best_model_score

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also save the raw maps (LayerMaps .npz) for re-rendering")
     ex.add_argument("--seed", type=int, default=0,
                     help="seed of random init (--weights none), random CAM methods and ROAD noise")
-    ex.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default cpu")
+    ex.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="default cpu")
     ex.add_argument("--quiet", "-q", action="store_true", help="no progress bars or notes")
     ex.set_defaults(func=cmd_explain)
 

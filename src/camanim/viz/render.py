@@ -1,4 +1,4 @@
-"""CAManim frames: one picture per layer, ready for a video.
+r"""CAManim frames: one picture per layer, ready for a video.
 
 A frame shows the layer's class activation map over the image as the user
 sees it (the model's input normalization undone), a caption band (layer
