@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", type=Path, default=None, metavar="FILE",
                     help="a state dict or Lightning checkpoint to load into the model")
     ex.add_argument("--method", default="gradcam", help="CAM method (default gradcam)")
-    ex.add_argument("--layers", default="conv", metavar="SEL",
-                    help="conv (default), all, blocks, or comma-separated layer names")
+    ex.add_argument("--layers", default=None, metavar="SEL",
+                    help="conv, all, blocks, or comma-separated layer names (default: the "
+                         "method's own, conv; blocks for sise and ada-sise)")
     ex.add_argument("--max-layers", type=int, default=None, metavar="N",
                     help="keep at most N evenly spaced layers")
     ex.add_argument("--target", default="auto", metavar="auto|INT|NAME",
@@ -334,10 +335,9 @@ def load_checkpoint(model: nn.Module, path: Path, spec: str = "", num_classes: i
 
 
 def _in_channels(model: nn.Module) -> int:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return int(m.in_channels)
-    return 3
+    from .inputs import expected_channels
+
+    return expected_channels(model) or 3
 
 
 # ------------------------------------------------------------------ parsing
@@ -352,7 +352,9 @@ def _floats(text: str, what: str) -> list[float]:
     return vals
 
 
-def _layer_selector(text: str) -> Any:
+def _layer_selector(text: str | None) -> Any:
+    if text is None:
+        return None
     text = text.strip()
     if text in ("conv", "all", "blocks"):
         return text
@@ -463,8 +465,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     random_init = args.weights.lower() == "none" and args.checkpoint is None and ":" not in args.model
     label = f"{args.model} (random weights)" if random_init else args.model
+    from .methods import get_method
+    # Integrated Grad-CAM's black baseline is (0 - mean) / std: the images' normalization
+    ig = dict(mean=mean, std=std) if get_method(args.method).name == "integrated-gradcam" else {}
     anim = CAManim(model, method=args.method, layers=_layer_selector(args.layers),
-                   max_layers=args.max_layers, seed=args.seed, progress=not quiet)
+                   max_layers=args.max_layers, seed=args.seed, progress=not quiet, **ig)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     ext = "" if args.format == "png" else f".{args.format}"
@@ -515,7 +520,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             "target": tgt,
             "target_name": classes[tgt] if classes and tgt is not None and tgt < len(classes) else None,
             "predicted": pred, "predicted_prob": float(probs[pred]) if probs is not None else None,
-            "layer_selector": args.layers, "normalizations": norms}
+            "layer_selector": args.layers or anim.layers, "normalizations": norms}
         summary.update(run_summary(maps, model, seconds=cam_s))
         summary["layer_table"] = [
             {"index": i, "name": info.name, "type": info.type, "output_shape": list(info.output_shape),
