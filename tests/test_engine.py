@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torchvision
 from torch import nn
 
 import camanim
+from camanim.capture import capture
 from helpers import TinyCNN, no_hooks
 
 
@@ -199,6 +201,42 @@ def test_local_global_none_normalizations(tiny, tiny_input):
         maps.upsample("per-layer")
 
 
+def _resize(r, size):
+    return torch.nn.functional.interpolate(r[:, None], size=size, mode="bilinear",
+                                           align_corners=False)[:, 0]
+
+
+def test_global_normalization_divides_by_the_max_over_layers_of_each_image(tiny, tiny_input):
+    """upsample("global")[l, b] == resize(raw[l][b]) / max over layers of image b.
+
+    Hand-made maps: ReLU'd (each image has a 0, so its minimum is 0) and
+    image 1 is 100 times weaker than image 0: a range taken over the whole
+    batch would scale image 1 to at most 0.01 and fail."""
+    g = torch.Generator().manual_seed(3)
+    raw = [torch.rand(2, 4, 5, generator=g, dtype=torch.float64) * s for s in (1.0, 3.0, 0.5)]
+    for r in raw:
+        r[:, 0, 0] = 0
+        r[1] /= 100
+    info = camanim.list_layers(tiny, tiny_input, ["conv1", "conv2", "conv3"]).selected
+    maps = camanim.LayerMaps(names=["a", "b", "c"], raw=raw, input_size=(8, 10), layers=info)
+    glob = maps.upsample("global")
+    for b in range(2):
+        top = max(float(r[b].max()) for r in raw)
+        for l, r in enumerate(raw):
+            want = _resize(r[b:b + 1], (8, 10))[0] / (1e-7 + top)
+            torch.testing.assert_close(glob[l, b], want, rtol=0, atol=1e-12)
+        assert float(glob[:, b].max()) > 0.5     # per image (batch-wide: <= 0.01 for b = 1)
+    # the same rule on real maps, with each image's own minimum over layers
+    real = camanim.CAManim(tiny, "gradcam", "all", progress=False)(tiny_input)
+    glob = real.upsample("global")
+    for b in range(2):
+        lo = min(float(r[b].min()) for r in real.raw)
+        hi = max(float(r[b].max()) for r in real.raw)
+        for l, r in enumerate(real.raw):
+            want = (_resize(r[b:b + 1], (16, 20))[0] - lo) / (1e-7 + hi - lo)
+            torch.testing.assert_close(glob[l, b], want, rtol=0, atol=1e-12)
+
+
 def test_save_load_roundtrip_without_pickle(tmp_path, tiny, tiny_input):
     maps = camanim.CAManim(tiny, "layercam", "all")(tiny_input)
     path = maps.save(tmp_path / "maps.npz")
@@ -271,3 +309,86 @@ def test_basecam_adapter_on_bfloat16(tiny_input):
     model = TinyCNN().to(torch.bfloat16).eval()
     maps = camanim.CAManim(model, MyGradCAM, ["conv2", "conv3"])(tiny_input.to(torch.bfloat16))
     assert all(torch.isfinite(r.float()).all() for r in maps.raw)
+
+
+# ------------------------------------------------------------ options
+@pytest.mark.parametrize("method,options,valid", [
+    ("gradcam", {"steps": 5}, "none"),
+    ("scorecam", {"mu": 0.5}, "none"),
+    ("sise", {"steps": 5}, "mu, score, mask_norm"),
+    ("ada-sise", {"mu": 0.5}, "score, mask_norm"),
+    ("integrated-gradcam", {"mu": 0.5, "stepz": 3}, "steps, baseline, mean, std"),
+])
+def test_unknown_method_options_are_an_error_at_construction(tiny, method, options, valid):
+    with pytest.raises(camanim.CAManimError) as err:
+        camanim.CAManim(tiny, method, **options)          # no images needed to fail
+    msg = str(err.value)
+    assert repr(method) in msg and valid in msg
+    assert all(k in msg for k in options)
+
+
+def test_bad_option_values_fail_at_construction_too(tiny):
+    with pytest.raises(camanim.CAManimError, match="steps"):
+        camanim.CAManim(tiny, "integrated-gradcam", steps=0)
+    with pytest.raises(camanim.CAManimError, match="mu"):
+        camanim.CAManim(tiny, "sise", mu=2)
+
+
+def test_sise_layers_default_explicit_conv_warns_others_are_honoured(tiny, tiny_input):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # the default: its blocks, silently
+        anim = camanim.CAManim(tiny, "sise", progress=False)
+        assert anim.layers == "blocks"
+        assert camanim.CAManim(tiny, "gradcam").layers == "conv"
+        assert camanim.CAManim(tiny, "sise", "all").layers == "all"
+    with pytest.warns(UserWarning, match="layers='conv' was replaced by 'blocks'") as rec:
+        replaced = camanim.CAManim(tiny, "ada-sise", "conv", progress=False)
+    assert len(rec) == 1 and replaced.layers == "blocks"
+    assert replaced(tiny_input).names == anim(tiny_input).names
+
+
+# ------------------------------------------------------ half precision
+def test_bfloat16_model_maps_accumulate_in_float32():
+    """A bfloat16 model runs in bfloat16; its maps are made in float32.
+
+    1. Exactly: each raw map equals the float64 Grad-CAM of the bf16 model's
+       own activations and gradients to 1e-5 of its peak (bf16 arithmetic
+       would be off by ~4e-3: 8 significant bits); the local normalization
+       and resize equal the float64 ones to 1e-6.
+    2. Against the float32 copy of the model: local maps within 0.05
+       (stated tolerance: three bf16 conv layers shift each activation by
+       up to ~1%, the maps are min-max scaled to [0, 1])."""
+    torch.manual_seed(0)
+    m32 = TinyCNN().eval()
+    m16 = copy.deepcopy(m32).to(torch.bfloat16)
+    x = torch.randn(2, 3, 32, 32)
+    anim = camanim.CAManim(m16, "gradcam", "conv", progress=False)
+    maps = anim(x, targets=[1, 3])
+    assert all(r.dtype == torch.float32 for r in maps.raw)
+    cap = capture(m16, x.to(torch.bfloat16), anim.layer_table(x).selected, [1, 3])
+    assert cap.activations[0].dtype == torch.bfloat16          # the model ran in bf16
+    for r, a, g in zip(maps.raw, cap.activations, cap.gradients):
+        want = (g.double().mean((2, 3), keepdim=True) * a.double()).sum(1).clamp_min(0)
+        torch.testing.assert_close(r.double(), want, rtol=0, atol=1e-5 * float(want.max()))
+    local = maps.upsample("local")
+    assert local.dtype == torch.float32
+    as64 = camanim.LayerMaps(names=maps.names, raw=[r.double() for r in maps.raw],
+                             input_size=maps.input_size, layers=maps.layers)
+    torch.testing.assert_close(local.double(), as64.upsample("local"), rtol=0, atol=1e-6)
+    torch.testing.assert_close(maps.upsample("global").double(), as64.upsample("global"),
+                               rtol=0, atol=1e-6)
+    ref = camanim.CAManim(m32, "gradcam", "conv", progress=False)(x, targets=[1, 3])
+    assert float((local - ref.upsample("local")).abs().max()) < 0.05
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam", "gradcam++"])
+def test_bfloat16_model_with_perturbation_methods(method):
+    torch.manual_seed(0)
+    m32 = TinyCNN().eval()
+    m16 = copy.deepcopy(m32).to(torch.bfloat16)
+    x = torch.randn(1, 3, 16, 16)
+    got = camanim.CAManim(m16, method, ["conv3"], progress=False)(x, targets=[2])
+    ref = camanim.CAManim(m32, method, ["conv3"], progress=False)(x, targets=[2])
+    assert got.raw[0].dtype == torch.float32 and torch.isfinite(got.raw[0]).all()
+    # stated tolerance: bf16 model, min-max scaled maps
+    assert float((got.upsample("local") - ref.upsample("local")).abs().max()) < 0.1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -26,6 +28,46 @@ def r50_table(r50):
 def test_blocks_on_resnet50(r50):
     table = camanim.list_layers(r50, torch.randn(1, 3, 64, 64), "blocks")
     assert table.names == ["relu", "layer1", "layer2", "layer3", "layer4"]
+
+
+# "blocks" = the last layer before each downsampling (the SISE rule). The
+# expected lists, derived from torchvision's code at the given input size:
+BLOCKS = {
+    # conv-relu stages, each closed by a max pool (64 -> 32 -> 16 -> 8 -> 4 -> 2):
+    # the ReLU before each pool. Not the last pool's output (the `features`
+    # container, 2x2) nor `avgpool` (2x2 -> 7x7): pools compute nothing.
+    "vgg11": (64, ["features.1", "features.4", "features.9", "features.14", "features.19"]),
+    # stem relu0 (32) before pool0, then each dense block before its
+    # transition (conv 1x1 + avg pool); the last stage ends in norm5, the
+    # `features` container's output (2x2), before the head's relu + pool
+    "densenet121": (64, ["features.relu0", "features.denseblock1", "features.denseblock2",
+                         "features.denseblock3", "features"]),
+    # the stride-2 blocks 2, 4, 7, 14 start the stages 16, 8, 4, 2; features.18
+    # (the 1x1 conv, = `features`) ends the last one
+    "mobilenet_v2": (64, ["features.1", "features.3", "features.6", "features.13", "features"]),
+    # stages 2, 3, 4 and 6 start with a stride-2 MBConv (stage 5 keeps 4x4)
+    "efficientnet_b0": (64, ["features.1", "features.2", "features.3", "features.5",
+                             "features"]),
+    # conv1 (stride 2), then maxpool1..4 close conv3, inception3b, 4e; 5b is last
+    "googlenet": (64, ["conv1", "conv3", "inception3b", "inception4e", "inception5b"]),
+    # 96 -> 47 (1a, stride 2) -> 45 (2a, an unpadded 3x3: same stage) -> pool
+    # -> 22 (3b) -> 20 (4a, unpadded: same stage) -> pool -> 9 (5b..5d)
+    # -> 4 (6a stride 2; 6b..6e); Mixed_7 is 1x1 at this size (no extent)
+    "inception_v3": (96, ["Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e"]),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(BLOCKS))
+def test_blocks_is_the_last_layer_before_each_downsampling(arch):
+    size, want = BLOCKS[arch]
+    kw = {"aux_logits": False, "init_weights": False} if arch in ("googlenet", "inception_v3") \
+        else {}
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None, **kw).eval()
+    table = camanim.list_layers(model, torch.randn(1, 3, size, size), "blocks")
+    assert table.names == want
+    sizes = [i.spatial_size for i in table.selected]
+    assert all(a[0] > b[0] for a, b in zip(sizes, sizes[1:]))      # one per stage, shrinking
 
 
 def test_conv_on_resnet50_is_53_layers(r50):
@@ -130,26 +172,101 @@ def test_maxvit_runs_with_all_and_skips_window_tensors():
     assert no_hooks(model)
 
 
-def test_token_layers_need_reshape_transform():
-    class Tokens(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Conv2d(3, 8, 4, stride=4)
-            self.mix = nn.Linear(8, 8)
-            self.head = nn.Linear(8, 3)
+class Tokens(nn.Module):
+    """Patch embedding (4x4 patches) + one token mixer: ``(B, prefix + n, 8)``
+    tokens, with ``prefix`` leading tokens (class / register tokens)."""
 
-        def forward(self, x):
-            t = self.embed(x).flatten(2).transpose(1, 2)      # (B, 16, 8)
-            t = self.mix(t)
-            return self.head(t.mean(1))
+    def __init__(self, prefix: int = 0):
+        super().__init__()
+        self.prefix = prefix
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.extra = nn.Parameter(torch.randn(1, max(prefix, 1), 8))
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
 
-    model = Tokens().double().eval()
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)      # (B, n, 8)
+        if self.prefix:
+            t = torch.cat([self.extra[:, :self.prefix].expand(len(t), -1, -1), t], 1)
+        t = self.mix(t)
+        return self.head(t.mean(1))
+
+
+def test_token_grid_is_told_with_one_notice_and_reshape_transform_overrides():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    for prefix in (0, 1):                                   # grid alone; class token + grid
+        model = Tokens(prefix).double().eval()
+        with pytest.warns(UserWarning, match="4x4 patch grid") as rec:
+            maps = camanim.CAManim(model, "gradcam", ["mix"], progress=False)(x)
+        assert len([w for w in rec if "patch grid" in str(w.message)]) == 1
+        assert maps.raw[0].shape == (2, 4, 4)
+        assert maps.layers[0].token_grid == (prefix, 4, 4)
+        # the grid read by hand gives the same map; no notice with an override
+        calls = []
+
+        def by_hand(t, p=prefix):
+            calls.append(t.shape)
+            return t[:, p:].transpose(1, 2).reshape(t.shape[0], 8, 4, 4)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            same = camanim.CAManim(model, "gradcam", ["mix"], reshape_transform=by_hand,
+                                   progress=False)(x)
+        assert calls
+        torch.testing.assert_close(same.raw[0], maps.raw[0], rtol=0, atol=0)
+    # a non-square image: the grid has its aspect ratio (4 x 2 patches)
+    wide = Tokens(1).double().eval()
+    with pytest.warns(UserWarning, match="4x2 patch grid"):
+        got = camanim.CAManim(wide, "gradcam", ["mix"], progress=False)(x[..., :8])
+    assert got.raw[0].shape == (2, 4, 2)
+
+
+def test_token_layers_no_grid_fits_need_reshape_transform():
+    model = Tokens(prefix=4).double().eval()               # 4 register tokens: 20 tokens
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     with pytest.raises(camanim.CAManimError, match="reshape_transform"):
         camanim.list_layers(model, x, ["mix"])
+    table = camanim.list_layers(model, x, "all")
+    assert "mix" in {i.name for i in table.skipped}
+    assert "N = 20" in next(i.skipped for i in table.skipped if i.name == "mix")
 
     def to_map(t):
-        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], 4, 4)
+        return t[:, 4:].transpose(1, 2).reshape(t.shape[0], t.shape[2], 4, 4)
 
     maps = camanim.CAManim(model, "gradcam", ["mix"], reshape_transform=to_map)(x)
     assert maps.raw[0].shape == (2, 4, 4)
+
+
+def test_torchvision_vit_without_reshape_transform():
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(weights=None, image_size=64).eval()   # 4x4 patches
+    x = torch.randn(1, 3, 64, 64)
+    names = ["encoder.layers.encoder_layer_10.ln_1", "encoder.layers.encoder_layer_11"]
+    with pytest.warns(UserWarning, match=r"\(B, 17, C\) drawn as a class token \(dropped\) "
+                                         r"\+ a 4x4 patch grid") as rec:
+        maps = camanim.CAManim(model, "gradcam", names, progress=False)(x)
+    assert len([w for w in rec if "patch grid" in str(w.message)]) == 1   # once, not per layer
+    assert maps.names == names
+    for r in maps.raw:
+        assert r.shape == (1, 4, 4) and torch.isfinite(r).all()
+    assert no_hooks(model)
+
+
+def test_swin_is_channels_last_and_needs_no_notice():
+    torch.manual_seed(0)
+    # swin_t's code with one narrow block per stage (swin_t itself: 12 s here)
+    model = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=24,
+                                               depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                                               window_size=[7, 7]).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = camanim.list_layers(model, x, "blocks")
+        # patch embedding + 3 patch mergings: 16, 8, 4, 2; the last stage ends
+        # in norm + permute (the NCHW view of features.7 the head pools)
+        assert [(i.name, i.layout, i.spatial_size) for i in table.selected] == [
+            ("features.1", NHWC, (16, 16)), ("features.3", NHWC, (8, 8)),
+            ("features.5", NHWC, (4, 4)), ("permute", NCHW, (2, 2))]
+        maps = camanim.CAManim(model, "gradcam", "blocks", progress=False)(x)
+    assert [tuple(r.shape[1:]) for r in maps.raw] == [(16, 16), (8, 8), (4, 4), (2, 2)]

@@ -22,7 +22,9 @@ from helpers import no_hooks
 from camanim.errors import CAManimError
 from camanim.methods.integrated_gradcam import baseline_images, ig_options, integrated_gradcam
 from camanim.methods.otsu import histogram, otsu_binarize, otsu_split, otsu_threshold
-from camanim.methods.sise import ada_sise, adaptive_channels, fuse, select_channels, sise
+from camanim.methods.sise import (ada_sise, adaptive_channels, fuse, select_channels,
+                                  sise)
+from helpers import TinyCNN
 
 
 
@@ -285,6 +287,8 @@ def test_integrated_gradcam_follows_the_path_integral(tiny, tiny_input, path):
     cls = tiny(tiny_input).argmax(-1)
     black = ((0 - torch.tensor(mean, dtype=torch.float64)) /
              torch.tensor(std, dtype=torch.float64)).view(1, 3, 1, 1).expand_as(tiny_input)
+    if path == "authors":                   # their code: zeros in the normalized input space
+        black = torch.zeros_like(tiny_input)
     js = range(1, steps + 1) if path == "paper" else range(steps)
     for l, (module, call) in enumerate((("relu", 2), ("conv3", 1))):
         a0, _ = acts_grads(ref, black, module, call, logit_score(cls))
@@ -313,6 +317,67 @@ def test_integrated_gradcam_plain_function_and_baselines(tiny, tiny_input):
     torch.testing.assert_close(per_image.raw[0], maps.raw[0], atol=1e-12, rtol=0)
     other = integrated_gradcam(tiny, tiny_input, steps=4, baseline=torch.zeros(3, 1, 1))
     assert not torch.allclose(other.raw[0], maps.raw[0])
+
+
+def test_authors_path_starts_from_zeros_in_the_normalized_input_space(tiny, tiny_input):
+    """path="authors" integrates from x' = 0 (the tensor the model is fed),
+    as smstrzd/IntegratedGradCAM's utils.integrated_gradcam does; the black
+    image, (0 - mean) / std, is the paper path's baseline."""
+    a = integrated_gradcam(tiny, tiny_input, steps=3, path="authors")
+    b = integrated_gradcam(tiny, tiny_input, steps=3, path="authors",
+                           mean=(0.5, 0.5, 0.5), std=(0.1, 0.2, 0.3))
+    zeros = integrated_gradcam(tiny, tiny_input, steps=3, path="authors",
+                               baseline=torch.zeros(3, 1, 1))
+    assert torch.equal(a.raw[0], b.raw[0]) and torch.equal(a.raw[0], zeros.raw[0])
+    named = integrated_gradcam(tiny, tiny_input, steps=3, path="authors", baseline="zeros")
+    assert torch.equal(a.raw[0], named.raw[0])
+    # the paper path's black baseline follows mean / std; an explicit one is honoured
+    p1 = integrated_gradcam(tiny, tiny_input, steps=3)
+    p2 = integrated_gradcam(tiny, tiny_input, steps=3, mean=(0.5, 0.5, 0.5), std=(0.1, 0.2, 0.3))
+    assert not torch.allclose(p1.raw[0], p2.raw[0])
+    black = integrated_gradcam(tiny, tiny_input, steps=3, path="authors", baseline="black")
+    assert not torch.allclose(black.raw[0], a.raw[0])
+    # by hand: alpha_j = j / 3, j = 0..2, from zeros, A(x') = 0
+    ref = twin(tiny)
+    cls = tiny(tiny_input).argmax(-1)
+    want = 0
+    for j in range(3):
+        act, gr = acts_grads(ref, (j / 3) * tiny_input, "relu", 3, logit_score(cls))
+        want = want + (gr.mean(dim=(2, 3), keepdim=True) * act).sum(1).clamp_min(0)
+    torch.testing.assert_close(a.raw[0], want, atol=1e-10, rtol=1e-9)
+
+
+def test_mask_area_sums_in_float32():
+    """Checks the sum function directly: a float16 sum of a 256 x 256 mask of
+    ones is inf (past float16's 65504); SISE's area must be 65536."""
+    ones = torch.ones(2, 256, 256, dtype=torch.float16)
+    assert torch.isinf(ones.flatten(1).sum(1)).all()        # what float16 would give
+    from camanim.methods.sise import mask_areas
+    area = mask_areas(ones)
+    assert area.dtype == torch.float32 and area.tolist() == [65536.0, 65536.0]
+
+
+def test_sise_float16_model_at_256_matches_its_float32_copy():
+    """A float16 model (CPU float16 convolutions) explained at 256 x 256.
+
+    Per-layer maps V_l within 0.02 of the float32 model's (stated tolerance:
+    float16 activations, maps min-max scaled to [0, 1]). The fused map is
+    not compared: Otsu's binarization flips pixels whose value sits on a bin
+    edge, so a tiny shift there moves whole regions. Without float32 masks,
+    areas and sums, float16 score / area ratios (~1e-5) fall into float16's
+    subnormal range and the first layer's map is off by ~0.6."""
+    torch.manual_seed(0)
+    m32 = TinyCNN().eval()
+    m16 = copy.deepcopy(m32).half()
+    x = torch.randn(1, 3, 256, 256)
+    ref = sise(m32, x, targets=[2])
+    got = sise(m16, x.half(), targets=[2])
+    assert got.names == ref.names and all(r.dtype == torch.float32 for r in got.raw)
+    assert got.extra["channels"][:-1] == ref.extra["channels"][:-1]
+    for name, p, q in zip(got.names[:-1], got.raw[:-1], ref.raw[:-1]):
+        assert float(q.max()) > 0.99, name                  # a real map, not all zero
+        assert float((p - q).abs().max()) < 0.02, name
+    assert float(got.final.max()) > 0.99
 
 
 def test_plain_sise_functions_give_the_fused_final_map(tiny, tiny_input):

@@ -3,7 +3,7 @@ ROAD for every layer (ybROAD), and both during training."""
 
 from .lightning.callback import CAManimCallback
 from .metrics.pointing import energy_pointing_game
-from .core.cam import CAManim
+from .engine import CAManim
 from .errors import CAManimError
 from .viz.figures import contact_sheet, plot_params, run_summary
 from .core.images import IMAGENET_MEAN, IMAGENET_STD, load_image

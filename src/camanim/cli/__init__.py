@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", type=Path, default=None, metavar="FILE",
                     help="a state dict or Lightning checkpoint to load into the model")
     ex.add_argument("--method", default="gradcam", help="CAM method (default gradcam)")
-    ex.add_argument("--layers", default="conv", metavar="SEL",
-                    help="conv (default), all, blocks, or comma-separated layer names")
+    ex.add_argument("--layers", default=None, metavar="SEL",
+                    help="conv, all, blocks, or comma-separated layer names (default: the "
+                         "method's own, conv; blocks for sise and ada-sise)")
     ex.add_argument("--max-layers", type=int, default=None, metavar="N",
                     help="keep at most N evenly spaced layers")
     ex.add_argument("--target", default="auto", metavar="auto|INT|NAME",

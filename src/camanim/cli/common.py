@@ -42,7 +42,9 @@ def float_list(text: str, what: str) -> list[float]:
     return vals
 
 
-def layer_selector(text: str) -> Any:
+def layer_selector(text: str | None) -> Any:
+    if text is None:
+        return None
     text = text.strip()
     if text in ("conv", "all", "blocks"):
         return text

@@ -18,7 +18,7 @@ from .models import build_model, in_channels, n_outputs
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """``camanim explain``: see the module docstring."""
-    from ..core.cam import CAManim
+    from ..engine import CAManim
     from ..viz.figures import contact_sheet, format_summary, plot_params, run_summary, write_summary
     from ..viz.video import write_video
 
@@ -58,8 +58,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     random_init = args.weights.lower() == "none" and args.checkpoint is None and ":" not in args.model
     label = f"{args.model} (random weights)" if random_init else args.model
+    from ..methods import get_method
+    # Integrated Grad-CAM's black baseline is (0 - mean) / std: the images' normalization
+    ig = dict(mean=mean, std=std) if get_method(args.method).name == "integrated-gradcam" else {}
     anim = CAManim(model, method=args.method, layers=layer_selector(args.layers),
-                   max_layers=args.max_layers, seed=args.seed, progress=not quiet)
+                   max_layers=args.max_layers, seed=args.seed, progress=not quiet, **ig)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     ext = "" if args.format == "png" else f".{args.format}"
@@ -110,7 +113,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             "target": tgt,
             "target_name": classes[tgt] if classes and tgt is not None and tgt < len(classes) else None,
             "predicted": pred, "predicted_prob": float(probs[pred]) if probs is not None else None,
-            "layer_selector": args.layers, "normalizations": norms}
+            "layer_selector": args.layers or anim.layers, "normalizations": norms}
         summary.update(run_summary(maps, model, seconds=cam_s))
         summary["layer_table"] = [
             {"index": i, "name": info.name, "type": info.type, "output_shape": list(info.output_shape),

@@ -233,9 +233,8 @@ def load_checkpoint(model: nn.Module, path: Path, spec: str = "", num_classes: i
 
 
 def in_channels(model: nn.Module) -> int:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return int(m.in_channels)
-    return 3
+    from ..core.inputs import expected_channels
+
+    return expected_channels(model) or 3
 
 

@@ -117,12 +117,20 @@ class Hooks:
 
 def to_nchw(t: torch.Tensor, info: LayerInfo,
             reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-    """Turn a recorded output (or its gradient) into ``(B, C, h, w)``."""
+    """Turn a recorded output (or its gradient) into ``(B, C, h, w)``.
+
+    Token outputs ``(B, N, C)``: ``reshape_transform`` when given, else the
+    grid discovery told (``info.token_grid``; a class token is dropped)."""
     if info.layout == NHWC:
         return t.permute(0, 3, 1, 2)
     if info.layout == TOKENS:
         if reshape_transform is None:
-            raise CAManimError(f"layer {info.name!r} outputs tokens: pass reshape_transform=")
+            if info.token_grid is None:
+                raise CAManimError(f"layer {info.name!r} outputs tokens {tuple(t.shape)} "
+                                   "whose grid cannot be told: pass reshape_transform= "
+                                   "(a function (B, N, C) -> (B, C, h, w))")
+            prefix, h, w = info.token_grid
+            return t[:, prefix:].reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
         t = reshape_transform(t)
         if t.dim() != 4:
             raise CAManimError(f"reshape_transform turned layer {info.name!r} into shape "

@@ -12,6 +12,10 @@ from ..errors import CAManimError
 
 Target = Callable[[torch.Tensor], torch.Tensor]
 
+# What a target class's score is: its softmax probability or its raw logit
+# (ROAD and SISE score masked images with one of these).
+SCORES = ("softmax", "logit")
+
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device and floating dtype of the model's first parameter or buffer."""
@@ -21,7 +25,8 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def _expected_channels(model: nn.Module) -> int | None:
+def expected_channels(model: nn.Module) -> int | None:
+    """``in_channels`` of the model's first ``nn.Conv2d`` (``None`` if it has none)."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             return int(module.in_channels)
@@ -49,7 +54,7 @@ def check_images(images: Any, model: nn.Module) -> torch.Tensor:
         raise CAManimError(
             f"images has dtype {images.dtype}; pass float images normalized as the model "
             "expects, e.g. images.float() / 255 followed by the model's normalization")
-    want = _expected_channels(model)
+    want = expected_channels(model)
     if want is not None and images.shape[1] != want:
         hint = (" (a grayscale image: repeat it, images.expand(-1, 3, -1, -1))"
                 if images.shape[1] == 1 and want == 3 else "")

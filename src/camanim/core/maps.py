@@ -30,17 +30,48 @@ EPS = 1e-7
 _FORMAT = "camanim.LayerMaps/1"
 
 
-def minmax(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """``(x - lo) / (1e-7 + hi - lo)``, the reference's normalization."""
-    return (x - lo) / (EPS + (hi - lo))
+def minmax(x: torch.Tensor, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None,
+           eps: float = EPS) -> torch.Tensor:
+    """Min-max scaling ``(x - lo) / (eps + hi - lo)``; camanim's only one.
+
+    Args:
+        x: ``(N, ...)`` maps; float16 / bfloat16 are computed in float32.
+        lo, hi: bounds broadcastable to ``x``; default: each row's own min
+            and max over all dimensions but the first (shape ``(N, 1, ...)``).
+        eps: ``1e-7`` (default) is pytorch-grad-cam's ``scale_cam_image``;
+            Score-CAM's masks use ``1e-8``. ``eps=0``: a constant row gives
+            zeros, not NaN (SISE's masks).
+
+    Returns:
+        Scaled maps, the shape of ``x`` (float32 for half-precision input).
+    """
+    x = wide(x)
+    view = (-1,) + (1,) * (x.dim() - 1)
+    lo = x.flatten(1).amin(1).view(view) if lo is None else lo.to(x.dtype)
+    hi = x.flatten(1).amax(1).view(view) if hi is None else hi.to(x.dtype)
+    rng = hi - lo
+    if eps:
+        return (x - lo) / (eps + rng)
+    ok = rng > 0
+    return torch.where(ok, (x - lo) / torch.where(ok, rng, torch.ones_like(rng)),
+                       torch.zeros_like(x))
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when it is float16 / bfloat16, else unchanged: maps,
+    sums and min-max of a half-precision model are accumulated in float32
+    (the model itself runs in its own dtype)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def resize_map(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of ``(N, h, w)`` maps to ``(N, H, W)``.
+    """Bilinear resize of ``(N, h, w)`` maps to ``(N, H, W)`` (half precision
+    is resized in float32).
 
     ``align_corners=False`` without antialiasing samples exactly like
     OpenCV's ``cv2.resize(..., INTER_LINEAR)``, which pytorch-grad-cam uses.
     """
+    maps = wide(maps)
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear",
@@ -134,8 +165,8 @@ class LayerMaps:
                                f"use one of {', '.join(NORMALIZATIONS)}")
         if normalization == "none":
             return None
-        los = [r.flatten(1).amin(1)[:, None, None] for r in self.raw]
-        his = [r.flatten(1).amax(1)[:, None, None] for r in self.raw]
+        los = [wide(r).flatten(1).amin(1)[:, None, None] for r in self.raw]
+        his = [wide(r).flatten(1).amax(1)[:, None, None] for r in self.raw]
         if normalization == "global":
             lo = torch.stack([x.to(los[0].device) for x in los]).amin(0)
             hi = torch.stack([x.to(his[0].device) for x in his]).amax(0)
@@ -144,25 +175,27 @@ class LayerMaps:
         return los, his
 
     def normalized(self, normalization: str = "local") -> list[torch.Tensor]:
-        """L tensors ``(B, h_l, w_l)`` normalized at native resolution."""
+        """L tensors ``(B, h_l, w_l)`` normalized at native resolution
+        (float32 for half-precision maps)."""
         rng = self._range(normalization)
         if rng is None:
-            return list(self.raw)
+            return [wide(r) for r in self.raw]
         return [minmax(r, lo, hi) for r, lo, hi in zip(self.raw, *rng)]
 
     def iter_upsampled(self, normalization: str = "local",
                        size: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
-        """Yield one ``(B, H, W)`` map per layer, so memory stays flat."""
+        """Yield one ``(B, H, W)`` map per layer, so memory stays flat
+        (float32 for half-precision maps)."""
         size = self.input_size if size is None else (int(size[0]), int(size[1]))
         rng = self._range(normalization)
         for i, r in enumerate(self.raw):
+            r = wide(r)
             m = r if rng is None else minmax(r, rng[0][i], rng[1][i])
             m = resize_map(m, size)
             if normalization == "local":
                 # pytorch-grad-cam min-max scales again after resizing (its
                 # aggregate step); bilinear samples miss the native extremes
-                m = minmax(m, m.flatten(1).amin(1)[:, None, None],
-                           m.flatten(1).amax(1)[:, None, None])
+                m = minmax(m)
             yield m
 
     def upsample(self, normalization: str = "local",

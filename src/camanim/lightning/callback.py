@@ -353,7 +353,7 @@ class CAManimCallback(Callback):
 
     def _engine(self, model: nn.Module) -> Any:
         if self._anim is None or self._anim_model is not model:
-            from ..core.cam import CAManim
+            from ..engine import CAManim
             from ..methods import get_method
 
             kw = dict(max_layers=self.max_layers, seed=self.seed, progress=self.progress,

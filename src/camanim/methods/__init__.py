@@ -17,11 +17,11 @@ from .gradcam import gradcam
 from .gradcam_elementwise import gradcam_elementwise
 from .gradcam_plusplus import gradcam_plusplus
 from .hirescam import hirescam
-from .integrated_gradcam import run_integrated_gradcam
+from .integrated_gradcam import IG_OPTIONS, ig_options, run_integrated_gradcam
 from .layercam import layercam
 from .randomcam import randomcam
 from .scorecam import scorecam
-from .sise import run_ada_sise, run_sise
+from .sise import ADA_SISE_OPTIONS, SISE_OPTIONS, run_ada_sise, run_sise, sise_options
 from .xgradcam import xgradcam
 
 METHODS: dict[str, Method] = {}
@@ -49,9 +49,14 @@ for _m in (
 ):
     register(_m)
 
-register(Method("integrated-gradcam", None, extra_forwards=True, runner=run_integrated_gradcam))
-register(Method("sise", None, extra_forwards=True, runner=run_sise))
-register(Method("ada-sise", None, extra_forwards=True, runner=run_ada_sise))
+register(Method("integrated-gradcam", None, extra_forwards=True, runner=run_integrated_gradcam,
+                options=IG_OPTIONS, check_options=ig_options))
+register(Method("sise", None, extra_forwards=True, runner=run_sise, options=SISE_OPTIONS,
+                check_options=lambda o: sise_options(o, adaptive=False),
+                default_layers="blocks"))
+register(Method("ada-sise", None, extra_forwards=True, runner=run_ada_sise,
+                options=ADA_SISE_OPTIONS, check_options=lambda o: sise_options(o, adaptive=True),
+                default_layers="blocks"))
 
 _ALIASES = {"grad-cam": "gradcam", "gradcampp": "gradcam++", "gradcamplusplus": "gradcam++",
             "grad-cam++": "gradcam++", "score-cam": "scorecam", "ablation-cam": "ablationcam",
@@ -89,4 +94,20 @@ def get_method(method: Any) -> Method:
                        f"BaseCAM subclass, got {method!r}")
 
 
-__all__ = ["METHODS", "Method", "LayerContext", "CamFn", "get_method", "method_names", "register"]
+def check_method_options(method: Method, options: dict[str, Any]) -> None:
+    """Raise `CAManimError` naming the method, the unknown option(s) and the
+    valid ones; then let the method check the values."""
+    unknown = sorted(set(options) - set(method.options))
+    if unknown:
+        valid = ", ".join(method.options) if method.options else "none (it takes no options)"
+        hint = ""
+        if "steps" in unknown and method.name != "integrated-gradcam":
+            hint = " (steps= belongs to method='integrated-gradcam')"
+        raise CAManimError(f"unknown option(s) {', '.join(unknown)} for method "
+                           f"{method.name!r}{hint}; valid options: {valid}")
+    if method.check_options is not None:
+        method.check_options(dict(options))
+
+
+__all__ = ["METHODS", "Method", "LayerContext", "CamFn", "check_method_options", "get_method",
+           "method_names", "register"]

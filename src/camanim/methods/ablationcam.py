@@ -27,7 +27,7 @@ def ablationcam(acts: torch.Tensor, grads: "torch.Tensor | None", ctx: LayerCont
     bar = tqdm(total=b * c, desc=f"Ablation-CAM {layer.name}", unit="channel",
                disable=not ctx.progress, leave=False)
     with torch.no_grad():
-        orig = score_outputs(ctx.targets, ctx.model(ctx.images))                  # (B,)
+        orig = score_outputs(ctx.targets, ctx.model(ctx.images)).to(acts)         # (B,)
         for i in range(b):
             a = acts[i]
             value = 0.0 if a.min() == 0 else float(a.min()) - 1e7
@@ -37,10 +37,10 @@ def ablationcam(acts: torch.Tensor, grads: "torch.Tensor | None", ctx: LayerCont
                 ablated[torch.arange(n), s + torch.arange(n)] = value
                 if layer.layout == NHWC:
                     ablated = ablated.permute(0, 2, 3, 1)
-                with Hooks(ctx.model, [layer], replace={layer.name: lambda _o, t=ablated: t},
+                with Hooks(ctx.model, [layer], replace={layer.name: lambda o, t=ablated: t.to(o)},
                            record=False):
                     out = ctx.model(ctx.images[i][None].expand(n, -1, -1, -1))
-                new[i, s:s + n] = score_outputs([ctx.targets[i]] * n, out)
+                new[i, s:s + n] = score_outputs([ctx.targets[i]] * n, out).to(new)
                 bar.update(n)
     bar.close()
     ctx.stats["n_masks"] = c

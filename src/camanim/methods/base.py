@@ -58,6 +58,12 @@ class Method:
             function ``(anim, images, layers, targets) -> LayerMaps``
             replacing the one-pass engine (``layers``: the selected
             `LayerInfo` calls).
+        options: names of the options ``CAManim(..., **options)`` accepts
+            for this method (none for the per-layer CAMs).
+        check_options: ``(options dict) -> Any``, raises `CAManimError` on a
+            bad value; run when `CAManim` is built.
+        default_layers: the selector ``layers=None`` means (``"blocks"``
+            for SISE and Ada-SISE, whose rule it is; else ``"conv"``).
     """
 
     name: str
@@ -66,3 +72,6 @@ class Method:
     extra_forwards: bool = False
     reference: str | None = None
     runner: Callable[..., Any] | None = None
+    options: tuple[str, ...] = ()
+    check_options: Callable[[dict[str, Any]], Any] | None = None
+    default_layers: str = "conv"

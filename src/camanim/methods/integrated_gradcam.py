@@ -11,22 +11,38 @@ and the map is ``sum_j M_j`` (ReLU per step, before the sum).
 
 Path (``path``):
     ``"paper"`` (default, the paper's figure): ``a_j = j / m`` for
-    ``j = 1..m``, and ``A(x')`` from one forward of the baseline.
-    ``"authors"`` (the authors' code): ``a_j = j / m`` for ``j = 0..m-1`` and
-    ``A(x') = 0``. ``subtract_baseline=True/False`` overrides the second part
-    (``steps=1, subtract_baseline=False`` with ``"paper"`` is Grad-CAM).
+    ``j = 1..m``, ``A(x')`` from one forward of the baseline, and the black
+    image as baseline.
+    ``"authors"``: what the authors' code does, function
+    ``integrated_gradcam`` in ``utils.py`` of github.com/smstrzd/IntegratedGradCAM
+    (built on TorchRay's Grad-CAM): ``baseline = input * 0``, i.e. zeros in
+    the model's *normalized* input space (the tensor the model is fed, not
+    a black image); path images ``baseline + (input - baseline) * i / m``
+    for ``i = 0..m-1``; ``A(x') = 0`` (the baseline its Grad-CAM step
+    subtracts from the activations is a zero tensor); per step the ReLU of the
+    GAP-gradient-weighted sum of activations, with the gradient of the class
+    logit (TorchRay backpropagates a one-hot vector from the output); the
+    steps summed. Reproduced exactly, per layer, before the resize: their
+    final ``cv2.resize`` is our ``upsample("none")`` up to the interpolation.
+    ``subtract_baseline=True/False`` overrides the ``A(x')`` part of either
+    path (``steps=1, subtract_baseline=False`` with ``"paper"`` is Grad-CAM).
 
 Baseline (``baseline``):
-    ``"black"`` (default): a black image in pixel space, mapped into the
-    model's normalized input space as ``(0 - mean) / std`` per channel with
-    the ``mean`` / ``std`` options (default ImageNet's). Or a tensor already
-    in the model's input space, broadcastable to ``(C, H, W)``, or one per
-    image ``(B, C, H, W)``.
+    ``None`` (default): the path's own, ``"black"`` for ``"paper"`` and
+    ``"zeros"`` for ``"authors"``.
+    ``"black"``: a black image in pixel space, mapped into the model's
+    normalized input space as ``(0 - mean) / std`` per channel with the
+    ``mean`` / ``std`` options (default ImageNet's).
+    ``"zeros"``: zeros in the model's input space (the mean colour for an
+    ImageNet-normalized model).
+    Or a tensor already in the model's input space, broadcastable to
+    ``(C, H, W)``, or one per image ``(B, C, H, W)``.
 
 All selected layers come from the same ``m`` passes: the ``B * m`` path
 images go through the model in chunks of ``batch_size``, one forward and one
 backward per chunk for every layer at once, so the whole network costs about
-``m`` Grad-CAMs.
+``m`` Grad-CAMs. Path images are formed in float32 at least and fed to the
+model in its dtype; maps accumulate in float32 for a half-precision model.
 """
 
 from __future__ import annotations
@@ -44,10 +60,12 @@ from ..errors import CAManimError
 from ..core.images import IMAGENET_MEAN, IMAGENET_STD
 from ..core.inputs import check_images
 from ..core.layers import LayerInfo, Selector, list_layers
-from ..core.maps import LayerMaps
-from .sise import ExplanationMaps, clean_targets
+from ..core.maps import LayerMaps, wide
+from .seed_common import ExplanationMaps, clean_targets
 
 PATHS = ("paper", "authors")
+BASELINES = ("black", "zeros")
+IG_OPTIONS = ("steps", "baseline", "mean", "std", "path", "subtract_baseline")
 
 
 @dataclass(frozen=True)
@@ -55,7 +73,7 @@ class IGOptions:
     """Validated Integrated Grad-CAM options (see module docstring)."""
 
     steps: int = 50
-    baseline: Any = "black"
+    baseline: Any = None
     mean: Any = IMAGENET_MEAN
     std: Any = IMAGENET_STD
     path: str = "paper"
@@ -65,10 +83,17 @@ class IGOptions:
     def subtract(self) -> bool:
         return self.path == "paper" if self.subtract_baseline is None else self.subtract_baseline
 
+    @property
+    def base(self) -> Any:
+        """The baseline in use: ``baseline``, or the path's own when ``None``."""
+        if self.baseline is None:
+            return "black" if self.path == "paper" else "zeros"
+        return self.baseline
+
 
 def ig_options(options: dict[str, Any]) -> IGOptions:
     """Check ``CAManim(..., **options)`` for Integrated Grad-CAM."""
-    valid = {"steps", "baseline", "mean", "std", "path", "subtract_baseline"}
+    valid = set(IG_OPTIONS)
     unknown = sorted(set(options) - valid)
     if unknown:
         raise CAManimError(f"unknown integrated-gradcam option(s) {unknown}; valid options: "
@@ -82,10 +107,10 @@ def ig_options(options: dict[str, Any]) -> IGOptions:
     if o.subtract_baseline not in (None, True, False):
         raise CAManimError(f"subtract_baseline must be None, True or False, got "
                            f"{o.subtract_baseline!r}")
-    if not (isinstance(o.baseline, torch.Tensor) or
-            (isinstance(o.baseline, str) and o.baseline == "black")):
-        raise CAManimError(f"baseline must be 'black' or a tensor in the model's input space, "
-                           f"got {o.baseline!r}")
+    if not (o.baseline is None or isinstance(o.baseline, torch.Tensor) or
+            (isinstance(o.baseline, str) and o.baseline in BASELINES)):
+        raise CAManimError(f"baseline must be None (the path's own), 'black', 'zeros' or a "
+                           f"tensor in the model's input space, got {o.baseline!r}")
     return o
 
 
@@ -99,8 +124,10 @@ def path_alphas(steps: int, path: str = "paper") -> torch.Tensor:
 def baseline_images(x: torch.Tensor, opts: IGOptions) -> torch.Tensor:
     """The baseline ``x'``: ``(1, C, H, W)`` shared, or ``(B, C, H, W)`` per image."""
     b, c = x.shape[:2]
-    if isinstance(opts.baseline, torch.Tensor):
-        base = opts.baseline.detach().to(device=x.device, dtype=x.dtype)
+    if isinstance(opts.base, str) and opts.base == "zeros":
+        return torch.zeros((1,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    if isinstance(opts.base, torch.Tensor):
+        base = opts.base.detach().to(device=x.device, dtype=x.dtype)
         per_image = base.dim() == 4 and base.shape[0] == b and b > 1
         shape = tuple(x.shape) if per_image else (1,) + tuple(x.shape[1:])
         try:
@@ -126,9 +153,11 @@ def step_maps(acts: torch.Tensor, grads: torch.Tensor,
     """``M_j = ReLU(sum_k mean_xy(grad_k) * (A_k - A_k(x')))``: ``(n, C, h, w)`` -> ``(n, h, w)``.
 
     ``base_acts``: ``(n or 1, C, h, w)`` or ``None`` for ``A(x') = 0``.
+    Half-precision inputs are computed in float32.
     """
+    acts, grads = wide(acts), wide(grads)
     weights = grads.mean(dim=(2, 3), keepdim=True)
-    diff = acts if base_acts is None else acts - base_acts
+    diff = acts if base_acts is None else acts - wide(base_acts)
     return (weights * diff).sum(1).clamp_min(0)
 
 
@@ -160,7 +189,7 @@ def _ig_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[LayerInfo], tar
         base_acts = capture(model, base, layers, base_tg, gradients=False,
                             reshape_transform=reshape_transform).activations
 
-    alphas = path_alphas(opts.steps, opts.path).to(device=x.device, dtype=x.dtype)
+    alphas = path_alphas(opts.steps, opts.path).to(device=x.device, dtype=wide(x).dtype)
     img = torch.arange(b, device=x.device).repeat_interleave(opts.steps)   # (B*m,)
     alpha = alphas.repeat(b)
     acc: list[torch.Tensor | None] = [None] * len(layers)
@@ -168,7 +197,8 @@ def _ig_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[LayerInfo], tar
                disable=not progress)
     for s in range(0, len(img), batch_size):
         ii, a = img[s:s + batch_size], alpha[s:s + batch_size].view(-1, 1, 1, 1)
-        xs = a * x[ii] + (1 - a) * (base[ii] if per_image else base)
+        ref_img = base[ii] if per_image else base
+        xs = (a * wide(x[ii]) + (1 - a) * wide(ref_img)).to(x.dtype)
         cap = capture(model, xs, layers, [callables[i] for i in ii.tolist()],
                       gradients=True, reshape_transform=reshape_transform)
         assert cap.gradients is not None
@@ -204,7 +234,7 @@ def run_integrated_gradcam(anim: Any, x: torch.Tensor, layers: list[LayerInfo],
 
 def integrated_gradcam(model: nn.Module, images: torch.Tensor, targets: Any = None,
                        layers: Selector | None = None, *, steps: int = 50,
-                       baseline: Any = "black", mean: Any = IMAGENET_MEAN,
+                       baseline: Any = None, mean: Any = IMAGENET_MEAN,
                        std: Any = IMAGENET_STD, path: str = "paper",
                        subtract_baseline: bool | None = None, batch_size: int = 32,
                        reshape_transform: Any = None, progress: bool = False) -> ExplanationMaps:
@@ -236,6 +266,6 @@ def integrated_gradcam(model: nn.Module, images: torch.Tensor, targets: Any = No
                                    reshape_transform, progress)
 
 
-__all__ = ["IGOptions", "IMAGENET_MEAN", "IMAGENET_STD", "integrated_gradcam",
+__all__ = ["IGOptions", "IG_OPTIONS", "IMAGENET_MEAN", "IMAGENET_STD", "integrated_gradcam",
            "integrated_gradcam_maps", "ig_options", "path_alphas", "baseline_images",
            "step_maps", "run_integrated_gradcam"]

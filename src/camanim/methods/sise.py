@@ -35,8 +35,15 @@ Gradients and scores use the same target score: the softmax probability of
 the class by default, as in the authors' code (``score="logit"`` for the raw
 logit). Target callables without a class index score themselves.
 
-Layers: with ``CAManim(method="sise")`` the default ``layers="conv"`` means
-``"blocks"`` (the SISE rule); any other selector is honoured as given.
+Layers: with ``CAManim(method="sise")`` the default (``layers=None``) is
+``"blocks"`` (the SISE rule, see `camanim.layers.block_layers`). An explicit
+``layers="conv"`` is replaced by ``"blocks"`` with a warning (SISE fuses one
+map per block; every convolution is not a block). Any other selector
+(``"all"``, names, a callable) is honoured as given.
+
+Precision: the model runs in its own dtype (masked images are cast to it);
+masks, mask areas, scores, layer maps and the fusion are float32 for a
+float16 / bfloat16 model (a float16 sum over a 256 x 256 mask overflows).
 """
 
 from __future__ import annotations
@@ -52,26 +59,17 @@ from tqdm.auto import tqdm
 
 from ..core.capture import capture, eval_mode, forward_logits
 from ..errors import CAManimError
-from ..core.inputs import Target, check_images, logit_target, resolve_targets, score_outputs
-from ..core.layers import NCHW, LayerInfo, Selector, list_layers, select
-from ..core.maps import LayerMaps, minmax
-from ..metrics.road import SCORES
+from ..core.inputs import SCORES, Target, check_images, logit_target, score_outputs
+from ..core.layers import NCHW, LayerInfo, Selector, list_layers
+from ..core.maps import LayerMaps, minmax, wide
 from .otsu import bin_index, histogram, otsu_binarize, otsu_split
+from .seed_common import ExplanationMaps, clean_targets
 
 MASK_NORMS = ("area", "pixel", "none")
 FUSIONS = ("hard", "soft")
 MASK_EPS = 1e-6  # the authors' code's epsilon on mask sums
-
-
-class ExplanationMaps(LayerMaps):
-    """`LayerMaps` whose last frame is the method's final explanation."""
-
-    @property
-    def final(self) -> torch.Tensor:
-        """``(B, H, W)``: the last frame at input size, min-max scaled per image
-        (SISE / Ada-SISE: the fused map; Integrated Grad-CAM: the deepest
-        selected layer)."""
-        return self.select([len(self) - 1]).upsample("local")[0]
+ADA_SISE_OPTIONS = ("score", "mask_norm", "fusion", "temperature", "bins")
+SISE_OPTIONS = ("mu",) + ADA_SISE_OPTIONS
 
 
 # --------------------------------------------------------------- options
@@ -91,9 +89,7 @@ class SISEOptions:
 def sise_options(options: dict[str, Any], adaptive: bool) -> SISEOptions:
     """Check ``CAManim(..., **options)`` for SISE (``adaptive=False``) or Ada-SISE."""
     name = "ada-sise" if adaptive else "sise"
-    valid = {"score", "mask_norm", "fusion", "temperature", "bins"}
-    if not adaptive:
-        valid.add("mu")
+    valid = set(ADA_SISE_OPTIONS if adaptive else SISE_OPTIONS)
     unknown = sorted(set(options) - valid)
     if unknown:
         hint = " (Ada-SISE chooses channels itself; use method='sise' for mu)" \
@@ -146,12 +142,16 @@ def adaptive_channels(grad_mean: torch.Tensor, bins: int = 256) -> torch.Tensor:
 def attribution_masks(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``(n, h, w)`` feature maps -> ``(n, H, W)`` masks: bilinear upsampling
     (``align_corners=False``), then min-max to [0, 1] per mask (a constant
-    map gives an all-zero mask)."""
-    m = F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
-    lo = m.flatten(1).amin(1)[:, None, None]
-    rng = m.flatten(1).amax(1)[:, None, None] - lo
-    return torch.where(rng > 0, (m - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)),
-                       torch.zeros_like(m))
+    map gives an all-zero mask). Half-precision maps give float32 masks."""
+    m = F.interpolate(wide(maps)[:, None], size=tuple(size), mode="bilinear",
+                      align_corners=False)[:, 0]
+    return minmax(m, eps=0)
+
+
+def mask_areas(masks: torch.Tensor) -> torch.Tensor:
+    """``(n, H, W)`` masks -> ``(n,)`` spatial sums, accumulated in float32 at
+    least (a float16 sum overflows past 65504: a 256 x 256 mask of ones)."""
+    return wide(masks).flatten(1).sum(1)
 
 
 def fuse(maps: torch.Tensor, valid: torch.Tensor | None = None, soft: bool = False,
@@ -182,13 +182,7 @@ def fuse(maps: torch.Tensor, valid: torch.Tensor | None = None, soft: bool = Fal
         nxt = torch.where(started[:, None, None], step, v)
         fused = torch.where(ok[:, None, None], nxt, fused)
         started = started | ok
-    return _minmax(fused)
-
-
-def _minmax(x: torch.Tensor) -> torch.Tensor:
-    """Per image min-max of ``(B, H, W)`` (camanim's epsilon)."""
-    flat = x.flatten(1)
-    return minmax(x, flat.amin(1)[:, None, None], flat.amax(1)[:, None, None])
+    return minmax(fused)
 
 
 # ------------------------------------------------------------- targets
@@ -200,14 +194,6 @@ class SoftmaxTarget:
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
         return torch.softmax(output, dim=-1)[..., self.category]
-
-
-def clean_targets(model: nn.Module, x: torch.Tensor,
-                  targets: Any) -> tuple[list[Target], torch.Tensor | None]:
-    """Resolve ``targets`` on one no-grad forward of the clean images."""
-    with eval_mode(model), torch.no_grad():
-        logits = forward_logits(model, x)
-    return resolve_targets(targets, x.shape[0], logits)
 
 
 def score_targets(callables: Sequence[Target], idx: torch.Tensor | None,
@@ -262,7 +248,7 @@ def _sise_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[LayerInfo], t
     assert cap.gradients is not None
     keeps = []
     for acts, grads in zip(cap.activations, cap.gradients):
-        a = grads.mean(dim=(2, 3))                                       # (B, C)
+        a = wide(grads).mean(dim=(2, 3))                                 # (B, C)
         keep = adaptive_channels(a, opts.bins) if opts.adaptive else select_channels(a, opts.mu)
         flat = acts.flatten(2)
         keeps.append(keep & (flat.amax(2) > flat.amin(2)))               # drop constant maps
@@ -276,21 +262,22 @@ def _sise_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[LayerInfo], t
     with eval_mode(model), torch.no_grad():
         for acts, keep in zip(cap.activations, keeps):
             t1 = time.perf_counter()
-            num = torch.zeros((b,) + size, dtype=x.dtype, device=x.device)
+            num = torch.zeros((b,) + size, dtype=wide(x).dtype, device=x.device)
             den = torch.zeros_like(num) if opts.mask_norm == "pixel" else None
             jobs = keep.nonzero()                                        # (n, 2): image, channel
             for s in range(0, len(jobs), batch_size):
                 ii, kk = jobs[s:s + batch_size].unbind(1)
-                m = attribution_masks(acts[ii, kk].to(x.dtype), size)     # (n, H, W)
-                sc = score(forward_logits(model, x[ii] * m[:, None]), ii).to(x.dtype)
+                m = attribution_masks(acts[ii, kk].to(num.dtype), size)   # (n, H, W)
+                masked = (x[ii].to(num.dtype) * m[:, None]).to(x.dtype)   # the model's dtype
+                sc = score(forward_logits(model, masked), ii).to(num.dtype)
                 if opts.mask_norm == "area":
-                    sc = sc / (m.flatten(1).sum(1) + MASK_EPS)
+                    sc = sc / (mask_areas(m) + MASK_EPS)
                 num.index_add_(0, ii, sc[:, None, None] * m)
                 if den is not None:
                     den.index_add_(0, ii, m)
                 bar.update(len(ii))
             v = num / (den + MASK_EPS) if den is not None else num
-            vmaps.append(torch.where(keep.any(1)[:, None, None], _minmax(v), torch.zeros_like(v)))
+            vmaps.append(torch.where(keep.any(1)[:, None, None], minmax(v), torch.zeros_like(v)))
             seconds.append(shared + time.perf_counter() - t1)
     bar.close()
 
@@ -325,26 +312,17 @@ def fusion_info(layers: Sequence[LayerInfo], batch: int, size: tuple[int, int]) 
 
 
 # -------------------------------------------------------------- entries
-def _layers_for(anim: Any, x: torch.Tensor, layers: list[LayerInfo]) -> list[LayerInfo]:
-    """``layers="conv"`` (CAManim's default) means the SISE block layers."""
-    if isinstance(anim.layers, str) and anim.layers == "conv":
-        return select(anim.layer_table(x).calls, "blocks", model=anim.model,
-                      reshape_transform=anim.reshape_transform,
-                      max_layers=anim.max_layers).selected
-    return layers
-
-
 def run_sise(anim: Any, x: torch.Tensor, layers: list[LayerInfo], targets: Any) -> LayerMaps:
     """`CAManim` runner for ``method="sise"``."""
     opts = sise_options(anim.options, adaptive=False)
-    return sise_maps(anim.model, x, _layers_for(anim, x, layers), targets, opts,
+    return sise_maps(anim.model, x, layers, targets, opts,
                      anim.batch_size, anim.reshape_transform, anim.progress)
 
 
 def run_ada_sise(anim: Any, x: torch.Tensor, layers: list[LayerInfo], targets: Any) -> LayerMaps:
     """`CAManim` runner for ``method="ada-sise"``."""
     opts = sise_options(anim.options, adaptive=True)
-    return sise_maps(anim.model, x, _layers_for(anim, x, layers), targets, opts,
+    return sise_maps(anim.model, x, layers, targets, opts,
                      anim.batch_size, anim.reshape_transform, anim.progress)
 
 
@@ -402,4 +380,5 @@ def ada_sise(model: nn.Module, images: torch.Tensor, targets: Any = None, *,
 
 __all__ = ["ExplanationMaps", "SISEOptions", "SoftmaxTarget", "sise", "ada_sise", "sise_maps",
            "sise_options", "select_channels", "adaptive_channels", "attribution_masks",
-           "fuse", "run_sise", "run_ada_sise"]
+           "mask_areas", "fuse", "run_sise", "run_ada_sise", "clean_targets",
+           "SISE_OPTIONS", "ADA_SISE_OPTIONS"]

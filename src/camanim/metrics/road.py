@@ -32,10 +32,9 @@ from torch import nn
 
 from ..errors import CAManimError
 from .imputation import add_noise, impute
-from ..core.inputs import Target, check_images, resolve_targets, score_outputs
+from ..core.inputs import SCORES, Target, check_images, resolve_targets, score_outputs
 from ..core.maps import LayerMaps
 
-SCORES = ("softmax", "logit")
 DEFAULT_PERCENTILES = (20, 40, 60, 80)
 
 

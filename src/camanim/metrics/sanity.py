@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.cam import CAManim
+from ..engine import CAManim
 from ..core.guard import eval_mode
 from ..errors import CAManimError
 from .convergence import spearman

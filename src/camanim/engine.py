@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import capture, eval_mode
-from ..errors import CAManimError
-from .inputs import check_images
-from .layers import LayerInfo, LayerTable, Selector, discover, select
-from .maps import LayerMaps
-from ..methods import LayerContext, Method, get_method
+from .core.capture import capture
+from .core.guard import eval_mode
+from .errors import CAManimError
+from .core.inputs import check_images
+from .core.layers import LayerInfo, LayerTable, Selector, discover, select
+from .core.maps import LayerMaps, wide
+from .methods import LayerContext, Method, check_method_options, get_method
 
 
 class CAManim:
@@ -27,24 +29,32 @@ class CAManim:
     forwards per layer. Each layer's ``upsample("local")`` map equals
     pytorch-grad-cam's output for that single layer.
 
+    A float16 / bfloat16 model runs in its own dtype; its activations and
+    gradients are turned into maps in float32 (the maps are float32).
+
     Args:
         model: a classifier ``(B, C, H, W) -> (B, K)``. Left exactly as it was:
             train/eval mode of every submodule, ``requires_grad``, ``.grad``,
             hooks.
         method: a method name (see `camanim.methods.method_names`) or a
             pytorch-grad-cam ``BaseCAM`` subclass (a user's own too).
-        layers: ``"conv"``, ``"all"``, ``"blocks"``, a list of names or a
-            callable ``(name, module) -> bool`` (see `camanim.list_layers`).
+        layers: ``None`` (default: the method's own, ``"conv"``, or
+            ``"blocks"`` for SISE / Ada-SISE), ``"conv"``, ``"all"``,
+            ``"blocks"``, a list of names or a callable ``(name, module) ->
+            bool`` (see `camanim.list_layers`). ``"conv"`` with SISE /
+            Ada-SISE is replaced by ``"blocks"`` with a warning (their rule).
         reshape_transform: turns token outputs ``(B, N, C)`` into
-            ``(B, C, h, w)`` (ViT-like models).
+            ``(B, C, h, w)`` (ViT-like models); without it a square patch
+            grid, with or without one class token, is found by itself.
         max_layers: keep at most this many evenly spaced layers.
         batch_size: images per extra forward (Score-CAM, Ablation-CAM).
         seed: seed of the generator random methods draw from.
         progress: show progress bars on long work.
-        **options: method options (e.g. Integrated Grad-CAM ``steps``).
+        **options: method options (e.g. Integrated Grad-CAM ``steps``); an
+            option the method does not take is a `CAManimError`.
     """
 
-    def __init__(self, model: nn.Module, method: Any = "gradcam", layers: Selector = "conv",
+    def __init__(self, model: nn.Module, method: Any = "gradcam", layers: Selector | None = None,
                  reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
                  max_layers: int | None = None, batch_size: int = 32, seed: int = 0,
                  progress: bool = True, **options: Any) -> None:
@@ -54,6 +64,16 @@ class CAManim:
             raise CAManimError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.method: Method = get_method(method)
+        check_method_options(self.method, options)
+        if layers is None:
+            layers = self.method.default_layers
+        elif (isinstance(layers, str) and layers == "conv"
+              and self.method.default_layers == "blocks"):
+            warnings.warn(f"camanim: method {self.method.name!r} explains from its block layers: "
+                          "layers='conv' was replaced by 'blocks'. Pass layers=None for no "
+                          "warning, or 'all', names or a callable to use other layers.",
+                          UserWarning, stacklevel=2)
+            layers = "blocks"
         self.layers = layers
         self.reshape_transform = reshape_transform
         self.max_layers = max_layers
@@ -108,9 +128,9 @@ class CAManim:
                                    batch_size=self.batch_size, generator=gen,
                                    progress=self.progress,
                                    reshape_transform=self.reshape_transform)
-                grads = cap.gradients[i] if cap.gradients is not None else None
+                grads = wide(cap.gradients[i]) if cap.gradients is not None else None
                 with torch.no_grad():
-                    cam = self.method.fn(cap.activations[i], grads, ctx).clamp_min(0)
+                    cam = self.method.fn(wide(cap.activations[i]), grads, ctx).clamp_min(0)
                 raw.append(cam.detach())
                 for k, v in ctx.stats.items():
                     stats.setdefault(k, [None] * len(layers))[i] = v
