@@ -14,7 +14,7 @@ from torch import nn
 
 import camanim
 from camanim import cli
-from camanim.images import load_image, to_model_input
+from camanim.core.images import load_image, to_model_input
 
 TINY = f"{__file__}:tiny_cnn"
 

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 import camanim
-from camanim.capture import capture
+from camanim.core.capture import capture
 from helpers import TinyCNN, no_hooks
 
 

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import CAManimError
+from .guard import eval_mode
 
 # Output layouts.
 NCHW = "nchw"        # spatial map, channels first
@@ -340,12 +341,10 @@ def discover(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo]:
             last_child_call[p] = idx
 
     handles = []
-    modes = {m: m.training for m in model.modules()}
     try:
         for m in names:
             handles.append(m.register_forward_hook(hook))
-        model.eval()
-        with torch.inference_mode(False), torch.no_grad():
+        with eval_mode(model), torch.inference_mode(False), torch.no_grad():
             model(example_input.clone())
     except CAManimError:
         raise
@@ -356,8 +355,6 @@ def discover(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo]:
     finally:
         for h in handles:
             h.remove()
-        for m, t in modes.items():
-            m.training = t
 
     # A call counted more than once gets '#k' on every call after the first.
     infos: list[LayerInfo] = []
