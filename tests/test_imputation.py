@@ -377,3 +377,18 @@ def test_half_precision_images_get_noise_in_float32():
     # unbiased: the bf16 images' deviation follows the float32 noise
     slope = float((delta * noise).sum() / (noise * noise).sum())
     assert 0.8 < slope < 1.2
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32], ids=["default", "float32"])
+def test_result_does_not_depend_on_what_is_solved_together(dtype):
+    """Convergence is decided per system, so a mask's result is the same
+    whether it is solved alone or in a chunk with others (the chunk size
+    follows the free memory on CUDA, which must not change the numbers)."""
+    h, w = 28, 36
+    img = torch.randn(3, h, w, generator=torch.Generator().manual_seed(11))
+    masks = torch.cat([road_like_masks(h, w, seed=s, percentiles=(15, 55, 85)) for s in (1, 2)])
+    imgs = img.expand(len(masks), -1, -1, -1)
+    together = impute(imgs, masks, dtype=dtype)
+    alone = torch.cat([impute(imgs[i:i + 1], masks[i:i + 1], dtype=dtype) for i in range(len(masks))])
+    pairs = impute(imgs, masks, chunk=2, dtype=dtype)
+    assert torch.equal(together, alone) and torch.equal(together, pairs)

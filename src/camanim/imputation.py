@@ -558,57 +558,50 @@ def solve_pcg(op: FineOperator, b: torch.Tensor, tol: float | torch.Tensor,
         """``(N, C, 1)`` error estimate over tolerance (converged: <= 1)."""
         return torch.abs(z, out=work).amax(-1, keepdim=True).float() * inv_tol
 
-    def true_residual() -> torch.Tensor:
-        x.add_(dx)
-        dx.zero_()
-        return r.copy_(op.residual(b, x, out=r_true))
-
     z = mg(r)
     e = rel_error(z)
-    err = float(e.max()) if e.numel() else 0.0
-    last_true = err
-    fresh = True                                    # r is the true residual of x
+    last_true = e.clone()
+    fresh = torch.ones_like(e, dtype=torch.bool)   # r is the true residual of x
+    done = torch.zeros_like(fresh)
     p = z.clone()
     rz = _dot(r, z, work)
     it = 0
+    # Every decision is taken per (system, channel) row, so that a row's
+    # iterates do not depend on the rows solved with it (the result does not
+    # depend on chunking, i.e. on free memory). A row is done once a TRUE
+    # residual meets its tolerance; a recursive one that seems to is
+    # replaced by the true one after the next step, and checked again.
     while it < max_iter:
-        if err <= 1.0:
-            if fresh:
-                break
-            true_residual()
-            fresh = True
-            z = mg(r)
-            e = rel_error(z)
-            err = last_true = float(e.max())
-            if err <= 1.0:
-                break
-            p.copy_(z)                              # restart from the true residual
-            rz = _dot(r, z, work)
-            continue
+        done |= fresh & (e <= 1.0)
+        if bool(done.all()):
+            break
         it += 1
         low.apply(p, out=ap)
-        # converged systems (p = 0, r^T z = 0) and rounding (p^T A p <= 0)
-        # take no step instead of dividing by 0
+        # done rows, converged systems (p = 0, r^T z = 0) and rounding
+        # (p^T A p <= 0) take no step instead of dividing by 0
         pap = _dot(p, ap, work)
-        alpha = rz / pap.clamp_min(tiny) * (pap > 0)
+        alpha = rz / pap.clamp_min(tiny) * ((pap > 0) & ~done)
         dx.addcmul_(alpha, p)
-        fresh = err < REPLACE * last_true
-        if fresh:
-            true_residual()
-        else:
-            r.addcmul_(alpha, ap, value=-1.0)
+        r.addcmul_(alpha, ap, value=-1.0)
+        replace = ~done & ((e < REPLACE * last_true) | (e <= 1.0))
+        if bool(replace.any()):
+            x.add_(dx * replace)
+            dx.mul_(~replace)
+            r_new = op.residual(b, x, out=r_true).to(mg.dtype)
+            r.copy_(torch.where(replace, r_new, r))
+        fresh = replace
         z = mg(r)
         e = rel_error(z)
-        err = float(e.max())
-        if fresh:
-            last_true = err
+        last_true = torch.where(replace, e, last_true)
         rz_new = _dot(r, z, work)
         beta = rz_new / rz.clamp_min(tiny) * (rz > 0)
         torch.addcmul(z, beta, p, out=p)
         rz = rz_new
-    if not fresh:
-        true_residual()
-        e = rel_error(mg(r))
+    done |= fresh & (e <= 1.0)
+    if not bool(done.all()):
+        x.add_(dx)
+        dx.zero_()
+        e = torch.where(done, e, rel_error(mg(op.residual(b, x, out=r_true).to(mg.dtype))))
     converged = (e <= 1.0).reshape(n, -1).all(1)      # NaN counts as unconverged
     return x, converged, it
 
