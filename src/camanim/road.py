@@ -582,7 +582,8 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
     x_acc = x if acc == x.dtype else images.detach().to(device=x.device, dtype=acc)
     n_p = len(ps)
     per_layer = 2 * n_p * b
-    layers_per_solve = max(1, masks_per_solve(c, h, w, x.device, solve_dtype(x.device)) // per_layer)
+    layers_per_solve = max(1, min(n_layers, masks_per_solve(c, h, w, x.device, solve_dtype(x.device))
+                                  // per_layer))
 
     modes = {m: m.training for m in model.modules()}
     try:
