@@ -15,6 +15,10 @@ Usage:
     python benchmarks/bench_road.py                 # all 53 Conv2d layers
     python benchmarks/bench_road.py --layers 4      # quick check
     python benchmarks/bench_road.py --device cuda --threads 2
+    python benchmarks/bench_road.py --solve-dtype float32   # the accelerators' solver path on the CPU
+
+On CUDA/MPS the imputation solves in float32 (``solve_dtype``); the JSON
+says which dtype each part used.
 """
 
 from __future__ import annotations
@@ -70,18 +74,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=("end-to-end", "imputation"), default=None,
                     help="run one of the two comparisons")
+    ap.add_argument("--solve-dtype", choices=("auto", "float32", "float64"), default="auto",
+                    help="dtype of the imputation-alone solve (auto: float64 on CPU, float32 elsewhere)")
     args = ap.parse_args(argv)
 
     import torchvision
     from pytorch_grad_cam.metrics import road as ref_road
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
-    from camanim.metrics.imputation import impute
+    from camanim.metrics.imputation import impute, solve_dtype
     from camanim.metrics.road import road_masks, ybroad
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    sdt = solve_dtype(device) if args.solve_dtype == "auto" else getattr(torch, args.solve_dtype)
     torch.manual_seed(args.seed)
     model = torchvision.models.resnet50(weights=None).to(device).eval()
     x = torch.randn(1, 3, args.size, args.size, device=device)
@@ -106,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ------------------------------------------------------ end to end
     ours_s = ref_s = 0.0
     ours_scores, ref_scores = [], []
+    extra: dict = {}
     load0 = os.getloadavg()
     for g in range(0, len(maps) if args.only != "imputation" else 0, args.group):
         sub = maps.select(list(range(g, min(g + args.group, len(maps)))))
@@ -115,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         _sync(device)
         ours_s += time.perf_counter() - t
         ours_scores.append(res.scores[:, 0])
+        extra = res.extra
         t = time.perf_counter()
         for c in cams[g:g + args.group]:
             ref_scores.append(float(ref_road.ROADCombined([20, 40, 60, 80])(
@@ -133,12 +142,12 @@ def main(argv: list[str] | None = None) -> dict:
     diff = 0.0
     step = 8
     if keep.shape[0]:
-        impute(x.expand(2, -1, -1, -1), keep[:2])                # warm-up
+        impute(x.expand(2, -1, -1, -1), keep[:2], dtype=sdt)     # warm-up
     for g in range(0, keep.shape[0], step):
         k = keep[g:g + step]
         _sync(device)
         t = time.perf_counter()
-        filled = impute(x.expand(k.shape[0], -1, -1, -1), k)
+        filled = impute(x.expand(k.shape[0], -1, -1, -1), k, dtype=sdt)
         _sync(device)
         ours_i += time.perf_counter() - t
         t = time.perf_counter()
@@ -158,11 +167,15 @@ def main(argv: list[str] | None = None) -> dict:
         "end_to_end": None if not len(ref_scores) else {
             "ours_s": round(ours_s, 3), "reference_s": round(ref_s, 3),
             "speedup": round(ref_s / ours_s, 2),
+            "solve_dtype": str(solve_dtype(device)).replace("torch.", ""),
+            "forward_batch_size": extra.get("batch_size"),
+            "layers_per_solve": extra.get("layers_per_solve"),
             "max_abs_score_diff": float(np.abs(ours_scores - ref_scores).max()),
             "score_range": [float(ref_scores.min()), float(ref_scores.max())],
         },
         "imputation": None if not n_masks else {
             "masks": n_masks, "mean_removed_fraction": round(float((~keep).float().mean()), 3),
+            "solve_dtype": str(sdt).replace("torch.", ""),
             "ours_ms_per_mask": round(1000 * ours_i / n_masks, 2),
             "reference_ms_per_mask": round(1000 * ref_i / n_masks, 2),
             "speedup": round(ref_i / ours_i, 2), "max_abs_pixel_diff": diff,

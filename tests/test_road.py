@@ -130,16 +130,92 @@ def test_equals_roadcombined_logit_and_callables(reference):
 
 
 def test_default_targets_maps_then_prediction():
+    """LayerMaps: their targets; maps of class-less callables (targets None)
+    need targets= (else ybROAD could score another class than the maps
+    explain); an array of maps: the predicted class."""
     model, x = sharp_model(), images()
     maps = hand_maps(2, 24, 40)
+    assert maps.targets is None
+    with pytest.raises(CAManimError, match="targets="):
+        ybroad(model, x, maps, noise=0.0, progress=False)
     pred = model(x.double()).argmax(1).tolist()
-    assert ybroad(model, x, maps, noise=0.0, progress=False).targets == pred
+    assert ybroad(model, x, maps.upsample("local"), noise=0.0, progress=False).targets == pred
     other = [(p + 1) % 5 for p in pred]
     maps.targets = torch.tensor(other)
     assert ybroad(model, x, maps, noise=0.0, progress=False).targets == other
     assert ybroad(model, x, maps, targets=[4, 4], noise=0.0, progress=False).targets == [4, 4]
     assert ybroad(model, x, maps, targets=np.array([2, 0]), noise=0.0, progress=False).targets == [2, 0]
     assert ybroad(model, x, maps, targets=3, noise=0.0, progress=False).targets == [3, 3]
+
+
+def test_maps_of_classless_callables_need_targets():
+    """CAManim with a callable that has no .category gives maps.targets None;
+    ybroad then raises unless the callables are passed again."""
+    model, x = sharp_model(seed=3), images(b=2, h=16, w=16, seed=4)
+
+    def second_logit(output):
+        return output[..., 2]
+
+    maps = camanim.CAManim(model, "gradcam", layers="conv", progress=False)(x, [second_logit] * 2)
+    assert maps.targets is None
+    with pytest.raises(CAManimError, match=r"maps.targets is None.*targets="):
+        ybroad(model, x, maps, progress=False)
+    res = ybroad(model, x, maps, targets=[second_logit] * 2, noise=0.0, progress=False)
+    assert res.score == "callable" and res.targets == [None, None]
+    logit = ybroad(model, x, maps, targets=[2, 2], score="logit", noise=0.0, progress=False)
+    assert np.allclose(res.scores, logit.scores, atol=1e-12)
+
+
+def test_percentile_is_the_share_kept_per_percentile_against_reference(monkeypatch):
+    """Non-symmetric percentiles (10, 30, 50): morf[..., j] / lerf[..., j]
+    equal ROADMostRelevantFirst(p_j) / ROADLeastRelevantFirst(p_j), which
+    keep p_j percent of the pixels. (With a symmetric set, labels reversed
+    as "removal percentiles" would still give the right combined score.)"""
+    monkeypatch.setattr(ref_road, "NoisyLinearImputer", NoiselessImputer)
+    model, x = sharp_model(seed=5), images(seed=6)
+    maps = hand_maps(2, 24, 40, seed=7)
+    ps = (10, 30, 50)
+    res = ybroad(model, x, maps, targets=[1, 2], percentiles=ps, noise=0.0, progress=False)
+    assert res.removed_percent == (90, 70, 50)
+    assert res.to_dict()["percentile_convention"] == "kept" == camanim.metrics.road.PERCENTILE_CONVENTION
+    wrapped = nn.Sequential(ToDouble(), model)
+    calls = [ClassifierOutputSoftmaxTarget(1), ClassifierOutputSoftmaxTarget(2)]
+    cams = maps.upsample("local").numpy()
+    checked = 0
+    for layer, cam in enumerate(cams):
+        for j, p in enumerate(ps):
+            morf = ref_road.ROADMostRelevantFirst(p)(x.float(), cam, calls, wrapped)
+            lerf = ref_road.ROADLeastRelevantFirst(p)(x.float(), cam, calls, wrapped)
+            assert np.abs(res.morf[0, layer, :, j] - morf).max() < 1e-5
+            assert np.abs(res.lerf[0, layer, :, j] - lerf).max() < 1e-5
+            checked += 1
+    # the labels matter: the extreme percentiles' score changes differ
+    assert np.abs(res.morf[0, :, :, 0] - res.morf[0, :, :, 2]).max() > 1e-3
+    assert checked == 9
+
+
+def test_logits_reuse_skips_the_clean_forward():
+    model, x = sharp_model(), images()
+    maps = hand_maps(2, 24, 40)
+    rows = []
+    handle = model.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    try:
+        plain = ybroad(model, x, maps, targets=[1, 3], noise=0.0, progress=False)
+        n_plain = sum(rows)
+        rows.clear()
+        with torch.no_grad():
+            logits = model(x.double())
+        rows.clear()
+        reused = ybroad(model, x, maps, targets=[1, 3], noise=0.0, progress=False, logits=logits)
+    finally:
+        handle.remove()
+    assert sum(rows) == n_plain - 2 == 3 * 2 * 4 * 2     # layers x MoRF/LeRF x percentiles x images
+    assert np.allclose(plain.scores, reused.scores, atol=1e-12, rtol=0)
+    assert np.array_equal(plain.clean, reused.clean)
+    for bad, match in [(logits[:1], "2 images"), (logits.numpy(), "tensor"),
+                       (logits.masked_fill(logits > 0, float("nan")), "NaN")]:
+        with pytest.raises(CAManimError, match=match):
+            ybroad(model, x, maps, targets=[1, 3], progress=False, logits=bad)
 
 
 def test_array_maps_and_clean_scores():
@@ -193,6 +269,59 @@ def test_scores_do_not_depend_on_batch_size():
     a = ybroad(model, x, maps, targets=[0, 1, 2], noise=0.02, seed=3, progress=False)
     b = ybroad(model, x, maps, targets=[0, 1, 2], noise=0.02, seed=3, batch_size=5, progress=False)
     assert np.allclose(a.scores, b.scores, atol=1e-12, rtol=0)
+
+
+def test_scores_do_not_depend_on_how_layers_are_grouped(monkeypatch):
+    """Layers are imputed together up to the solver's memory budget; the
+    grouping (one layer, two, all) changes neither numbers nor noise."""
+    model, x = sharp_model(), images(b=2, seed=9)
+    maps = hand_maps(2, 24, 40, sizes=((6, 10), (3, 5), (12, 20), (4, 4)), seed=2)
+    results = []
+    for per_solve in (1, 2 * 4 * 2 * 2, 10 ** 6):        # masks: one layer's 16, two layers, all
+        monkeypatch.setattr(camanim.metrics.road, "masks_per_solve", lambda *a, n=per_solve, **k: n)
+        res = ybroad(model, x, maps, targets=[0, 1], noise=0.02, seed=3, trials=2, progress=False)
+        results.append(res)
+    assert [r.extra["layers_per_solve"] for r in results] == [1, 2, 4]
+    for r in results[1:]:
+        assert np.allclose(r.trials, results[0].trials, atol=1e-12, rtol=0)
+
+
+def test_memory_probe_is_a_difference_and_leaves_peak_statistics_alone(monkeypatch):
+    """The device path of the batch-size choice, run on the CPU with a fake
+    allocation counter: batch size = a third of the free bytes over one
+    image's extra bytes; its forward doubles as the first clean forward; no
+    hook is left behind and the CUDA peak statistics are never reset."""
+    from helpers import no_hooks
+
+    model, x = sharp_model(), images(b=3, seed=4)
+    maps = hand_maps(3, 24, 40)
+    counter = [0]
+
+    def allocated():
+        counter[0] += 1000                  # every module "allocates" 1000 bytes
+        return counter[0]
+
+    def forbidden(*a, **k):
+        raise AssertionError("the user's CUDA peak-memory statistics must stay")
+
+    n_modules = len(list(model.modules()))
+    monkeypatch.setattr(camanim.metrics.road, "_device_memory", lambda device: (allocated, 3 * 1000 * 5 * (n_modules + 1)))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", forbidden)
+    monkeypatch.setattr(torch.cuda, "reset_max_memory_allocated", forbidden)
+    rows = []
+    handle = model.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    try:
+        res = ybroad(model, x, maps, targets=[0, 1, 2], noise=0.0, progress=False)
+    finally:
+        handle.remove()
+    assert no_hooks(model)
+    assert 1 <= res.extra["batch_size"] <= 5
+    assert rows[:2] == [1, 2]                 # probe image, then the rest of the clean batch
+    assert sum(rows) == 3 + 3 * 2 * 4 * 3
+    ref = ybroad(model, x, maps, targets=[0, 1, 2], noise=0.0, progress=False,
+                 batch_size=res.extra["batch_size"])
+    monkeypatch.undo()
+    assert np.allclose(res.scores, ref.scores, atol=1e-12, rtol=0)
 
 
 def test_trials_mean_std_and_seeds():
@@ -322,6 +451,36 @@ def test_cuda_matches_cpu():
     a = ybroad(model, x.cuda(), maps, targets=[1, 3], noise=0.01, seed=0, progress=False)
     b = ybroad(model, x.cuda(), maps, targets=[1, 3], noise=0.01, seed=0, progress=False)
     assert np.array_equal(a.scores, b.scores)
+
+
+def test_bfloat16_model_against_its_float32_copy():
+    """A bf16 model runs in bf16; imputation, noise and scores stay float32.
+    Its float32 copy (same, bf16-representable weights) differs only by the
+    rounding of activations: bf16 keeps 8 significant bits (~0.4% per op).
+    Measured: scores move by ~2e-3 and ROAD (up to ~0.04 here) by ~5e-4;
+    the stated tolerance is 5e-3 on both, and ROAD keeps its sign where it
+    is clearly away from 0."""
+    torch.manual_seed(0)
+    m16 = TinyCNN(classes=5).eval()
+    with torch.no_grad():
+        m16.fc.weight.mul_(100.0)
+    m16 = m16.bfloat16()
+    m32 = TinyCNN(classes=5).eval()
+    m32.load_state_dict({k: v.float() for k, v in m16.state_dict().items()})
+    x = 2.0 * images(b=2, h=24, w=32, seed=8)       # |x| up to ~7: bf16 steps up to 0.03
+    maps = hand_maps(2, 24, 32, seed=8, dtype=torch.float32)
+    kw = dict(targets=[1, 3], noise=0.01, seed=0, trials=2, progress=False)
+    r16 = ybroad(m16, x, maps, **kw)
+    r32 = ybroad(m32, x, maps, **kw)
+    assert r16.scores.dtype == np.float64 and np.isfinite(r16.scores).all()
+    assert np.abs(r32.scores).max() > 0.02             # a real signal to compare
+    assert np.abs(r16.scores - r32.scores).max() < 5e-3
+    clear = np.abs(r32.scores) > 0.01
+    assert clear.any() and (np.sign(r16.scores[clear]) == np.sign(r32.scores[clear])).all()
+    assert np.abs(r16.clean - r32.clean).max() < 5e-3
+    # the noise reaches the bf16 model: noise 0.01 changes its scores
+    r16_0 = ybroad(m16, x, maps, **{**kw, "noise": 0.0})
+    assert not np.array_equal(r16_0.scores, r16.scores)
 
 
 def test_single_output_model_with_softmax_score_is_a_clear_error():

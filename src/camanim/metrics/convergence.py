@@ -328,7 +328,7 @@ def chance_road(model: torch.nn.Module, images: torch.Tensor, targets: Any = Non
     """ROAD of the two chance maps (`chance_maps`), scored like the layers.
 
     Call it with the same targets, percentiles, noise, seed and score as
-    the layers' `camanim.road.ybroad`, so the only difference is the map.
+    the layers' `camanim.metrics.road.ybroad`, so the only difference is the map.
     The maps go through ybROAD as a `LayerMaps` of two "layers" named
     ``random`` and ``blob`` (normalized "local" like every layer).
 
@@ -336,13 +336,13 @@ def chance_road(model: torch.nn.Module, images: torch.Tensor, targets: Any = Non
         model, images: as for ``ybroad``; images ``(B, C, H, W)``.
         targets: the classes the layers' maps explain (pass ``maps.targets``
             so that the baseline scores the same class); ``None`` = predicted.
-        percentiles: default ``camanim.road.DEFAULT_PERCENTILES``.
+        percentiles: default ``camanim.metrics.road.DEFAULT_PERCENTILES``.
         noise, seed, batch_size, score, trials, progress: as for ``ybroad``.
         map_seed: seed of the random map (default ``seed``).
         cells, blob_sigma: see `chance_maps`.
 
     Returns:
-        `camanim.road.YbRoad` with ``scores`` of shape ``(2, B)``: row 0 the
+        `camanim.metrics.road.YbRoad` with ``scores`` of shape ``(2, B)``: row 0 the
         random map, row 1 the blob.
     """
     from .road import DEFAULT_PERCENTILES, ybroad

@@ -12,18 +12,39 @@ pixel. It builds one sparse system per image and mask and solves it with
 SuperLU. Here the same systems are solved for many masks, images and
 channels at once, on any device, by conjugate gradients preconditioned with
 a geometric multigrid V-cycle (Galerkin coarse operators, Jacobi
-smoothing): the iteration runs in float32, the solution and its true
-residual in float64.
+smoothing).
 
-With ``u`` the removed-pixel indicator, the system in SPD form is
+With ``u`` the removed-pixel indicator, the system is used in SPD form and
+multiplied by 12, so that every coefficient is a small integer (exact in
+any float dtype; an inexact ``1/12`` would act as a spurious mass term that
+float32 rounding turns into a visible bias on large removed regions):
 
-    A x = b,   (A x)_i = u_i (S_i x_i - sum_n w_n u_n x_n),
-               b_i     = u_i  sum_n w_n (1 - u_n) img_n.
+    A x = b,   (A x)_i = u_i (T_i x_i - sum_n k_n u_n x_n),
+               b_i     = u_i  sum_n k_n (1 - u_n) img_n,
 
-Rows of kept pixels are zero, ``x`` stays 0 there and the result is
-``where(u, x, img)``. An image whose every pixel is removed has no known
-value to interpolate from; the reference's solver returns 0 for it, and so
-does this one (``b = 0`` gives ``x = 0``).
+with ``k_n = 12 w_n`` (2 direct, 1 diagonal) and ``T_i = 12 S_i`` (12
+inside, 8 on an edge, 5 in a corner). Rows of kept pixels are zero, ``x``
+stays 0 there and the result is ``where(u, x, img)``. An image whose every
+pixel is removed has no known value to interpolate from; the reference's
+solver returns 0 for it, and so does this one (``b = 0`` gives ``x = 0``).
+
+Precision (`solve_dtype`): the solution and its true residual are float64
+on the CPU and float32 on accelerators (CUDA, MPS, ...): consumer GPUs run
+float64 at 1/32 to 1/64 of the float32 speed and MPS has no float64 at all.
+No float64 tensor is ever created on a non-CPU device (the coarsest-level
+pseudo-inverse is computed on the CPU). The preconditioner always runs in
+float32. A float32 solve splits the image, the right-hand side and the
+solution into a part on a power-of-two grid plus a small rest (`split`), so
+that the true residual of the integer system is exact up to the rounding of
+the rest: without it, float32's ``eps * |x|`` rounding floors the residual
+and large regions stall above the tolerance. Both paths then reach the same
+accuracy, well within 1e-5 of the reference (tests).
+
+Convergence: every system must reach its tolerance. Systems that conjugate
+gradients leave unconverged after ``max_iter`` iterations are solved again
+by a direct sparse solve (SciPy's SuperLU on the CPU, as the reference), or,
+when too large for that, by more iterations; a system that still misses its
+tolerance raises `CAManimError` (never a warning with a partial result).
 
 Layout: every vector lives on a zero-padded grid flattened to one axis,
 ``(N, C, Hp * Wp)``, so that a neighbour is a constant offset and every
@@ -32,9 +53,10 @@ stencil term is one contiguous, vectorized op (no padding copies).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,25 +69,74 @@ CENTER = 4
 NEIGHBOUR_WEIGHTS = ((1 / 12, 1 / 6, 1 / 12),
                      (1 / 6, 0.0, 1 / 6),
                      (1 / 12, 1 / 6, 1 / 12))
-# The solver stops when the multigrid estimate of the error, max |M^-1 r|,
-# is below TOL * max(1, max |image|). Measured on 40 224x224 ROAD masks of
-# ResNet-50 GradCAM maps and a standard-normal image (max |pixel| ~4.5),
-# the largest pixel difference to the reference's direct solve is then
-# 3.6e-6 (TOL 1e-6 gave 6.8e-6; the contract is 1e-5, and the reference
-# itself rounds its solution to float32).
+# 12 x the weights: the integer coefficients of the scaled system.
+NEIGHBOUR_WEIGHTS_12 = ((1.0, 2.0, 1.0),
+                        (2.0, 0.0, 2.0),
+                        (1.0, 2.0, 1.0))
+# The solver stops when the multigrid estimate of every system's error,
+# max |M^-1 r|, is below TOL * max(1, max |image|). Measured on 40 224x224
+# ROAD masks of ResNet-50 GradCAM maps and a standard-normal image (max
+# |pixel| ~4.5), the largest pixel difference to the reference's direct
+# solve is then 3.6e-6 (TOL 1e-6 gave 6.8e-6; the contract is 1e-5, and
+# the reference itself rounds its solution to float32).
 TOL = 5e-7
 MAX_ITER = 100
-REPLACE = 1e-3  # recompute the residual in float64 after this error reduction
+# Systems with at most this many unknown pixels that conjugate gradients
+# leaves unconverged get a direct sparse solve on the CPU (a 224x224 mask
+# has at most 50176; SuperLU needs well under a second and ~100 MB there).
+DIRECT_MAX_UNKNOWNS = 1_000_000
+# Larger ones get this many times max_iter more iterations instead.
+MORE_ITER_FACTOR = 10
+REPLACE = 1e-3  # recompute the true residual after this error reduction
 _COARSEST_POINTS = 100   # coarsen until a level has at most this many points
 # On CPU the solver is memory-bound: chunks of a few 224x224 masks run
 # fastest (measured: 4-8 masks per chunk beat 16-32 by 20-40%); on CUDA a
 # quarter of the free memory bounds the chunk.
 _WORK_BYTES_CPU = 48 * 2 ** 20
+_WORK_BYTES_OTHER = 512 * 2 ** 20   # MPS and other devices without a free-memory query
 
 
-def neighbour_kernel(dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """The ``(1, 1, 3, 3)`` neighbour-weight kernel."""
-    return torch.tensor(NEIGHBOUR_WEIGHTS, dtype=dtype, device=device)[None, None]
+def solve_dtype(device: torch.device | str) -> torch.dtype:
+    """dtype of the solution and its true residual on ``device``.
+
+    float64 on the CPU (cheap there; keeps the solve far below the 1e-5
+    contract), float32 on any other device (MPS has no float64; consumer
+    GPUs run it 32-64x slower). `impute`'s ``dtype=`` overrides it, e.g. to
+    test the float32 path on the CPU.
+    """
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype in which imputed images and noise are accumulated for inputs of
+    ``dtype``: float32 for half precision (bf16's step of 2^-6 at |x| >= 2
+    would round the default ROAD noise of 0.01 away), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def neighbour_kernel(dtype: torch.dtype, device: torch.device | str, scaled: bool = False
+                     ) -> torch.Tensor:
+    """The ``(1, 1, 3, 3)`` neighbour-weight kernel (``scaled``: times 12)."""
+    w = NEIGHBOUR_WEIGHTS_12 if scaled else NEIGHBOUR_WEIGHTS
+    return torch.tensor(w, dtype=dtype, device=device)[None, None]
+
+
+def quantum(scale: torch.Tensor) -> torch.Tensor:
+    """Power of two ``q`` with ``scale <= 2^18 q`` (``scale >= 1``)."""
+    return torch.exp2(torch.ceil(torch.log2(scale)) - 18)
+
+
+def split(v: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``v = hi + lo`` exactly, ``hi`` a multiple of the power of two ``q``
+    (broadcast), ``|lo| <= q / 2``.
+
+    float32 keeps 24 bits: integer-weighted sums of such ``hi`` below
+    ``2^24 q`` are exact, so the residual of the integer system is free of
+    the ``eps * |x|`` rounding that otherwise floors float32 accuracy (the
+    imputed values never exceed the image's range, maximum principle).
+    """
+    hi = torch.round(v / q) * q
+    return hi, v - hi
 
 
 # ------------------------------------------------------------------- grids
@@ -151,12 +222,12 @@ def apply_stencil(coef: torch.Tensor, x: torch.Tensor, grid: Grid,
 
 
 class FineOperator:
-    """The reference's system for removed-pixel masks, applied matrix-free.
+    """The reference's system for removed-pixel masks (times 12), matrix-free.
 
-    ``A x = u * ((S + 1/3) x - (k121 x k121) x / 12)`` for ``x`` that is zero
-    on kept pixels: the neighbour kernel is the separable ``[1,2,1]^T [1,2,1]
-    / 12`` minus its center ``4/12``, so one application is 4 shifted adds
-    instead of 8.
+    ``A x = u * ((T + 4) x - (k121 x k121) x)`` for ``x`` that is zero on
+    kept pixels: the integer neighbour kernel is the separable ``[1,2,1]^T
+    [1,2,1]`` minus its center 4, so one application is 4 shifted adds
+    instead of 8, with integer coefficients only.
     """
 
     def __init__(self, unknown: torch.Tensor, grid: Grid) -> None:
@@ -164,10 +235,10 @@ class FineOperator:
         self.grid = grid
         dtype, dev = unknown.dtype, unknown.device
         ones = torch.ones((1, 1, grid.h, grid.w), dtype=dtype, device=dev)
-        s = F.conv2d(ones, neighbour_kernel(dtype, dev), padding=1)  # in-image weights
+        t = F.conv2d(ones, neighbour_kernel(dtype, dev, scaled=True), padding=1)  # 12 S: 5, 8, 12
         self.u = grid.pad(unknown)                       # (N, 1, P)
-        self.s = grid.pad(s)                             # (1, 1, P)
-        self.diag = grid.pad(s + 1 / 3)                  # (1, 1, P)
+        self.s = grid.pad(t)                             # (1, 1, P)
+        self.diag = grid.pad(t + 4)                      # (1, 1, P)
         self._t: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
 
@@ -182,11 +253,11 @@ class FineOperator:
         return self.u
 
     def inv_diag(self) -> torch.Tensor:
-        """``(N, 1, P)``: ``u / S`` (the Jacobi weights), 0 on padding."""
+        """``(N, 1, P)``: ``u / T`` (the Jacobi weights), 0 on padding."""
         return self.u / torch.where(self.s > 0, self.s, 1.0)
 
     def neighbour_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """``12 sum_n w_n x_n + 4 x`` on the interior span: ``(N, C, e - s)``."""
+        """``sum_n k_n x_n + 4 x`` on the interior span: ``(N, C, e - s)``."""
         g = self.grid
         p = g.numel
         s, e = g.span
@@ -207,7 +278,7 @@ class FineOperator:
         y = torch.zeros_like(x) if out is None else out
         ys = y[..., s:e]
         torch.mul(x[..., s:e], self.diag[..., s:e], out=ys)   # 0 where kept, as x
-        ys.addcmul_(self.u[..., s:e], self.neighbour_sum(x), value=-1 / 12)
+        ys.addcmul_(self.u[..., s:e], self.neighbour_sum(x), value=-1.0)
         return y
 
     def residual(self, b: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -215,22 +286,35 @@ class FineOperator:
         s, e = self.grid.span
         os_ = out[..., s:e]
         torch.addcmul(b[..., s:e], x[..., s:e], self.diag[..., s:e], value=-1.0, out=os_)
-        os_.addcmul_(self.u[..., s:e], self.neighbour_sum(x), value=1 / 12)
+        os_.addcmul_(self.u[..., s:e], self.neighbour_sum(x))
         return out
 
+    def residual_split(self, b_hi: torch.Tensor, b_lo: torch.Tensor, q: torch.Tensor,
+                       x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``b - A x`` with ``b = b_hi + b_lo``, accurate to rounding of the
+        result (not of ``|b|``) in float32 (see `split`).
+
+        ``b_hi`` and ``x_hi`` are multiples of the power of two ``q`` (``(N,
+        1, 1)``) below ``2^19 q``: with integer coefficients, ``b_hi - A
+        x_hi`` is exact in float32, and only the small low parts round.
+        """
+        x_hi, x_lo = split(x, q)
+        self.residual(b_hi, x_hi, out=out)
+        return out.add_(self.residual(b_lo, x_lo, out=torch.zeros_like(out)))
+
     def rhs(self, images: torch.Tensor) -> torch.Tensor:
-        """``b = u * sum_n w_n (1 - u_n) img_n`` for padded ``(N, C, P)`` images."""
+        """``b = u * sum_n k_n (1 - u_n) img_n`` for padded ``(N, C, P)`` images."""
         known = images * (1 - self.u)
         b = torch.zeros_like(images)
         s, e = self.grid.span
         # the kept image is zero where u = 1, so the center term drops out
         torch.mul(self.neighbour_sum(known), self.u[..., s:e], out=b[..., s:e])
-        return b.mul_(1 / 12)
+        return b
 
     def coef(self) -> torch.Tensor:
         """``(N, 9, P)`` explicit stencil (coarsest solve of tiny grids, tests)."""
         g = self.grid
-        w = neighbour_kernel(self.u.dtype, self.u.device).reshape(9).tolist()
+        w = NEIGHBOUR_WEIGHTS_12[0] + NEIGHBOUR_WEIGHTS_12[1] + NEIGHBOUR_WEIGHTS_12[2]
         s, e = g.span
         c = torch.zeros((self.u.shape[0], 9, g.numel), dtype=self.u.dtype, device=self.u.device)
         for k in range(9):
@@ -366,16 +450,18 @@ def _dense(coef: torch.Tensor) -> torch.Tensor:
 
 
 def _pinv(a: torch.Tensor) -> torch.Tensor:
-    """Pseudo-inverse of ``(N, n, n)`` symmetric PSD matrices.
+    """Pseudo-inverse of ``(N, n, n)`` symmetric PSD matrices, computed on
+    the CPU in float64 (no float64 on accelerators; MPS has none), returned
+    on ``a``'s device in ``a``'s dtype.
 
     Galerkin operators can be singular (two coarse points whose
     interpolation touches the same single removed pixel); the systems are
     still consistent and any solution gives the same masked correction.
     """
-    lam, vec = torch.linalg.eigh(a.double())
+    lam, vec = torch.linalg.eigh(a.detach().cpu().double())
     cut = lam.amax(-1, keepdim=True) * (a.shape[-1] * 1e-12)
     inv = torch.where(lam > cut, 1.0 / torch.where(lam > cut, lam, 1.0), 0.0)
-    return ((vec * inv[:, None, :]) @ vec.transpose(1, 2)).to(a.dtype)
+    return ((vec * inv[:, None, :]) @ vec.transpose(1, 2)).to(device=a.device, dtype=a.dtype)
 
 
 class _Level:
@@ -405,7 +491,8 @@ class Multigrid:
     prolongation transposed, exact (pseudo-inverse) coarsest solve: a
     symmetric positive definite preconditioner for conjugate gradients.
     Runs in ``dtype`` (float32: half the memory traffic of float64; the
-    outer conjugate gradients keep float64 accuracy).
+    outer conjugate gradients recompute the true residual in the solution's
+    dtype, so this does not limit the accuracy).
     """
 
     def __init__(self, fine: FineOperator, dtype: torch.dtype = torch.float32) -> None:
@@ -467,91 +554,127 @@ def _dot(a: torch.Tensor, b: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
     return torch.mul(a, b, out=work).sum(-1, keepdim=True)
 
 
-def _absmax(x: torch.Tensor) -> float:
-    lo, hi = x.aminmax()
-    return max(-float(lo), float(hi))
-
-
-def solve_pcg(op: FineOperator, b: torch.Tensor, tol: float, max_iter: int = MAX_ITER,
-              precond: Multigrid | None = None) -> tuple[torch.Tensor, int]:
+def solve_pcg(op: FineOperator, b: torch.Tensor, tol: float | torch.Tensor,
+              max_iter: int = MAX_ITER, precond: Multigrid | None = None,
+              residual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Multigrid-preconditioned conjugate gradients for ``A x = b``.
 
     Mixed precision: the iteration runs in the preconditioner's dtype
     (float32: half the memory traffic); whenever the error estimate has
     dropped ``1 / REPLACE``-fold since the last time, the steps are added to
-    the float64 solution and the residual is recomputed from it in float64
-    ("reliable updates"), so float32 rounding never limits the accuracy.
+    the solution (``b``'s dtype) and the residual is recomputed from it
+    ("reliable updates"). Convergence is only declared on a true residual,
+    so the drift of the recursive float32 residual cannot fake it.
 
     Args:
         op: the operator A in ``b``'s dtype.
         b: ``(N, C, P)`` padded right-hand sides (zero where kept).
-        tol: absolute accuracy target: stop when every system's error
-            estimate ``max |M^-1 r|`` is below it.
-        max_iter: iteration cap (a RuntimeWarning is issued if it is hit).
+        tol: absolute accuracy target, one number or an ``(N, 1, 1)``
+            tensor (one per system): system n has converged when its error
+            estimate ``max |M^-1 r|`` is at most ``tol[n]`` in every channel.
+        max_iter: iteration cap.
+        residual: ``residual(x, out)`` writes the true ``b - A x`` into
+            ``out`` (default ``op.residual(b, x, out)``; float32 solves pass
+            the split, exact form).
 
     Returns:
-        (solution ``(N, C, P)`` in ``b``'s dtype, iterations used).
+        (solution ``(N, C, P)`` in ``b``'s dtype, ``(N,)`` bool converged,
+        iterations used). Unconverged systems are the caller's to handle.
     """
     mg = precond if precond is not None else Multigrid(op)
+    if residual is None:
+        def residual(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            return op.residual(b, x, out=out)
     low = mg.fine
-    x = torch.zeros_like(b)              # float64 solution
-    dx = torch.zeros_like(b, dtype=mg.dtype)   # float32 steps since the last true residual
-    r = b.to(mg.dtype)
-    r64 = torch.zeros_like(b)            # outputs only write the interior span
+    n = b.shape[0]
+    tiny = torch.finfo(mg.dtype).tiny
+    tol_t = torch.as_tensor(tol, dtype=torch.float32, device=b.device)
+    inv_tol = 1.0 / tol_t.reshape(-1, 1, 1).clamp_min(tiny)           # (N or 1, 1, 1)
+    x = torch.zeros_like(b)                         # solution, b's dtype
+    dx = torch.zeros_like(b, dtype=mg.dtype)        # steps since the last true residual
+    r = b.to(mg.dtype, copy=True)                   # never an alias of b
+    r_true = torch.zeros_like(b)                    # outputs only write the interior span
+    ap = torch.zeros_like(r)
+    work = torch.empty_like(r)
+
+    def rel_error(z: torch.Tensor) -> torch.Tensor:
+        """``(N, C, 1)`` error estimate over tolerance (converged: <= 1)."""
+        return torch.abs(z, out=work).amax(-1, keepdim=True).float() * inv_tol
+
     z = mg(r)
-    err = _absmax(z) if z.numel() else 0.0
-    last_true = err
+    e = rel_error(z)
+    last_true = e.clone()
+    fresh = torch.ones_like(e, dtype=torch.bool)   # r is the true residual of x
+    done = torch.zeros_like(fresh)
     p = z.clone()
-    ap = torch.zeros_like(p)
-    work = torch.empty_like(p)
-    tiny = torch.finfo(p.dtype).tiny
     rz = _dot(r, z, work)
     it = 0
-    while err > tol and it < max_iter:
+    # Every decision is taken per (system, channel) row, so that a row's
+    # iterates do not depend on the rows solved with it (the result does not
+    # depend on chunking, i.e. on free memory). A row is done once a TRUE
+    # residual meets its tolerance; a recursive one that seems to is
+    # replaced by the true one after the next step, and checked again.
+    while it < max_iter:
+        done |= fresh & (e <= 1.0)
+        if bool(done.all()):
+            break
         it += 1
         low.apply(p, out=ap)
-        # converged systems (p = 0, r^T z = 0) and rounding (p^T A p <= 0)
-        # take no step instead of dividing by 0
+        # done rows, converged systems (p = 0, r^T z = 0) and rounding
+        # (p^T A p <= 0) take no step instead of dividing by 0
         pap = _dot(p, ap, work)
-        alpha = rz / pap.clamp_min(tiny) * (pap > 0)
+        alpha = rz / pap.clamp_min(tiny) * ((pap > 0) & ~done)
         dx.addcmul_(alpha, p)
-        replace = err < REPLACE * last_true
-        if replace:
-            x.add_(dx)
-            dx.zero_()
-            r.copy_(op.residual(b, x, out=r64))
-        else:
-            r.addcmul_(alpha, ap, value=-1.0)
+        r.addcmul_(alpha, ap, value=-1.0)
+        replace = ~done & ((e < REPLACE * last_true) | (e <= 1.0))
+        if bool(replace.any()):
+            x.add_(dx * replace)
+            dx.mul_(~replace)
+            r_new = residual(x, r_true).to(mg.dtype)
+            r.copy_(torch.where(replace, r_new, r))
+        fresh = replace
         z = mg(r)
-        err = _absmax(z)
-        if replace:
-            last_true = err
+        e = rel_error(z)
+        last_true = torch.where(replace, e, last_true)
         rz_new = _dot(r, z, work)
         beta = rz_new / rz.clamp_min(tiny) * (rz > 0)
         torch.addcmul(z, beta, p, out=p)
         rz = rz_new
-    x.add_(dx)
-    if err > tol:
-        warnings.warn(f"imputation: the linear solver stopped after {max_iter} iterations "
-                      f"with error estimate {err:.1e} > {tol:.1e}", RuntimeWarning, stacklevel=3)
-    return x, it
+    done |= fresh & (e <= 1.0)
+    if not bool(done.all()):
+        x.add_(dx)
+        dx.zero_()
+        e = torch.where(done, e, rel_error(mg(residual(x, r_true).to(mg.dtype))))
+    converged = (e <= 1.0).reshape(n, -1).all(1)      # NaN counts as unconverged
+    return x, converged, it
 
 
-def _chunk(n_masks: int, channels: int, grid: Grid, device: torch.device) -> int:
-    """Masks solved together: bounded by a working-memory budget."""
-    # float64: x, b, residual, images; float32: ~10 vectors, 9 coarse coefs
-    per_mask = grid.numel * (8 * channels * 4 + 4 * channels * 10 + 4 * 9)
+def masks_per_solve(channels: int, h: int, w: int, device: torch.device | str,
+                    dtype: torch.dtype | None = None) -> int:
+    """Masks `impute` solves together for ``(C, h, w)`` images on ``device``:
+    bounded by a working-memory budget (CUDA: a quarter of the memory that
+    is free or cached by torch; CPU: a small, cache-friendly budget)."""
+    device = torch.device(device)
+    grid = Grid(h, w)
+    size = torch.finfo(dtype or solve_dtype(device)).bits // 8
+    # solution dtype: x, b, true residual, image; float32: ~10 vectors, 9 coarse coefs
+    per_mask = grid.numel * (size * channels * 4 + 4 * channels * 10 + 4 * 9)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = free // 4
-    else:
+    elif device.type == "cpu":
         budget = _WORK_BYTES_CPU
-    return max(1, min(n_masks, budget // max(per_mask, 1)))
+    else:
+        budget = _WORK_BYTES_OTHER
+    return max(1, budget // max(per_mask, 1))
 
 
 def impute(images: torch.Tensor, keep: torch.Tensor, noise: float = 0.0,
            generator: torch.Generator | None = None, tol: float = TOL,
-           max_iter: int = MAX_ITER, chunk: int | None = None) -> torch.Tensor:
+           max_iter: int = MAX_ITER, chunk: int | None = None,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
     """Noisy linear imputation of many images and masks at once.
 
     Args:
@@ -561,16 +684,26 @@ def impute(images: torch.Tensor, keep: torch.Tensor, noise: float = 0.0,
             imputes it (the reference's binary-mask convention).
         noise: standard deviation of Gaussian noise added to every imputed
             pixel (the reference's ``noise``); 0 adds none and draws nothing.
+            It is added in float32 or better (`work_dtype`) before the
+            result is cast to the images' dtype.
         generator: source of the noise, a `torch.Generator` on the images'
             device (the global RNG is never used; ``None`` with ``noise > 0``
             is an error).
-        tol: accuracy target of the solve, relative to ``max(1, max|img|)``.
-        max_iter: iteration cap of the solver.
-        chunk: masks solved together (default: by a memory budget).
+        tol: accuracy target of the solve, relative to ``max(1, max|img|)``
+            of each image.
+        max_iter: iterations of conjugate gradients before a system falls
+            back to a direct solve.
+        chunk: masks solved together (default: `masks_per_solve`).
+        dtype: dtype of the solution, float32 or float64 (default:
+            `solve_dtype` of the device: float64 on the CPU only).
 
     Returns:
         ``(N, C, H, W)`` in the images' dtype: kept pixels unchanged,
         imputed ones filled (plus noise).
+
+    Raises:
+        CAManimError: bad shapes, or a system that no solver path brought
+            to its tolerance.
     """
     if images.dim() != 4 or keep.dim() != 3 or tuple(keep.shape) != (images.shape[0],) + tuple(images.shape[2:]):
         raise CAManimError(f"impute needs images (N, C, H, W) and keep (N, H, W) with the same "
@@ -578,16 +711,24 @@ def impute(images: torch.Tensor, keep: torch.Tensor, noise: float = 0.0,
     if noise and generator is None:
         raise CAManimError("impute with noise > 0 needs a torch.Generator (generator=...); "
                            "the global RNG is never used")
+    sdt = solve_dtype(images.device) if dtype is None else dtype
+    if sdt not in (torch.float32, torch.float64):
+        raise CAManimError(f"impute's dtype must be torch.float32 or torch.float64, got {sdt}")
+    if sdt == torch.float64 and images.device.type != "cpu":
+        raise CAManimError(f"a float64 solve runs on the CPU only (got images on "
+                           f"{images.device}); leave dtype=None for float32 there")
     n, c, h, w = images.shape
     grid = Grid(h, w)
     unknown = (keep < 0.5) if keep.is_floating_point() else ~keep.bool()
-    out = torch.empty(images.shape, dtype=images.dtype, device=images.device)
-    step = chunk or _chunk(n, c, grid, images.device)
+    out = torch.empty(images.shape, dtype=work_dtype(images.dtype), device=images.device)
+    step = chunk or masks_per_solve(c, h, w, images.device, sdt)
     for i in range(0, n, step):
-        img = images[i:i + step].to(torch.float64)
-        u = unknown[i:i + step, None].to(torch.float64)
+        img = images[i:i + step].to(sdt)
+        u = unknown[i:i + step, None].to(sdt)
         out[i:i + step] = _solve_chunk(img, u, grid, tol, max_iter)
-    return add_noise(out, keep, noise, generator) if noise else out
+    if noise:
+        out = add_noise(out, keep, noise, generator)
+    return out.to(images.dtype)
 
 
 def add_noise(filled: torch.Tensor, keep: torch.Tensor, noise: float,
@@ -597,7 +738,9 @@ def add_noise(filled: torch.Tensor, keep: torch.Tensor, noise: float,
     As the reference, one standard normal draw per imputed pixel and channel
     (drawn for all pixels, in one call of shape ``filled.shape``, so the
     stream depends only on the shape), from ``generator``, never the global
-    RNG.
+    RNG. Half-precision ``filled`` is computed in float32 and cast back
+    once; pass float32 images and cast the sum yourself to keep the noise
+    unrounded until the end (as `camanim.metrics.road.ybroad` does).
 
     Args:
         filled: ``(N, C, H, W)`` imputed images.
@@ -608,18 +751,132 @@ def add_noise(filled: torch.Tensor, keep: torch.Tensor, noise: float,
     if generator is None:
         raise CAManimError("noise > 0 needs a torch.Generator (generator=torch.Generator"
                            "(device).manual_seed(seed)); the global RNG is never used")
+    wd = work_dtype(filled.dtype)
     unknown = (keep < 0.5) if keep.is_floating_point() else ~keep.bool()
-    eps = torch.randn(filled.shape, generator=generator, dtype=filled.dtype, device=filled.device)
-    return torch.addcmul(filled, unknown[:, None].to(filled.dtype), eps, value=float(noise))
+    eps = torch.randn(filled.shape, generator=generator, dtype=wd, device=filled.device)
+    out = torch.addcmul(filled.to(wd), unknown[:, None].to(wd), eps, value=float(noise))
+    return out.to(filled.dtype)
 
 
 def _solve_chunk(img: torch.Tensor, u: torch.Tensor, grid: Grid, tol: float,
                  max_iter: int) -> torch.Tensor:
-    """Solve one chunk: float64 ``(n, C, H, W)`` images, ``(n, 1, H, W)`` masks."""
+    """Solve one chunk: ``(n, C, H, W)`` images and ``(n, 1, H, W)`` masks,
+    both in the solution dtype; unconverged systems go to `_fallback`."""
     if not bool(u.any()):
         return img
+    scale = img.abs().amax(dim=(1, 2, 3)).float().clamp_min(1.0)
+    tol_n = (tol * scale).reshape(-1, 1, 1)
+    x, ok = _pcg_system(img, u, grid, scale, tol_n, max_iter)
+    out = torch.where(u.bool(), grid.unpad(x), img)
+    if not bool(ok.all()):
+        bad = torch.nonzero(~ok).flatten()
+        out[bad] = _fallback(img[bad], u[bad], grid, scale[bad], tol_n[bad], max_iter)
+    return out
+
+
+def _pcg_system(img: torch.Tensor, u: torch.Tensor, grid: Grid, scale: torch.Tensor,
+                tol_n: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set up and solve the systems of ``img`` / ``u``; float32 uses the
+    split rhs and residual (`split`). Returns (padded x, converged)."""
     op = FineOperator(u, grid)
-    b = op.rhs(grid.pad(img))
-    scale = max(1.0, float(img.abs().amax()))
-    x, _ = solve_pcg(op, b, tol=tol * scale, max_iter=max_iter)
-    return torch.where(u.bool(), grid.unpad(x), img)
+    if img.dtype == torch.float64:
+        x, ok, _ = solve_pcg(op, op.rhs(grid.pad(img)), tol_n, max_iter=max_iter)
+        return x, ok
+    q = quantum(scale).to(img.dtype).reshape(-1, 1, 1)
+    img_hi, img_lo = split(img, q[..., None])
+    b_hi, b_lo = op.rhs(grid.pad(img_hi)), op.rhs(grid.pad(img_lo))
+    b = b_hi + b_lo
+    x, ok, _ = solve_pcg(op, b, tol_n, max_iter=max_iter,
+                         residual=lambda x, out: op.residual_split(b_hi, b_lo, q, x, out))
+    return x, ok
+
+
+def _fallback(img: torch.Tensor, u: torch.Tensor, grid: Grid, scale: torch.Tensor,
+              tol_n: torch.Tensor, max_iter: int) -> torch.Tensor:
+    """Systems conjugate gradients left unconverged: a direct sparse solve on
+    the CPU (float64, SciPy's SuperLU, as the reference) up to
+    `DIRECT_MAX_UNKNOWNS` unknowns, else ``MORE_ITER_FACTOR * max_iter``
+    more iterations; `CAManimError` if that still misses the tolerance.
+    Returns the ``(n, C, H, W)`` filled images in ``img``'s dtype and device."""
+    out = img.clone()
+    counts = u.flatten(1).sum(1).tolist()
+    small = [i for i, k in enumerate(counts) if k <= DIRECT_MAX_UNKNOWNS]
+    large = [i for i, k in enumerate(counts) if k > DIRECT_MAX_UNKNOWNS]
+    for i in small:
+        sol = direct_solve(img[i].detach().cpu().double().numpy(), u[i, 0].detach().cpu().numpy() > 0.5)
+        out[i] = torch.from_numpy(sol).to(device=img.device, dtype=img.dtype)
+    if large:
+        idx = torch.tensor(large, device=img.device)
+        x, ok = _pcg_system(img[idx], u[idx], grid, scale[idx], tol_n[idx],
+                            MORE_ITER_FACTOR * max_iter)
+        if not bool(ok.all()):
+            raise CAManimError(
+                f"imputation: the linear solve of {int((~ok).sum())} mask(s) of "
+                f"{grid.h}x{grid.w} pixels did not reach its tolerance after "
+                f"{(MORE_ITER_FACTOR + 1) * max_iter} iterations; pass a larger tol= (or max_iter=) "
+                "to impute, or smaller images")
+        out[idx] = torch.where(u[idx].bool(), grid.unpad(x), img[idx])
+    return out
+
+
+def direct_solve(img: np.ndarray, unknown: np.ndarray) -> np.ndarray:
+    """The reference's system for one image, solved directly (SuperLU).
+
+    Args:
+        img: ``(C, H, W)`` float64 image.
+        unknown: ``(H, W)`` bool, True where the pixel is imputed.
+
+    Returns:
+        ``(C, H, W)`` float64: ``img`` with the unknown pixels filled.
+
+    Raises:
+        CAManimError: the solution is not finite or its residual is not at
+            rounding level (a singular system: cannot happen for a mask
+            that keeps at least one pixel).
+    """
+    from scipy.sparse import csc_matrix
+    from scipy.sparse.linalg import spsolve
+
+    c, h, w = img.shape
+    flat_u = unknown.reshape(-1)
+    idx = np.flatnonzero(flat_u)
+    m = idx.size
+    out = img.astype(np.float64, copy=True)
+    if m == 0:
+        return out
+    if m == h * w:              # nothing to interpolate from: the reference gives 0
+        out[:] = 0.0
+        return out
+    var = np.full(h * w, -1, dtype=np.int64)
+    var[idx] = np.arange(m)
+    ii, jj = np.divmod(idx, w)
+    flat_img = img.reshape(c, -1)
+    rows, cols, vals = [np.arange(m)], [np.arange(m)], []
+    diag = np.zeros(m)
+    b = np.zeros((m, c))
+    for (dy, dx) in OFFSETS:
+        k = NEIGHBOUR_WEIGHTS_12[dy + 1][dx + 1]
+        if k == 0:
+            continue
+        ni, nj = ii + dy, jj + dx
+        inside = (ni >= 0) & (ni < h) & (nj >= 0) & (nj < w)
+        diag += k * inside
+        nflat = np.where(inside, ni * w + nj, 0)
+        unk = inside & flat_u[nflat]
+        rows.append(np.flatnonzero(unk))
+        cols.append(var[nflat[unk]])
+        vals.append(np.full(int(unk.sum()), -k))
+        kn = inside & ~flat_u[nflat]
+        b[kn] += k * flat_img[:, nflat[kn]].T
+    a = csc_matrix((np.concatenate([diag] + vals), (np.concatenate(rows), np.concatenate(cols))),
+                   shape=(m, m))
+    x = np.asarray(spsolve(a, b)).reshape(m, c)
+    resid = np.abs(a @ x - b).max() if m else 0.0
+    scale = 12 * max(1.0, float(np.abs(img).max()))
+    if not np.isfinite(x).all() or not resid <= 1e-9 * scale:
+        raise CAManimError(
+            f"imputation: the direct solve of a {h}x{w} mask with {m} removed pixels failed "
+            f"(residual {resid:.1e}); a mask must keep at least one pixel next to every "
+            "removed region")
+    out.reshape(c, -1)[:, idx] = x.T
+    return out

@@ -4,16 +4,24 @@ ROAD (Rong et al. 2022) removes a percentile of pixels by noisy linear
 imputation and measures the change of the target score. The conventions are
 those of ``pytorch_grad_cam.metrics.road.ROADCombined``:
 
-* MoRF at percentile p: ``threshold = np.percentile(cam, p)``, keep the
-  pixels with ``cam < threshold``, impute the rest; LeRF: the same on
-  ``1 - cam``;
+* percentile ``p`` is the percentage of pixels KEPT (`PERCENTILE_CONVENTION`):
+  MoRF at p: ``threshold = np.percentile(cam, p)``, keep the pixels with
+  ``cam < threshold``, impute the other ``100 - p`` percent (the most
+  relevant); LeRF: the same on ``1 - cam``;
 * the score change is ``score(perturbed) - score(clean)``;
 * ROAD = mean over percentiles of ``(LeRF - MoRF) / 2``.
 
 Doing this for every layer of a CAManim run gives the "yellow brick ROAD"
-(CAManim paper, Eq. 5). Here every mask of every layer is imputed in large
-batches (`camanim.metrics.imputation`), the clean images go through the model once,
-and all perturbed images go through it in large batches.
+(CAManim paper, Eq. 5). Here the masks of several layers are imputed
+together (`camanim.metrics.imputation`, as many as its memory budget allows),
+the clean images go through the model at most once (not at all when their
+``logits=`` are passed), and the perturbed images of all images, layers,
+percentiles, MoRF/LeRF and trials go through it in batches sized by a
+memory budget.
+
+Precision: the model runs in its own dtype. Imputation, noise and scores
+are accumulated in float32 for half-precision models (float64 only on the
+CPU); see `ybroad`.
 """
 
 from __future__ import annotations
@@ -30,12 +38,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CAManimError
-from .imputation import add_noise, impute
 from ..core.inputs import SCORES, Target, check_images, resolve_targets, score_outputs
 from ..core.maps import LayerMaps
+from ..errors import CAManimError
+from .imputation import add_noise, impute, masks_per_solve, solve_dtype, work_dtype
 
 DEFAULT_PERCENTILES = (20, 40, 60, 80)
+#: What a ROAD percentile means here, in `road_masks`, `ybroad` and
+#: `YbRoad` (pytorch-grad-cam's convention, ``ROADCombined``): ``p`` is the
+#: percentage of pixels KEPT. MoRF at ``p`` = ``ROADMostRelevantFirst(p)``
+#: keeps the pixels with ``cam < np.percentile(cam, p)`` and imputes the
+#: ``100 - p`` percent most relevant ones; LeRF at ``p`` =
+#: ``ROADLeastRelevantFirst(p)`` does the same on ``1 - cam``, imputing the
+#: ``100 - p`` percent least relevant ones. So p = 20 removes 80% of the pixels.
+PERCENTILE_CONVENTION = "kept"
 
 
 # ------------------------------------------------------------------ results
@@ -77,12 +93,17 @@ class YbRoad:
         scores: ``(L, B)`` ROAD (mean over trials).
         names: the L layer names (``maps.names``).
         targets: B class indices scored (``None`` for callables without one).
-        percentiles: the percentiles averaged over.
+        percentiles: the P percentiles averaged over: percentages of pixels
+            KEPT (`PERCENTILE_CONVENTION`); `removed_percent` gives
+            ``100 - p``.
         std: ``(L, B)`` standard deviation over trials (ddof 1; 0 for 1 trial).
         trials: ``(T, L, B)`` ROAD of every trial (noise seeds seed, seed+1...).
-        morf: ``(T, L, B, P)`` score change with the most relevant pixels
-            removed (``score(perturbed) - score(clean)``).
-        lerf: ``(T, L, B, P)`` the same, least relevant pixels removed.
+        morf: ``(T, L, B, P)`` score change ``score(perturbed) -
+            score(clean)``; ``morf[..., j]`` is ``ROADMostRelevantFirst(
+            percentiles[j])``: the ``100 - percentiles[j]`` percent most
+            relevant pixels removed.
+        lerf: ``(T, L, B, P)`` the same with ``ROADLeastRelevantFirst``:
+            the ``100 - percentiles[j]`` percent least relevant removed.
         clean: ``(B,)`` score of the unperturbed images.
         score: ``"softmax"``, ``"logit"`` or ``"callable"``.
         noise, seed: imputation noise and first seed.
@@ -102,6 +123,12 @@ class YbRoad:
     seed: int = 0
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def removed_percent(self) -> tuple[float, ...]:
+        """Percentage of pixels imputed at each of `percentiles` (``100 - p``),
+        the label of ``morf[..., j]`` and ``lerf[..., j]`` in removal terms."""
+        return tuple(100 - p for p in self.percentiles)
 
     @property
     def n_trials(self) -> int:
@@ -167,7 +194,9 @@ class YbRoad:
         """Everything, as JSON-ready lists."""
         return {
             "names": list(self.names), "targets": list(self.targets),
-            "percentiles": list(self.percentiles), "score": self.score,
+            "percentiles": list(self.percentiles),
+            "percentile_convention": PERCENTILE_CONVENTION,
+            "removed_percent": list(self.removed_percent), "score": self.score,
             "noise": self.noise, "seed": self.seed, "n_trials": self.n_trials,
             "scores": self.scores.tolist(), "std": self.std.tolist(),
             "clean": self.clean.tolist(), "seconds": self.seconds,
@@ -275,10 +304,13 @@ def percentile_thresholds(values: torch.Tensor, percentiles: Sequence[float]) ->
 def road_masks(cams: torch.Tensor, percentiles: Sequence[float]) -> torch.Tensor:
     """Keep-masks of the reference's ROAD for ``(B, H, W)`` maps.
 
+    ``p`` is the percentage of pixels kept (`PERCENTILE_CONVENTION`).
+
     Returns:
         ``(2P, B, H, W)`` bool, True = pixel kept: first MoRF at each
-        percentile (``cam < percentile(cam, p)``), then LeRF (the same rule
-        on ``1 - cam``).
+        percentile (``cam < percentile(cam, p)``: the ``100 - p`` percent
+        most relevant pixels are removed), then LeRF (the same rule on
+        ``1 - cam``).
     """
     if cams.dtype in (torch.float16, torch.bfloat16):
         cams = cams.float()
@@ -386,25 +418,88 @@ def _score_targets(targets: Any, maps: Any, logits: torch.Tensor, score: str
     return [make(c) for c in classes], classes, score
 
 
-def _auto_batch_size(model: nn.Module, x: torch.Tensor) -> int:
-    """Perturbed images per forward when ``batch_size=None``.
+def _device_memory(device: torch.device) -> tuple[Callable[[], int], int] | None:
+    """``(allocated bytes now, bytes available)`` on an accelerator, ``None``
+    on the CPU (or where torch cannot tell). Only counters are read: the
+    user's peak-memory statistics are never reset."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        free, _ = torch.cuda.mem_get_info(device)
+        # memory torch has cached but not handed out is ours to reuse
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return (lambda: torch.cuda.memory_allocated(device)), int(free)
+    if device.type == "mps" and hasattr(torch, "mps"):
+        try:
+            free = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+            return torch.mps.current_allocated_memory, int(max(free, 0))
+        except (AttributeError, RuntimeError):
+            return None
+    return None
 
-    CUDA: as many as half the free memory holds, from the peak memory of a
-    forward of ``x``. CPU: larger batches stop paying off early (measured
-    on ResNet-50: 2-4 images of 224x224 per forward are fastest per image,
-    16 are 30% slower, 32 twice as slow), so 4 images of 224x224, scaled
-    by image area.
-    """
-    h, w = x.shape[-2:]
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-        free, _ = torch.cuda.mem_get_info(x.device)
-        base = torch.cuda.memory_allocated(x.device)
-        torch.cuda.reset_peak_memory_stats(x.device)
-        model(x)
-        per = max(1, (torch.cuda.max_memory_allocated(x.device) - base) // x.shape[0])
-        return int(max(1, min(1024, (free // 2) // per)))
+
+def _probe_forward(model: nn.Module, x: torch.Tensor, allocated: Callable[[], int]
+                   ) -> tuple[torch.Tensor, int]:
+    """``model(x)`` and the most memory it held at once beyond what was
+    allocated before: the largest before/after difference of the allocated
+    bytes, sampled after every module's forward (hooks removed afterwards)."""
+    base = allocated()
+    peak = [0]
+
+    def sample(module: nn.Module, args: Any, output: Any) -> None:
+        peak[0] = max(peak[0], allocated() - base)
+
+    handles = [m.register_forward_hook(sample) for m in model.modules()]
+    try:
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, max(peak[0], allocated() - base, 1)
+
+
+def _cpu_batch_size(h: int, w: int) -> int:
+    """CPU: larger batches stop paying off early (measured on ResNet-50: 2-4
+    images of 224x224 per forward are fastest per image, 16 are 30% slower,
+    32 twice as slow), so 4 images of 224x224, scaled by image area."""
     return int(max(1, min(256, round(4 * 224 * 224 / (h * w)))))
+
+
+def _check_logits(logits: Any, b: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        raise CAManimError(f"logits must be the model's (B, K) output tensor for the images, got "
+                           f"{type(logits).__name__}")
+    if logits.dim() < 1 or logits.shape[0] != b or not logits.is_floating_point():
+        raise CAManimError(f"logits must be the model's float output for the {b} images, shape "
+                           f"({b}, K); got {tuple(logits.shape)} {logits.dtype}")
+    if not bool(torch.isfinite(logits).all()):
+        raise CAManimError("logits contain NaN or inf")
+    return logits.detach().to(device)
+
+
+class _Scorer:
+    """Scores of model outputs, computed in float32 or better (`work_dtype`)
+    and returned as CPU float64 (accumulation; never float64 on a device).
+
+    Our own targets (a class per image, softmax or logit) are scored for
+    the whole batch at once; user callables one row at a time, as
+    pytorch-grad-cam calls them."""
+
+    def __init__(self, calls: list[Target], classes: list[int | None], kind: str) -> None:
+        self.calls, self.kind = calls, kind
+        self.classes = torch.tensor(classes) if kind in SCORES else None
+
+    def __call__(self, outputs: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """``(n,)`` CPU float64 scores of ``(n, K)`` outputs of the images
+        with batch indices ``images`` (``(n,)`` long)."""
+        if outputs.is_floating_point():
+            outputs = outputs.to(work_dtype(outputs.dtype))
+        if self.classes is not None:
+            idx = self.classes[images].to(outputs.device)
+            vals = torch.softmax(outputs, dim=-1) if self.kind == "softmax" else outputs
+            scores = vals.gather(-1, idx[:, None])[:, 0]
+        else:
+            scores = score_outputs([self.calls[i] for i in images.tolist()], outputs)
+        return scores.detach().cpu().double()
 
 
 # -------------------------------------------------------------------- API
@@ -412,7 +507,8 @@ def _auto_batch_size(model: nn.Module, x: torch.Tensor) -> int:
 def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tensor | np.ndarray,
            targets: Any = None, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
            noise: float = 0.01, seed: int = 0, batch_size: int | None = None,
-           score: str = "softmax", trials: int = 1, progress: bool = True) -> YbRoad:
+           score: str = "softmax", trials: int = 1, progress: bool = True,
+           logits: torch.Tensor | None = None) -> YbRoad:
     """ROAD of every layer's map (ybROAD), as ``ROADCombined`` per layer.
 
     Args:
@@ -422,20 +518,41 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
         maps: `LayerMaps` (each layer's map is normalized "local", i.e. the
             map pytorch-grad-cam returns for that layer) or an
             ``(L, B, H, W)`` array of maps used as they are.
-        targets: ``None`` (``maps.targets`` if set, else the predicted
-            class), an int, B ints, or B pytorch-grad-cam target callables
-            (used as they are; ``score`` then does not apply).
-        percentiles: percentages of pixels, as ``ROADCombined(percentiles)``.
+        targets: ``None`` (``maps.targets``; for an array of maps, the
+            predicted class), an int, B ints, or B pytorch-grad-cam target
+            callables (used as they are; ``score`` then does not apply).
+            Maps computed for callables without a class index
+            (``maps.targets is None``) need ``targets=``: ybROAD must score
+            the class the maps explain.
+        percentiles: percentages of pixels KEPT, as
+            ``ROADCombined(percentiles)`` (`PERCENTILE_CONVENTION`): at
+            ``p = 20`` MoRF and LeRF each remove 80% of the pixels.
         noise: standard deviation of the imputation noise (the reference
             uses 0.01; 0 for a deterministic score).
         seed: seed of the noise (trial k uses ``seed + k``); the global RNG
             is never touched.
-        batch_size: perturbed images per forward pass (default: by memory).
+        batch_size: perturbed images per forward pass (default: CUDA/MPS:
+            as many as a third of the available memory holds, measured on
+            one forward as a before/after difference of the allocated bytes;
+            CPU: 4 images of 224x224, scaled by area).
         score: ``"softmax"`` (probability of the target class, as
             ``ClassifierOutputSoftmaxTarget``) or ``"logit"``.
         trials: repeat with k noise seeds; ``scores`` is the mean, ``std``
             the spread (paper Fig. 8 uses 11 trials).
         progress: show a tqdm progress bar over layers.
+        logits: ``(B, K)`` outputs of the model (in eval mode) on
+            ``images``, e.g. from the pass that computed the maps: the
+            clean forward is then skipped.
+
+    Precision: the model runs in its dtype. For float16/bfloat16 models the
+    imputation starts from ``images`` in float32 (not the rounded model
+    input), the noise is added in float32 and the perturbed image is cast
+    to the model's dtype once, just before its forward; scores are taken
+    from the outputs cast to float32 and accumulated in float64 on the CPU.
+    The model cannot see finer than its input dtype: at ``|x| >= 2`` a
+    bfloat16 step is 0.0156, so each pixel's 0.01 noise arrives quantized
+    to that step (an unbiased rounding of the float32 value, unlike adding
+    the noise to an already rounded image, where it is rounded twice).
 
     Returns:
         `YbRoad` with ``scores`` of shape ``(L, B)``.
@@ -450,34 +567,65 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
     ps = _check_percentiles(percentiles)
     _check_args(noise, seed, trials, batch_size, score)
     x = check_images(images, model)
-    b, _, h, w = x.shape
+    b, c, h, w = x.shape
     names, cams, n_layers = _layer_cams(maps, b, (h, w))
+    if targets is None and isinstance(maps, LayerMaps) and maps.targets is None:
+        raise CAManimError(
+            "these maps were computed for target callables without a class index "
+            "(maps.targets is None), so ybroad cannot tell which class they explain; pass the "
+            "same callables (or the class indices) as ybroad(..., targets=...)")
+    if logits is not None:
+        logits = _check_logits(logits, b, x.device)
+    acc = work_dtype(x.dtype)
+    # half-precision models: impute from the float32 images, not the rounded input
+    x_acc = x if acc == x.dtype else images.detach().to(device=x.device, dtype=acc)
     n_p = len(ps)
+    per_layer = 2 * n_p * b
+    layers_per_solve = max(1, min(n_layers, masks_per_solve(c, h, w, x.device, solve_dtype(x.device))
+                                  // per_layer))
 
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
-            bs = int(batch_size) if batch_size is not None else _auto_batch_size(model, x[:1])
-            logits = torch.cat([model(x[i:i + bs]) for i in range(0, b, bs)])
+            bs, first = _batch_size(model, x, batch_size, logits is None)
+            if logits is None:
+                done = [] if first is None else [first]
+                start = 0 if first is None else first.shape[0]
+                logits = torch.cat(done + [model(x[i:i + bs]) for i in range(start, b, bs)])
             calls, classes, kind = _score_targets(targets, maps, logits, score)
-            clean = score_outputs(calls, logits).double().cpu()                 # (B,)
+            scorer = _Scorer(calls, classes, kind)
+            clean = scorer(logits, torch.arange(b))                              # (B,) CPU
             gens = ([torch.Generator(device=x.device).manual_seed(int(seed) + k) for k in range(trials)]
                     if noise else [None] * trials)
             n_trials = int(trials) if noise else 1   # without noise every trial is the same
             pert = torch.full((n_trials, n_layers, 2 * n_p, b), float("nan"), dtype=torch.float64)
-            queue = _ForwardQueue(model, calls, pert, bs)
+            queue = _ForwardQueue(model, scorer, pert, bs, b, x.dtype)
             with tqdm(total=n_layers, desc="ybROAD", unit="layer", disable=not progress) as bar:
-                for layer, cam in enumerate(cams):
-                    cam = cam.to(x.device)
-                    if not bool(torch.isfinite(cam).all()):
-                        raise CAManimError(f"the map of layer {names[layer]!r} contains NaN or inf")
-                    keep = road_masks(cam, ps).reshape(2 * n_p * b, h, w)
-                    filled = impute(x.repeat(2 * n_p, 1, 1, 1), keep)
+                layer = 0
+                while layer < n_layers:
+                    group = []
+                    for cam in cams:
+                        cam = cam.to(x.device)
+                        if not bool(torch.isfinite(cam).all()):
+                            raise CAManimError(f"the map of layer {names[layer + len(group)]!r} "
+                                               "contains NaN or inf")
+                        group.append(road_masks(cam, ps).reshape(per_layer, h, w))
+                        if len(group) == layers_per_solve:
+                            break
+                    if not group:
+                        break
+                    keep = torch.cat(group)
+                    filled = impute(x_acc.repeat(len(group) * 2 * n_p, 1, 1, 1), keep)
                     for t in range(n_trials):
-                        imgs = add_noise(filled, keep, float(noise), gens[t]) if noise else filled
-                        queue.push(imgs, t, layer)
-                    bar.update(1)
+                        for g in range(len(group)):
+                            rows = slice(g * per_layer, (g + 1) * per_layer)
+                            imgs = (add_noise(filled[rows], keep[rows], float(noise), gens[t])
+                                    if noise else filled[rows])
+                            queue.push(imgs, t, layer + g)
+                    del filled, keep
+                    layer += len(group)
+                    bar.update(len(group))
                 queue.flush()
     finally:
         for m, mode in modes.items():
@@ -493,27 +641,48 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
     return YbRoad(scores=road.mean(axis=0), names=names, targets=classes, percentiles=ps,
                   std=std, trials=road, morf=morf, lerf=lerf, clean=clean.numpy(),
                   score=kind, noise=float(noise), seed=int(seed),
-                  seconds=time.perf_counter() - t0)
+                  seconds=time.perf_counter() - t0,
+                  extra={"batch_size": bs, "layers_per_solve": layers_per_solve})
+
+
+def _batch_size(model: nn.Module, x: torch.Tensor, batch_size: int | None, need_first: bool
+                ) -> tuple[int, torch.Tensor | None]:
+    """Perturbed images per forward, and the outputs of ``x[:1]`` when a
+    memory probe had to run it anyway (so the clean pass can reuse them;
+    only when ``need_first``)."""
+    if batch_size is not None:
+        return int(batch_size), None
+    mem = _device_memory(x.device)
+    if mem is None:
+        return _cpu_batch_size(*x.shape[-2:]), None
+    allocated, free = mem
+    out, per_image = _probe_forward(model, x[:1], allocated)
+    bs = int(max(1, min(1024, (free // 3) // per_image)))
+    return bs, (out if need_first else None)
 
 
 class _ForwardQueue:
     """Collects perturbed images and scores them in batches of ``size``.
 
     Rows of a pushed ``(2P * B, C, H, W)`` block are (mask kind, image);
-    scores land in ``out[trial, layer, kind, image]``.
+    scores land in ``out[trial, layer, kind, image]``. Images are cast to
+    the model's dtype as they enter a batch.
     """
 
-    def __init__(self, model: nn.Module, calls: list[Target], out: torch.Tensor, size: int) -> None:
-        self.model, self.calls, self.out, self.size = model, calls, out, size
+    def __init__(self, model: nn.Module, scorer: _Scorer, out: torch.Tensor, size: int,
+                 n_images: int, dtype: torch.dtype) -> None:
+        self.model, self.scorer, self.out, self.size = model, scorer, out, size
+        self.b, self.dtype = n_images, dtype
         self.images: list[torch.Tensor] = []
-        self.where: list[tuple[int, int, int, int]] = []   # (trial, layer, kind, image)
+        self.where: list[torch.Tensor] = []     # (rows, 3): trial, layer, row in block
         self.count = 0
 
     def push(self, imgs: torch.Tensor, trial: int, layer: int) -> None:
-        b = len(self.calls)
-        self.images.append(imgs)
-        self.where += [(trial, layer, i // b, i % b) for i in range(imgs.shape[0])]
-        self.count += imgs.shape[0]
+        n = imgs.shape[0]
+        self.images.append(imgs.to(self.dtype))
+        rows = torch.arange(n)
+        self.where.append(torch.stack([torch.full((n,), trial), torch.full((n,), layer), rows], 1))
+        self.count += n
         while self.count >= self.size:
             self._run(self.size)
 
@@ -521,24 +690,23 @@ class _ForwardQueue:
         while self.count:
             self._run(min(self.size, self.count))
 
-    def _take(self, n: int) -> torch.Tensor:
+    def _take(self, items: list[torch.Tensor], n: int) -> torch.Tensor:
         parts, got = [], 0
         while got < n:
-            head = self.images[0]
+            head = items[0]
             k = min(n - got, head.shape[0])
             parts.append(head[:k])
             got += k
             if k == head.shape[0]:
-                self.images.pop(0)
+                items.pop(0)
             else:
-                self.images[0] = head[k:]
+                items[0] = head[k:]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _run(self, n: int) -> None:
-        batch = self._take(n)
-        where, self.where = self.where[:n], self.where[n:]
+        batch = self._take(self.images, n)
+        where = self._take(self.where, n)
         self.count -= n
-        outputs = self.model(batch)
-        scores = score_outputs([self.calls[w[3]] for w in where], outputs).double().cpu()
-        for (t, l, k, i), s in zip(where, scores.tolist()):
-            self.out[t, l, k, i] = s
+        kind, image = where[:, 2] // self.b, where[:, 2] % self.b
+        scores = self.scorer(self.model(batch), image)
+        self.out[where[:, 0], where[:, 1], kind, image] = scores
