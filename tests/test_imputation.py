@@ -276,7 +276,8 @@ def test_float32_path_creates_no_float64_tensor_outside_the_cpu_pseudo_inverse(m
                     seen.append(str(func))
             return out
 
-    real_pinv = imputation._pinv
+    import camanim.metrics.multigrid as multigrid
+    real_pinv = multigrid.pinv
 
     def pinv(a):
         assert a.dtype == torch.float32
@@ -286,7 +287,7 @@ def test_float32_path_creates_no_float64_tensor_outside_the_cpu_pseudo_inverse(m
         finally:
             inside[0] = False
 
-    monkeypatch.setattr(imputation, "_pinv", pinv)
+    monkeypatch.setattr(multigrid, "pinv", pinv)
     img = torch.randn(6, 3, 40, 33, generator=torch.Generator().manual_seed(0))
     keep = road_like_masks(40, 33, seed=3, percentiles=(20, 60, 90))[:6] > 0.5
     with Record():

@@ -147,7 +147,7 @@ class CAManim:
         return LayerMaps(names=[i.name for i in layers], raw=raw,
                          input_size=tuple(x.shape[-2:]), layers=list(layers),
                          targets=cap.target_idx, method=self.method.name,
-                         seconds=seconds, extra=stats)
+                         seconds=seconds, extra=stats, logits=cap.logits.detach())
 
     def __repr__(self) -> str:
         return (f"CAManim(method={self.method.name!r}, layers={self.layers!r}, "

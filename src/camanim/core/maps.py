@@ -95,6 +95,9 @@ class LayerMaps:
         seconds: L per-layer compute times in seconds (the shared forward and
             backward pass is spread evenly over the layers).
         extra: per-layer method details, e.g. ``{"n_masks": [..]}``.
+        logits: ``(B, K)`` model outputs (eval mode) of the pass that made
+            the maps, when the method has one (ybROAD reuses them instead
+            of a second clean forward); not saved by `save`.
     """
 
     names: list[str]
@@ -105,6 +108,7 @@ class LayerMaps:
     method: str = ""
     seconds: list[float] = field(default_factory=list)
     extra: dict[str, list] = field(default_factory=dict)
+    logits: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.names) != len(self.raw) or len(self.names) != len(self.layers):
@@ -150,11 +154,23 @@ class LayerMaps:
             seconds=[self.seconds[i] for i in idx] if self.seconds else [],
             extra={k: [v[i] for i in idx] for k, v in self.extra.items()
                    if isinstance(v, list) and len(v) == len(self)},
+            logits=self.logits,
         )
+
+    def image(self, b: int) -> "LayerMaps":
+        """The maps of image ``b`` alone (normalization is per image, so the
+        normalized maps are the same)."""
+        return LayerMaps(names=self.names, raw=[r[b:b + 1] for r in self.raw],
+                         input_size=self.input_size, layers=self.layers,
+                         targets=None if self.targets is None else self.targets.reshape(-1)[b:b + 1],
+                         method=self.method, seconds=self.seconds, extra=self.extra,
+                         logits=None if self.logits is None else self.logits[b:b + 1])
 
     def to(self, device: torch.device | str) -> "LayerMaps":
         """The same maps on another device."""
         self.raw = [r.to(device) for r in self.raw]
+        if self.logits is not None:
+            self.logits = self.logits.to(device)
         return self
 
     # ----------------------------------------------------------- normalization

@@ -136,10 +136,11 @@ class CAManimCallback(Callback):
             attribute path (``"backbone.model"``) or a callable.
         class_names: class names for the captions and text summaries.
         video_size: MP4 panel size (``None``: automatic, an int: long side).
-        tb_video_size: long side of a TensorBoard GIF panel (default 160 px;
-            ``None``: as ``video_size``). GIFs are the bulk of the event
-            files, which TensorBoard loads whole: at the full setting (4
-            probes x 53 layers) the default keeps an epoch under ~6 MiB.
+        tb_video_size: long side of a TensorBoard GIF panel (default 128 px;
+            ``None``: as ``video_size``); tb_colors: colours of its shared
+            palette (default 64). GIFs are the bulk of the event files, which
+            TensorBoard loads whole: at the full setting (4 probes x 53
+            layers) the defaults keep an epoch under 6 MiB.
         on_error: after the setup checks, a failure of the monitoring work
             (a full disk, a codec, an overflow) ``"warn"``\ s once per epoch
             naming the epoch and the cause, and training goes on (default);
@@ -172,7 +173,7 @@ class CAManimCallback(Callback):
                  model: str | Callable[[nn.Module], nn.Module] | None = None,
                  class_names: Sequence[str] | None = None,
                  video_size: int | Sequence[int] | None = None,
-                 tb_video_size: int | None = 160, on_error: str = "warn",
+                 tb_video_size: int | None = 128, tb_colors: int = 64, on_error: str = "warn",
                  progress: bool = False, cam_options: dict | None = None,
                  media_workers: int | None = None, media_queue: int = 1) -> None:
         super().__init__()
@@ -184,6 +185,9 @@ class CAManimCallback(Callback):
         self.normalization, self.fps = check_videos(
             normalization, fps, self.log_videos or self.save_videos, mean, std, channels)
         self.video_size, self.tb_video_size = video_size, check_count("tb_video_size", tb_video_size, 16)
+        self.tb_colors = check_count("tb_colors", tb_colors, 2, allow_none=False)
+        if self.tb_colors > 256:
+            raise CAManimError(f"tb_colors must be within 2..256 (a GIF palette), got {tb_colors}")
         self.mean = None if mean is None else [float(v) for v in mean]
         self.std = None if std is None else [float(v) for v in std]
         self.class_names = list(class_names) if class_names is not None else None
@@ -450,7 +454,8 @@ class CAManimCallback(Callback):
                 idx = layer_share(len(maps), rank, world)
                 t = time.perf_counter()
                 sub = maps.select(idx) if world > 1 else maps
-                res = ybroad(model, x, sub, targets=road_targets, **kw) if idx else None
+                res = (ybroad(model, x, sub, targets=road_targets, logits=maps.logits, **kw)
+                       if idx else None)
                 share = (idx, None if res is None else np.asarray(res.scores, np.float64))
                 timing["road"] = time.perf_counter() - t
             ebpg = None
@@ -499,6 +504,7 @@ class CAManimCallback(Callback):
             render=dict(mean=self.mean, std=self.std, size=self.video_size,
                         class_names=self.class_names),
             tb_size=self.tb_video_size if self.tb_video_size is not None else self.video_size,
+            tb_colors=self.tb_colors,
             timing=timing)
         if self._queue is None:
             self._queue = MediaQueue(self.media_workers, self.media_queue)

@@ -225,7 +225,8 @@ class EpochMedia:
     save_maps: bool = False
     fps: float = 8.0
     render: dict = field(default_factory=dict)   # mean, std, size, class_names
-    tb_size: int | None = 160             # long side of a TensorBoard GIF panel
+    tb_size: int | None = 128             # long side of a TensorBoard GIF panel
+    tb_colors: int = 64                   # colours of the TensorBoard GIFs' shared palette
     timing: dict = field(default_factory=dict)
 
 
@@ -266,8 +267,9 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
                                     index=b, title=f"epoch {m.epoch}",
                                     **{**m.render, "size": size}))
         if to_tb:
-            add_gif(tb, gif_tag(probe, norm), encode_gif(frames, m.fps), frames[0].shape[:2],
-                    m.step)
+            add_gif(tb, gif_tag(probe, norm),
+                    encode_gif(frames, m.fps, colors=m.tb_colors, shared_palette=True),
+                    frames[0].shape[:2], m.step)
         if to_file:
             write_frames(m.out_dir / "videos" / f"{probe}_epoch{m.epoch:03d}_{norm}.mp4",
                          frames, fps=m.fps)

@@ -113,7 +113,7 @@ def contact_sheet(path: str | Path, images: Any, maps: LayerMaps,
     scores = road_scores(road, len(maps), B)
     lut = colormap_lut(colormap)
     tiles: dict[str, list[np.ndarray]] = {}
-    one = _one(maps, b)
+    one = maps.image(b)
     for norm in norms:  # every layer goes through: "global" needs all ranges
         want = set(picks)
         tiles[norm] = [overlay(bg, m[0], lut, alpha)
@@ -175,12 +175,6 @@ def _norm_list(normalization: str | Sequence[str]) -> list[str]:
     if not norms:
         raise CAManimError("no normalization given")
     return norms
-
-
-def _one(maps: LayerMaps, b: int) -> LayerMaps:
-    from .render import _one_image
-
-    return _one_image(maps, b)
 
 
 def plot_params(path: str | Path, maps: LayerMaps, title: str | None = None,

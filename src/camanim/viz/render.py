@@ -571,7 +571,7 @@ def render_frames(images: Any, maps: LayerMaps, normalization: str = "local",
         if not -B <= int(index) < B:
             raise CAManimError(f"index {index} is out of range for {B} images")
         b = int(index) % B
-        maps = _one_image(maps, b)
+        maps = maps.image(b)
         road = None if road is None else road_scores(road, len(maps), B)[:, b:b + 1]
         images = _take(images, b)
     r = FrameRenderer(images, maps, normalization=normalization, colormap=colormap,
@@ -579,14 +579,6 @@ def render_frames(images: Any, maps: LayerMaps, normalization: str = "local",
                       size=size, grid=grid, class_names=class_names, title=title)
     for frames in r.iter_layers():
         yield frames[0]
-
-
-def _one_image(maps: LayerMaps, b: int) -> LayerMaps:
-    """The maps of image ``b`` alone (normalization is per image, so equal)."""
-    return LayerMaps(names=maps.names, raw=[r[b:b + 1] for r in maps.raw],
-                     input_size=maps.input_size, layers=maps.layers,
-                     targets=None if maps.targets is None else maps.targets.reshape(-1)[b:b + 1],
-                     method=maps.method, seconds=maps.seconds, extra=maps.extra)
 
 
 def _take(images: Any, b: int) -> Any:

