@@ -310,7 +310,13 @@ class CAManimCallback(Callback):
         self._drain()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._drain(report=False)  # write what is done; the training error comes first
+        # write what is done; the training error comes first, media errors are warned
+        if self._queue is not None:
+            self._queue.close()
+            for epoch, error in self._queue.errors():
+                warnings.warn(f"CAManimCallback: epoch {epoch}'s pictures failed "
+                              f"({type(error).__name__}: {error})", stacklevel=2)
+            self._queue = None
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self._queue is not None:
@@ -454,8 +460,8 @@ class CAManimCallback(Callback):
                 idx = layer_share(len(maps), rank, world)
                 t = time.perf_counter()
                 sub = maps.select(idx) if world > 1 else maps
-                res = (ybroad(model, x, sub, targets=road_targets, logits=maps.logits, **kw)
-                       if idx else None)
+                res = (ybroad(model, x, sub, targets=road_targets, logits=maps.logits,
+                              layer_ids=idx, **kw) if idx else None)
                 share = (idx, None if res is None else np.asarray(res.scores, np.float64))
                 timing["road"] = time.perf_counter() - t
             ebpg = None

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..core.inputs import SCORES, Target, check_images, resolve_targets, score_outputs
+from ..core.guard import eval_mode
 from ..core.maps import LayerMaps
 from ..errors import CAManimError
 from .imputation import add_noise, impute, masks_per_solve, solve_dtype, work_dtype
@@ -282,11 +283,19 @@ class _Scorer:
 
 # -------------------------------------------------------------------- API
 
+def noise_generator(seed: int, trial: int, layer: int, device: torch.device) -> torch.Generator:
+    """The generator of one (trial, layer)'s imputation noise: keyed by
+    ``(seed + trial, layer)``, so trial k equals a single run with seed + k."""
+    key = np.random.SeedSequence([(int(seed) + int(trial)) & 0xFFFFFFFF, int(layer)])
+    return torch.Generator(device=device).manual_seed(int(key.generate_state(1, np.uint64)[0] >> 1))
+
+
 def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tensor | np.ndarray,
            targets: Any = None, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
            noise: float = 0.01, seed: int = 0, batch_size: int | None = None,
            score: str = "softmax", trials: int = 1, progress: bool = True,
-           logits: torch.Tensor | None = None) -> YbRoad:
+           logits: torch.Tensor | None = None,
+           layer_ids: Sequence[int] | None = None) -> YbRoad:
     """ROAD of every layer's map (ybROAD), as ``ROADCombined`` per layer.
 
     Args:
@@ -307,8 +316,10 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
             ``p = 20`` MoRF and LeRF each remove 80% of the pixels.
         noise: standard deviation of the imputation noise (the reference
             uses 0.01; 0 for a deterministic score).
-        seed: seed of the noise (trial k uses ``seed + k``); the global RNG
-            is never touched.
+        seed: seed of the noise; layer ``l`` of trial ``k`` draws from its own
+            generator seeded by ``(seed + k, l)`` (`noise_generator`), so a
+            layer's score does not depend on which other layers are scored
+            with it. The global RNG is never touched.
         batch_size: perturbed images per forward pass (default: CUDA/MPS:
             as many as a third of the available memory holds, measured on
             one forward as a before/after difference of the allocated bytes;
@@ -318,6 +329,9 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
         trials: repeat with k noise seeds; ``scores`` is the mean, ``std``
             the spread (paper Fig. 8 uses 11 trials).
         progress: show a tqdm progress bar over layers.
+        layer_ids: the L layers' indices in the full list when ``maps`` is a
+            share of it (`LayerMaps.select`; the callback's DDP ranks), so
+            that their noise equals a whole run's. Default ``0..L-1``.
         logits: ``(B, K)`` outputs of the model (in eval mode) on
             ``images``, e.g. from the pass that computed the maps: the
             clean forward is then skipped.
@@ -362,52 +376,48 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
     layers_per_solve = max(1, min(n_layers, masks_per_solve(c, h, w, x.device, solve_dtype(x.device))
                                   // per_layer))
 
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            bs, first = _batch_size(model, x, batch_size, logits is None)
-            if logits is None:
-                done = [] if first is None else [first]
-                start = 0 if first is None else first.shape[0]
-                logits = torch.cat(done + [model(x[i:i + bs]) for i in range(start, b, bs)])
-            calls, classes, kind = _score_targets(targets, maps, logits, score)
-            scorer = _Scorer(calls, classes, kind)
-            clean = scorer(logits, torch.arange(b))                              # (B,) CPU
-            gens = ([torch.Generator(device=x.device).manual_seed(int(seed) + k) for k in range(trials)]
-                    if noise else [None] * trials)
-            n_trials = int(trials) if noise else 1   # without noise every trial is the same
-            pert = torch.full((n_trials, n_layers, 2 * n_p, b), float("nan"), dtype=torch.float64)
-            queue = _ForwardQueue(model, scorer, pert, bs, b, x.dtype)
-            with tqdm(total=n_layers, desc="ybROAD", unit="layer", disable=not progress) as bar:
-                layer = 0
-                while layer < n_layers:
-                    group = []
-                    for cam in cams:
-                        cam = cam.to(x.device)
-                        if not bool(torch.isfinite(cam).all()):
-                            raise CAManimError(f"the map of layer {names[layer + len(group)]!r} "
-                                               "contains NaN or inf")
-                        group.append(road_masks(cam, ps).reshape(per_layer, h, w))
-                        if len(group) == layers_per_solve:
-                            break
-                    if not group:
+    with eval_mode(model), torch.no_grad():
+        bs, first = _batch_size(model, x, batch_size, logits is None)
+        if logits is None:
+            done = [] if first is None else [first]
+            start = 0 if first is None else first.shape[0]
+            logits = torch.cat(done + [model(x[i:i + bs]) for i in range(start, b, bs)])
+        calls, classes, kind = _score_targets(targets, maps, logits, score)
+        scorer = _Scorer(calls, classes, kind)
+        clean = scorer(logits, torch.arange(b))                              # (B,) CPU
+        ids = list(range(n_layers)) if layer_ids is None else [int(i) for i in layer_ids]
+        if len(ids) != n_layers:
+            raise CAManimError(f"layer_ids has {len(ids)} entries for {n_layers} layers")
+        n_trials = int(trials) if noise else 1   # without noise every trial is the same
+        pert = torch.full((n_trials, n_layers, 2 * n_p, b), float("nan"), dtype=torch.float64)
+        queue = _ForwardQueue(model, scorer, pert, bs, b, x.dtype)
+        with tqdm(total=n_layers, desc="ybROAD", unit="layer", disable=not progress) as bar:
+            layer = 0
+            while layer < n_layers:
+                group = []
+                for cam in cams:
+                    cam = cam.to(x.device)
+                    if not bool(torch.isfinite(cam).all()):
+                        raise CAManimError(f"the map of layer {names[layer + len(group)]!r} "
+                                           "contains NaN or inf")
+                    group.append(road_masks(cam, ps).reshape(per_layer, h, w))
+                    if len(group) == layers_per_solve:
                         break
-                    keep = torch.cat(group)
-                    filled = impute(x_acc.repeat(len(group) * 2 * n_p, 1, 1, 1), keep)
-                    for t in range(n_trials):
-                        for g in range(len(group)):
-                            rows = slice(g * per_layer, (g + 1) * per_layer)
-                            imgs = (add_noise(filled[rows], keep[rows], float(noise), gens[t])
-                                    if noise else filled[rows])
-                            queue.push(imgs, t, layer + g)
-                    del filled, keep
-                    layer += len(group)
-                    bar.update(len(group))
-                queue.flush()
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+                if not group:
+                    break
+                keep = torch.cat(group)
+                filled = impute(x_acc.repeat(len(group) * 2 * n_p, 1, 1, 1), keep)
+                for t in range(n_trials):
+                    for g in range(len(group)):
+                        rows = slice(g * per_layer, (g + 1) * per_layer)
+                        imgs = (add_noise(filled[rows], keep[rows], float(noise),
+                                          noise_generator(seed, t, ids[layer + g], x.device))
+                                if noise else filled[rows])
+                        queue.push(imgs, t, layer + g)
+                del filled, keep
+                layer += len(group)
+                bar.update(len(group))
+            queue.flush()
 
     diff = (pert - clean).numpy()                          # (T', L, 2P, B)
     morf = diff[:, :, :n_p].transpose(0, 1, 3, 2)          # (T', L, B, P)
