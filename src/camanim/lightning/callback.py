@@ -73,7 +73,7 @@ from .media import EpochMedia, MediaQueue, output_dir, tensorboard_logger, write
 from .options import (check_count, check_road, check_schedule, check_targets, check_videos,
                       resolve_module)
 from .probes import load_probes
-from .summary import epoch_metrics, summary_text
+from .summary import log_epoch
 
 __all__ = ["CAManimCallback"]
 
@@ -288,8 +288,8 @@ class CAManimCallback(Callback):
             if bad:
                 raise CAManimError(f"CAManimCallback: target class {bad[0]} is out of range: "
                                    f"the model has {k} classes (0..{k - 1})")
-        if trainer.is_global_zero:
-            self._resolve_dir(trainer)
+        if trainer.is_global_zero:  # a folder that cannot be written fails now
+            self._dir = self._dir or output_dir(self.save_dir, trainer)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._fitting(trainer):
@@ -307,7 +307,7 @@ class CAManimCallback(Callback):
                 and not self._scheduled(epoch):
             # decided from the schedule alone: every DDP rank takes this branch
             self._run_synced(trainer, pl_module, epoch)
-        self._drain()
+        self._report_media_errors(drain=True)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # write what is done; the training error comes first, media errors are warned
@@ -477,7 +477,7 @@ class CAManimCallback(Callback):
     def _write(self, trainer: Any, epoch: int, maps: LayerMaps, road: np.ndarray | None,
                ebpg: np.ndarray | None, timing: dict[str, float]) -> None:
         """Rank zero: history, CSV and scalars now; pictures in the background."""
-        out_dir = self._resolve_dir(trainer)
+        out_dir = self._dir = self._dir or output_dir(self.save_dir, trainer)
         names = self._probes.names
         targets = ([None] * maps.batch_size if maps.targets is None
                    else [int(t) for t in maps.targets.reshape(-1)])
@@ -497,7 +497,8 @@ class CAManimCallback(Callback):
         tb_logger = tensorboard_logger(trainer)
         tb = None if tb_logger is None else tb_logger.experiment
         t = time.perf_counter()
-        self._log_scalars(trainer, tb, epoch, record)
+        log_epoch(trainer.loggers, tb, int(trainer.global_step), epoch, record,
+                  self._probes.names, self.class_names)
         timing["log"] = time.perf_counter() - t
         media = EpochMedia(
             epoch=epoch, step=int(trainer.global_step), images=self._probes.images, maps=maps,
@@ -519,32 +520,12 @@ class CAManimCallback(Callback):
         queue.submit(epoch, lambda: write_epoch_media(media, queue.pool()))
         timing["queue_wait"] = time.perf_counter() - t
 
-    def _drain(self, report: bool = True) -> None:
+    def _report_media_errors(self, drain: bool = False) -> None:
         if self._queue is not None:
-            self._queue.drain()
-        if report:
-            self._report_media_errors()
-
-    def _report_media_errors(self) -> None:
-        if self._queue is None:
-            return
-        for epoch, error in self._queue.errors():
-            self._fail(epoch, error)
-
-    def _resolve_dir(self, trainer: Any) -> Path:
-        if self._dir is None:
-            self._dir = output_dir(self.save_dir, trainer)
-        return self._dir
-
-    def _log_scalars(self, trainer: Any, tb: Any, epoch: int, rec: dict) -> None:
-        step = int(trainer.global_step)
-        metrics, best = epoch_metrics(rec, self._probes.names)
-        for lg in trainer.loggers:
-            lg.log_metrics(metrics, step=step)
-        if tb is not None:
-            for p in self._probes.names:
-                tb.add_text(f"camanim/{p}/summary",
-                            summary_text(epoch, rec, p, best.get(p), self.class_names), step)
+            if drain:
+                self._queue.drain()
+            for epoch, error in self._queue.errors():
+                self._fail(epoch, error)
 
 
 def _sync(device: torch.device) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["epoch_metrics", "summary_text"]
+__all__ = ["epoch_metrics", "summary_text", "log_epoch"]
 
 
 def _array(values: Sequence[float | None]) -> np.ndarray:
@@ -63,3 +63,15 @@ def summary_text(epoch: int, rec: dict, p: str, best: int | None,
     elif rec["road"] is None:
         lines.append("ybROAD off (road=False)")
     return "\n\n".join(lines)
+
+
+def log_epoch(loggers: Sequence[Any], tb: Any, step: int, epoch: int, rec: dict,
+              probes: Sequence[str], class_names: Sequence[str] | None) -> None:
+    """The record's scalars to every logger, its text summaries to TensorBoard."""
+    metrics, best = epoch_metrics(rec, probes)
+    for lg in loggers:
+        lg.log_metrics(metrics, step=step)
+    if tb is not None:
+        for p in probes:
+            tb.add_text(f"camanim/{p}/summary", summary_text(epoch, rec, p, best.get(p), class_names),
+                        step)
