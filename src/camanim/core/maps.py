@@ -64,6 +64,13 @@ def wide(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def exact_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype for sums and solves that want float64: float64 on the CPU,
+    float32 on any accelerator (MPS has no float64; consumer GPUs run it
+    32-64x slower than float32)."""
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
 def resize_map(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of ``(N, h, w)`` maps to ``(N, H, W)`` (half precision
     is resized in float32).

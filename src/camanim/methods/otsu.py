@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import torch
 
+from ..core.maps import exact_dtype
 from ..errors import CAManimError
+
+# Counts and sums are float64 on the CPU and float32 on accelerators (MPS
+# has no float64; counts stay exact in float32 up to 2**24 per bin).
 
 
 def _check(bins: int, lo: float, hi: float) -> None:
@@ -31,22 +35,22 @@ def _check(bins: int, lo: float, hi: float) -> None:
 
 def bin_index(x: torch.Tensor, bins: int = 256, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
     """Bin of every value (same shape as ``x``, int64), clamped to ``[0, bins-1]``."""
-    idx = torch.floor((x.double() - lo) * (bins / (hi - lo)))
+    idx = torch.floor((x.to(exact_dtype(x.device)) - lo) * (bins / (hi - lo)))
     return idx.clamp_(0, bins - 1).long()
 
 
 def histogram(x: torch.Tensor, bins: int = 256, lo: float = 0.0, hi: float = 1.0,
               weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row counts: ``x`` ``(N, P)`` -> ``(N, bins)`` float64.
+    """Per-row counts: ``x`` ``(N, P)`` -> ``(N, bins)`` (float64 on the CPU).
 
     ``weight`` ``(N, P)`` (0/1) leaves values out of their row's histogram
     (Ada-SISE counts only the positive channels).
     """
     _check(bins, lo, hi)
     x = x.reshape(x.shape[0], -1)
-    w = torch.ones_like(x, dtype=torch.float64) if weight is None else \
-        weight.reshape(x.shape).to(torch.float64)
-    hist = torch.zeros((x.shape[0], int(bins)), dtype=torch.float64, device=x.device)
+    acc = exact_dtype(x.device)
+    w = torch.ones_like(x, dtype=acc) if weight is None else weight.reshape(x.shape).to(acc)
+    hist = torch.zeros((x.shape[0], int(bins)), dtype=acc, device=x.device)
     return hist.scatter_add_(1, bin_index(x, bins, lo, hi), w)
 
 
@@ -57,8 +61,8 @@ def otsu_split(hist: torch.Tensor) -> torch.Tensor:
     A split with an empty class has variance 0; a histogram with one occupied
     bin (or none) gets split 1.
     """
-    h = hist.to(torch.float64)
-    c = torch.arange(h.shape[-1], dtype=torch.float64, device=h.device)
+    h = hist.to(exact_dtype(hist.device))
+    c = torch.arange(h.shape[-1], dtype=h.dtype, device=h.device)
     w0 = h.cumsum(-1)[..., :-1]                     # lower class: bins < j, j = 1..bins-1
     s0 = (h * c).cumsum(-1)[..., :-1]
     w1 = h.sum(-1, keepdim=True) - w0

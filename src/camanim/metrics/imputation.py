@@ -56,6 +56,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..core.maps import exact_dtype
 from ..errors import CAManimError
 from .multigrid import (MAX_ITER, NEIGHBOUR_WEIGHTS_12,
                         OFFSETS, TOL, WORK_BYTES_CPU, WORK_BYTES_OTHER, FineOperator, Grid,
@@ -82,7 +83,7 @@ def solve_dtype(device: torch.device | str) -> torch.dtype:
     GPUs run it 32-64x slower). `impute`'s ``dtype=`` overrides it, e.g. to
     test the float32 path on the CPU.
     """
-    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+    return exact_dtype(device)
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..core.guard import one_torch_thread
-from ..core.maps import LayerMaps
+from ..core.maps import LayerMaps, exact_dtype
 from ..errors import CAManimError
 
 __all__ = ["energy_pointing_game"]
@@ -55,15 +55,17 @@ def energy_pointing_game(maps: LayerMaps | torch.Tensor, masks: torch.Tensor) ->
     out = np.full((n_layers, m.shape[0]), np.nan)
     empty = (m.flatten(1).sum(1) <= 0).cpu().numpy()
     # small elementwise work: one CPU thread (OpenMP stalls on a busy CPU
-    # make 2 threads ~30x slower here); sums accumulate in float64
+    # make 2 threads ~30x slower here); sums accumulate in float64 on the CPU,
+    # float32 on accelerators (MPS has no float64)
+    acc = exact_dtype(device)
     with one_torch_thread(device.type == "cpu"):
         for i, u in enumerate(it):
             if u.shape != m.shape:
                 raise CAManimError(f"maps of shape {tuple(u.shape)} (B, H, W) and masks of shape "
                                    f"{tuple(m.shape)} differ: resize the masks to the input size")
             u = u.detach().float()
-            total = u.flatten(1).sum(1, dtype=torch.float64)
-            inside = (u * m).flatten(1).sum(1, dtype=torch.float64)
+            total = u.flatten(1).sum(1, dtype=acc)
+            inside = (u * m).flatten(1).sum(1, dtype=acc)
             e = (inside / total.clamp_min(1e-300)).cpu().numpy()
             e[(total <= 0).cpu().numpy() | empty] = np.nan
             out[i] = e
