@@ -420,8 +420,8 @@ class CAManimCallback(Callback):
     def _fail(self, epoch: int, error: BaseException) -> None:
         if self.on_error == "raise":
             raise error
-        warnings.warn(f"CAManimCallback: epoch {epoch}'s monitoring failed and was skipped "
-                      f"({type(error).__name__}: {error}); training goes on", stacklevel=3)
+        warnings.warn(f"CAManimCallback: epoch {epoch}: {type(error).__name__}: {error}; "
+                      "training goes on", stacklevel=3)
 
     def _compute(self, trainer: Any, pl_module: Any, rank: int, world: int,
                  timing: dict[str, float]) -> tuple[LayerMaps, list, np.ndarray | None]:

@@ -186,7 +186,9 @@ class History:
                 if self._in_csv(key, len(rec["names"])):
                     skipped = skipped or e == epoch
                     continue
-                rows.extend(csv_rows(e, p, rec))
+                # a group cut short (a torn line cut off) gets only its missing rows
+                have = self._csv_rows.get(key, set())
+                rows.extend(r for r in csv_rows(e, p, rec) if r[5] not in have)
                 keys.append(key)
         if skipped and not self._warned:
             self._warned = True
