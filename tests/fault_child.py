@@ -1,11 +1,12 @@
 """A tiny Lightning fit with CAManimCallback, run as a subprocess by
 test_faults.py (killed with SIGKILL mid-epoch, then resumed).
 
-    python fault_child.py ROOT EPOCHS [--resume] [--slow video|csv]
+    python fault_child.py ROOT EPOCHS [--resume] [--slow video|media]
 
 ``--slow video`` makes each MP4 frame take a moment (so the parent can see
-the temporary file and kill us while ffmpeg writes it); ``--slow csv``
-pauses right after each CSV append (killed between the CSV and the media).
+the temporary file and kill us while ffmpeg writes it); ``--slow media``
+pauses once an epoch's pictures and TensorBoard images are written (killed
+before that epoch's checkpoint).
 """
 
 import os
@@ -57,23 +58,24 @@ def main() -> None:
             time.sleep(0.4)
 
         video._FFmpegSink.write = slow_write
-    elif slow == "csv":
-        from camanim.runs import history
+    elif slow == "media":
+        from camanim.lightning import callback
 
-        write_csv = history.History.write_csv
+        media = callback.write_epoch_media
 
-        def slow_csv(self, *a, **k):
-            write_csv(self, *a, **k)
+        def slow_media(m, *a, **k):
+            media(m, *a, **k)
+            (root / f"media_done_{m.epoch}").touch()  # the parent's kill signal
             time.sleep(3)
 
-        history.History.write_csv = slow_csv
+        callback.write_epoch_media = slow_media
     L.seed_everything(0)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 3, (16,), generator=g)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     cb = CAManimCallback(x[:2], save_dir=root / "cam", normalization="local", log_videos=True,
                          tb_video_size=32, media_queue=0, media_workers=1, on_error="raise")
-    ck = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0,
+    ck = ModelCheckpoint(dirpath=root / "ckpt", filename="{epoch}", save_last=True, save_top_k=-1,
                          every_n_epochs=1)
     tr = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True,
                    logger=TensorBoardLogger(str(root), name="tb", version=0),

@@ -258,12 +258,13 @@ def _csv_holds(path, epoch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["video", "csv"])
+@pytest.mark.parametrize("point", ["video", "media"])
 def test_sigkill_mid_epoch_then_resume(tmp_path, point):
-    """SIGKILL while an epoch's MP4 is being encoded (its temporary file is
-    there), or right after its CSV append (before its media and checkpoint);
-    resume from the last checkpoint: each epoch once in the CSV, no
-    temporary or broken file, no duplicate TensorBoard heatmap step."""
+    """SIGKILL while epoch 1's MP4 is being encoded (its CSV rows are
+    written, its temporary video is there), or once its pictures and
+    TensorBoard images are written (before its checkpoint); resume from the
+    last checkpoint (epoch 0): each epoch once in the CSV, no temporary or
+    broken file, no duplicate TensorBoard heatmap step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cam = tmp_path / "cam"
@@ -271,9 +272,10 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, point):
     if point == "video":   # epoch 1's first MP4 half written
         _kill_when(proc, lambda: any(".partial" in p.name and "epoch001" in p.name
                                      for p in (cam / "videos").glob(".*")))
-    else:
-        _kill_when(proc, lambda: _csv_holds(cam / "ybroad.csv", 1))
-    assert (tmp_path / "ckpt" / "last.ckpt").exists()
+    else:                  # epoch 1's media done and flushed
+        _kill_when(proc, lambda: (tmp_path / "media_done_1").exists())
+    assert _csv_holds(cam / "ybroad.csv", 1)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0.ckpt", "last.ckpt"]
     res = _child(tmp_path, 3, "--resume")
     out, _ = res.communicate(timeout=600)
     assert res.returncode == 0 and "DONE" in out, out[-3000:]

@@ -284,9 +284,11 @@ class CAManimCallback(Callback):
                                     self.road)
         if trainer.is_global_zero:
             self._resolve_dir(trainer)
-            tb = tensorboard_logger(trainer)
-            if tb is not None and int(trainer.global_step) > 0:  # resumed: no step twice
-                mark_restart(tb.experiment, int(trainer.global_step))
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        tb = tensorboard_logger(trainer)  # the checkpoint is restored by now
+        if trainer.is_global_zero and tb is not None and int(trainer.global_step) > 0:
+            mark_restart(tb.experiment, int(trainer.global_step) + 1)  # resumed: no step twice
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._fitting(trainer):

@@ -190,9 +190,10 @@ def output_dir(save_dir: Path | None, trainer: Any) -> Path:
 
 
 def mark_restart(writer: Any, step: int) -> None:
-    """Tell TensorBoard that a run restarts at ``step`` (a resumed fit): it
-    then drops what a crashed run logged after that step, which the resumed
-    run logs again, so no step shows twice (TensorBoard's SessionLog.START)."""
+    """Tell TensorBoard that a run restarts at ``step`` (a resumed fit, the
+    first step it logs): TensorBoard then drops what a crashed run logged at
+    ``step`` and after, which the resumed run logs again, so no step shows
+    twice (TensorBoard's SessionLog.START)."""
     if type(writer).__module__.startswith("tensorboardX"):  # pragma: no cover
         from tensorboardX.proto.event_pb2 import Event, SessionLog
     else:
