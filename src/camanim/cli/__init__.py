@@ -5,8 +5,10 @@ video per normalization, a contact sheet of every 10th-percentile layer, a
 run summary (JSON) and with ``--road`` the ybROAD CSV, plot and summary.
 ``camanim layers --model NAME`` lists the layers a CAM can be drawn for.
 
-Bad arguments, unreadable images, unknown models and every `CAManimError`
-end with exit status 2 and a one-line message (no traceback).
+Bad arguments, unreadable images, unknown models, output folders that
+cannot be written, checkpoints that are not ones and every `CAManimError`
+end with exit status 2 and a one-line message (no traceback). Every file is
+complete under its final name or absent (`camanim.core.files`).
 """
 
 from __future__ import annotations
@@ -110,6 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CAManimError as e:
         print(f"camanim {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a write that failed mid-run (a full disk, a removed folder)
+        from ..core.files import os_cause
+
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"camanim {args.command}: error: {where}{os_cause(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("camanim: interrupted", file=sys.stderr)

@@ -111,3 +111,28 @@ def stems(paths: Sequence[Path]) -> list[str]:
     return out
 
 
+def prepare_out(out: Path, flag: str = "--out") -> Path:
+    """Create the output folder and check that it can be written, before any
+    heavy work; temporary files a killed run left there are removed.
+
+    Raises:
+        CAManimError: ``out`` is a file, or cannot be created or written.
+    """
+    import os
+
+    from ..core.files import os_cause, remove_stale
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CAManimError(f"{flag} {out} is a file, not a folder; pass a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".camanim-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CAManimError(f"{flag} {out} cannot be written ({os_cause(e)}); pass a writable "
+                           "folder") from None
+    remove_stale([out])
+    return out
+

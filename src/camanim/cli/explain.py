@@ -12,7 +12,9 @@ import torch
 
 from ..core.images import load_image, parse_size, to_model_input
 from ..errors import CAManimError
-from .common import parse_class_names, torch_device, float_list, layer_selector, norm_list, stems, target_index
+from ..core.files import atomic_path
+from .common import (float_list, layer_selector, norm_list, parse_class_names, prepare_out, stems,
+                     target_index, torch_device)
 from .models import build_model, in_channels, n_outputs
 
 
@@ -40,6 +42,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     colormap_lut(args.colormap)  # fail before the heavy work
     paths = [Path(p) for p in args.images]
     rgbs = [load_image(p) for p in paths]  # every image readable before any work
+    out: Path = prepare_out(args.out)       # and the output folder writable
     device = torch_device(args.device)
 
     model, categories = build_model(args.model, args.weights, args.checkpoint, args.num_classes,
@@ -63,8 +66,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
     ig = dict(mean=mean, std=std) if get_method(args.method).name == "integrated-gradcam" else {}
     anim = CAManim(model, method=args.method, layers=layer_selector(args.layers),
                    max_layers=args.max_layers, seed=args.seed, progress=not quiet, **ig)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     ext = "" if args.format == "png" else f".{args.format}"
     written: list[Path] = []
     params_done = False
@@ -81,10 +82,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         road = None
         if road_fn is not None:
             road = road_fn(model, x, maps, targets=maps.targets, seed=args.seed, progress=not quiet)
-            written += [road.to_csv(out / f"{stem}_ybroad.csv"),
-                        road.plot(out / f"{stem}_ybroad.png", title=f"ybROAD · {stem} · {label}")]
-            road.to_json(out / f"{stem}_ybroad.json")
-            written.append(out / f"{stem}_ybroad.json")
+            written += [_atomic(out / f"{stem}_ybroad.csv", road.to_csv),
+                        _atomic(out / f"{stem}_ybroad.png", lambda p: road.plot(
+                            p, title=f"ybROAD · {stem} · {label}")),
+                        _atomic(out / f"{stem}_ybroad.json", road.to_json)]
         render = dict(fps=args.fps, road=road, hold_last=args.hold_last, colormap=args.colormap,
                       alpha=args.alpha, class_names=classes, title=label, progress=not quiet)
         for norm in norms:
@@ -132,4 +133,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
             say(f"  {p}")
     return 0
 
+
+def _atomic(path: Path, write: Any) -> Path:
+    """``write(tmp)`` to a temporary name, then rename to ``path``."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return path
 

@@ -8,7 +8,10 @@ import difflib
 import importlib
 import importlib.util
 import os
+import pickle
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -164,13 +167,24 @@ def n_outputs(model: nn.Module, x: torch.Tensor) -> int | None:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise CAManimError(f"no checkpoint file at {path}")
+    if path.is_dir():
+        raise CAManimError(f"--checkpoint {path} is a folder; pass the checkpoint file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's own advice does not apply here
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # tensors only: camanim never runs pickled code from a checkpoint
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" (e.g. a {found.group(1)})" if found else ""
         raise CAManimError(
-            f"cannot load {path} safely (torch.load weights_only=True): {first[:200]}. "
-            "Save the weights alone, e.g. torch.save(model.state_dict(), 'weights.pt')") from None
+            f"{path} holds Python objects besides tensors{what}, which camanim does not load "
+            "(that would run code from the file); save the weights alone, e.g. "
+            "torch.save(model.state_dict(), 'weights.pt')") from None
+    except Exception:  # noqa: BLE001 - a damaged or foreign file fails in many ways
+        raise CAManimError(
+            f"{path} is not a PyTorch checkpoint (empty, cut short, or another format); pass "
+            "a file written by torch.save(model.state_dict(), ...) or a Lightning .ckpt") from None
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, dict):

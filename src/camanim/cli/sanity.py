@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from ..errors import CAManimError
-from .common import (float_list, layer_selector, model_args, parse_class_names, target_index,
-                     torch_device)
+from ..core.files import atomic_path, os_cause, write_text
+from .common import (float_list, layer_selector, model_args, parse_class_names, prepare_out,
+                     target_index, torch_device)
 from .models import build_model, import_callable, in_channels, n_outputs
 from ..core.images import IMAGENET_MEAN, IMAGENET_STD, load_image, parse_size, to_model_input
 
@@ -104,6 +105,10 @@ def run_sanity(args: argparse.Namespace) -> int:
     except CAManimError as e:
         print(f"camanim sanity: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write that failed mid-run (a full disk)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"camanim sanity: error: {where}{os_cause(e)}", file=sys.stderr)
+        return 2
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -115,6 +120,7 @@ def _run(args: argparse.Namespace) -> int:
         raise CAManimError(f"--max-layers must be >= 1, got {args.max_layers}")
     method = _method(args.method)
     rgbs = [load_image(Path(p)) for p in args.images]
+    out: Path = prepare_out(args.out)
     if size is None and len({r.shape[:2] for r in rgbs}) > 1:
         raise CAManimError("the images differ in size: pass --size so they form one batch")
     device = torch_device(args.device)
@@ -128,16 +134,16 @@ def _run(args: argparse.Namespace) -> int:
                           targets=None if target is None else [target] * x.shape[0],
                           blocks=_blocks(args.blocks), threshold=args.threshold, seed=args.seed,
                           max_layers=args.max_layers, progress=not args.quiet)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     table = report.table()
-    (out / "sanity.txt").write_text(table + "\n")
-    report.to_json(out / "sanity.json")
-    report.to_csv(out / "sanity.csv")
+    write_text(out / "sanity.txt", table + "\n")
+    for name, write in (("sanity.json", report.to_json), ("sanity.csv", report.to_csv)):
+        with atomic_path(out / name) as tmp:
+            write(tmp)
     if not args.no_plot:
-        report.plot(out / "sanity.png", title=f"Randomization sanity check: {report.method} on "
-                    f"{args.model} ({'FLAGGED' if report.method_flagged else 'passed'}; red = "
-                    f"flagged layer)")
+        with atomic_path(out / "sanity.png") as tmp:
+            report.plot(tmp, title=f"Randomization sanity check: {report.method} on "
+                        f"{args.model} ({'FLAGGED' if report.method_flagged else 'passed'}; red = "
+                        f"flagged layer)")
     if not args.quiet:
         print(table)
         print(f"\nwrote sanity.txt, sanity.json, sanity.csv{'' if args.no_plot else ', sanity.png'} "

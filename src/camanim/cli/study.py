@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from ..errors import CAManimError
 from ..runs.study import study
+from .common import prepare_out
 
 def add_study_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``study`` subcommand to an ``argparse`` subparsers object;
@@ -36,6 +38,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def run_study(args: argparse.Namespace) -> int:
     """Run the ``study`` subcommand from parsed arguments; exit status."""
     try:
+        prepare_out(Path(args.out))
         study(args.run_dirs, out=args.out, probes=args.probe, plots=not args.no_plots)
     except CAManimError as e:
         print(f"camanim study: error: {e}", file=sys.stderr)

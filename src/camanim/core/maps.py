@@ -252,10 +252,10 @@ class LayerMaps:
         arrays = {f"raw_{i:05d}": r.detach().cpu().numpy() for i, r in enumerate(self.raw)}
         if self.targets is not None:
             arrays["targets"] = self.targets.detach().cpu().numpy()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
-        tmp.replace(path)  # never leave a half-written file under the real name
+        from .files import atomic_path
+
+        with atomic_path(path) as tmp:  # never a half-written file under the real name
+            np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
         return path
 
     @classmethod

@@ -45,8 +45,6 @@ with bit-identical weights under ``deterministic=True``).
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import contextlib
 import os
 import time
@@ -67,9 +65,11 @@ from ..core.guard import untouched
 from ..core.maps import LayerMaps
 from ..errors import CAManimError
 from ..metrics.pointing import energy_pointing_game
-from ..runs.history import History, floats
+from ..runs.history import History
 from .distributed import gather_objects, layer_share, merge_shares
-from .media import EpochMedia, MediaQueue, output_dir, tensorboard_logger, write_epoch_media
+from .checks import check_outputs, check_score, epoch_record, finite_probes, pick
+from .media import (EpochMedia, MediaQueue, mark_restart, output_dir, tensorboard_logger,
+                    write_epoch_media)
 from .options import (check_count, check_road, check_schedule, check_targets, check_videos,
                       resolve_module)
 from .probes import load_probes
@@ -116,6 +116,9 @@ class CAManimCallback(Callback):
             value is below the ``p``-th percentile (removes the top
             ``100 - p`` %), LeRF keeps those above the ``(100 - p)``-th.
         road_noise: ROAD imputation noise.
+        score: what ROAD scores: ``"softmax"`` (the target's probability),
+            ``"logit"``, or ``"auto"`` (default: softmax, the logit for a
+            single-output head, with a notice).
         fps: frames (layers) per second of the videos.
         log_videos: log the animated GIFs to TensorBoard.
         save_videos: write the full-size MP4 files under ``save_dir/videos``.
@@ -175,7 +178,8 @@ class CAManimCallback(Callback):
                  video_size: int | Sequence[int] | None = None,
                  tb_video_size: int | None = 128, tb_colors: int = 64, on_error: str = "warn",
                  progress: bool = False, cam_options: dict | None = None,
-                 media_workers: int | None = None, media_queue: int = 1) -> None:
+                 media_workers: int | None = None, media_queue: int = 1,
+                 score: str = "auto") -> None:
         super().__init__()
         self._probes = load_probes(probes, masks, probe_names)
         channels = self._probes.images.shape[1]
@@ -193,6 +197,7 @@ class CAManimCallback(Callback):
         self.class_names = list(class_names) if class_names is not None else None
         self.road = bool(road)
         self.road_percentiles, self.road_noise = check_road(self.road, road_percentiles, road_noise)
+        self.score = self._score = check_score(score)
 
         from ..methods import get_method  # a typo should not wait an epoch
 
@@ -223,6 +228,7 @@ class CAManimCallback(Callback):
         self._dir: Path | None = None
         self._last_epoch: int | None = None
         self._queue: MediaQueue | None = None
+        self._keep = np.ones(len(self._probes.names), dtype=bool)  # probes with finite logits
         #: seconds per phase of the last epoch's work on this rank: cam, road,
         #: ebpg, to_cpu, csv, log, blocking (the training loop waited: all of
         #: the above plus any wait for the media queue) and, once the
@@ -278,18 +284,15 @@ class CAManimCallback(Callback):
                     logits = forward_logits(model, x[:1])
         except CAManimError as e:
             raise CAManimError(f"CAManimCallback: {e}") from None
-        if logits.dim() != 2 and self._targets_mode != "callables":
-            raise CAManimError(f"CAManimCallback: the model returns shape {tuple(logits.shape)}, "
-                               "not (B, classes); pass model= (the classifier to explain) or "
-                               "target callables")
-        if self._targets is not None and self._targets_mode != "callables":
-            k = logits.shape[-1]
-            bad = [t for t in self._targets if not 0 <= t < k]
-            if bad:
-                raise CAManimError(f"CAManimCallback: target class {bad[0]} is out of range: "
-                                   f"the model has {k} classes (0..{k - 1})")
+        self._score = check_outputs(logits, self._targets_mode, self._targets, self.score,
+                                    self.road)
         if trainer.is_global_zero:  # a folder that cannot be written fails now
             self._dir = self._dir or output_dir(self.save_dir, trainer)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        tb = tensorboard_logger(trainer)  # the checkpoint is restored by now
+        if trainer.is_global_zero and tb is not None and int(trainer.global_step) > 0:
+            mark_restart(tb.experiment, int(trainer.global_step) + 1)  # resumed: no step twice
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._fitting(trainer):
@@ -429,8 +432,8 @@ class CAManimCallback(Callback):
     def _fail(self, epoch: int, error: BaseException) -> None:
         if self.on_error == "raise":
             raise error
-        warnings.warn(f"CAManimCallback: epoch {epoch}'s monitoring failed and was skipped "
-                      f"({type(error).__name__}: {error}); training goes on", stacklevel=3)
+        warnings.warn(f"CAManimCallback: epoch {epoch}: {type(error).__name__}: {error}; "
+                      "training goes on", stacklevel=3)
 
     def _compute(self, trainer: Any, pl_module: Any, rank: int, world: int,
                  timing: dict[str, float]) -> tuple[LayerMaps, list, np.ndarray | None]:
@@ -440,7 +443,10 @@ class CAManimCallback(Callback):
         x, dev = self._probe_batch(model)
         with self._context(model, dev):
             anim = self._engine(model)
-            targets = None if self._targets_mode == "predicted" else self._targets
+            # probes with NaN/Inf logits get no map, target or score (no argmax of NaN)
+            self._keep = keep = finite_probes(model, x, self._probes.names, self._last_epoch)
+            x = pick(x, keep)
+            targets = pick(None if self._targets_mode == "predicted" else self._targets, keep)
             t = time.perf_counter()
             maps = anim(x, targets)
             _sync(x.device)
@@ -451,7 +457,7 @@ class CAManimCallback(Callback):
 
                 kw: dict[str, Any] = dict(percentiles=self.road_percentiles,
                                           noise=self.road_noise, seed=self.seed,
-                                          progress=self.progress)
+                                          progress=self.progress, score=self._score)
                 if self.batch_size is not None:
                     kw["batch_size"] = self.batch_size
                 # the user's own score callables are kept; class indices otherwise
@@ -467,7 +473,7 @@ class CAManimCallback(Callback):
             ebpg = None
             if self._probes.masks is not None and rank == 0:
                 t = time.perf_counter()
-                ebpg = energy_pointing_game(maps, self._probes.masks)
+                ebpg = energy_pointing_game(maps, pick(self._probes.masks, keep))
                 timing["ebpg"] = time.perf_counter() - t
             t = time.perf_counter()
             maps.to("cpu")
@@ -478,21 +484,18 @@ class CAManimCallback(Callback):
                ebpg: np.ndarray | None, timing: dict[str, float]) -> None:
         """Rank zero: history, CSV and scalars now; pictures in the background."""
         out_dir = self._dir = self._dir or output_dir(self.save_dir, trainer)
-        names = self._probes.names
-        targets = ([None] * maps.batch_size if maps.targets is None
-                   else [int(t) for t in maps.targets.reshape(-1)])
-        masked = [n for b, n in enumerate(names) if self._probes.has_mask[b]]
-        record = {
-            "global_step": int(trainer.global_step), "names": list(maps.names),
-            "method": str(maps.method), "targets": dict(zip(names, targets)),
-            "road": None if road is None else {n: floats(road[:, b]) for b, n in enumerate(names)},
-            "ebpg": None if ebpg is None else {n: floats(ebpg[:, b]) for b, n in enumerate(names)
-                                               if n in masked},
-        }
+        names = pick(self._probes.names, self._keep)  # the probes with finite logits
+        masked = [n for n, m in zip(self._probes.names, self._probes.has_mask) if m]
+        record = epoch_record(int(trainer.global_step), maps, road, ebpg, self._probes.names,
+                              self._keep, masked)
         record["seconds"] = time.perf_counter() - self._t0
         self._history[epoch] = record
         t = time.perf_counter()
-        self._history.write_csv(out_dir, epoch, record["method"])
+        csv_error = None
+        try:
+            self._history.write_csv(out_dir, epoch, record["method"])
+        except CAManimError as e:  # the other outputs go on; reported at the end
+            csv_error = e
         timing["csv"] = time.perf_counter() - t
         tb_logger = tensorboard_logger(trainer)
         tb = None if tb_logger is None else tb_logger.experiment
@@ -501,7 +504,8 @@ class CAManimCallback(Callback):
                   self._probes.names, self.class_names)
         timing["log"] = time.perf_counter() - t
         media = EpochMedia(
-            epoch=epoch, step=int(trainer.global_step), images=self._probes.images, maps=maps,
+            epoch=epoch, step=int(trainer.global_step), maps=maps,
+            images=pick(self._probes.images, self._keep),
             probes=list(names), out_dir=out_dir, method=record["method"], road=road,
             ebpg={n: ebpg[:, b] for b, n in enumerate(names) if n in masked} if ebpg is not None
             else {},
@@ -519,6 +523,8 @@ class CAManimCallback(Callback):
         t = time.perf_counter()
         queue.submit(epoch, lambda: write_epoch_media(media, queue.pool()))
         timing["queue_wait"] = time.perf_counter() - t
+        if csv_error is not None:
+            raise csv_error
 
     def _report_media_errors(self, drain: bool = False) -> None:
         if self._queue is not None:

@@ -29,11 +29,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..core.files import os_cause, remove_stale
 from ..core.maps import LayerMaps
 from ..errors import CAManimError
 
 __all__ = ["MediaQueue", "EpochMedia", "write_epoch_media", "tensorboard_logger", "add_gif",
-           "events_bytes", "output_dir"]
+           "events_bytes", "output_dir", "mark_restart", "SUBFOLDERS"]
+
+#: the folders under the output folder that the callback writes into
+SUBFOLDERS = ("videos", "heatmaps", "maps")
 
 
 def _one_thread() -> None:
@@ -166,7 +170,8 @@ def tensorboard_logger(trainer: Any) -> Any:
 def output_dir(save_dir: Path | None, trainer: Any) -> Path:
     """The folder for files: ``save_dir``, else the TensorBoard logger's
     ``log_dir``, else ``<default_root_dir>/camanim``; created and checked
-    to be writable now (before a long epoch, not after it)."""
+    to be writable now (before a long epoch, not after it). Temporary files
+    a killed run left there are removed."""
     if save_dir is not None:
         d = Path(save_dir)
     else:
@@ -179,8 +184,23 @@ def output_dir(save_dir: Path | None, trainer: Any) -> Path:
         probe.unlink()
     except OSError as e:
         raise CAManimError(f"CAManimCallback: cannot write to the output folder {d} "
-                           f"({e.strerror or e}); pass save_dir= a writable folder") from None
+                           f"({os_cause(e)}); pass save_dir= a writable folder") from None
+    remove_stale([d, *(d / sub for sub in SUBFOLDERS)])
     return d
+
+
+def mark_restart(writer: Any, step: int) -> None:
+    """Tell TensorBoard that a run restarts at ``step`` (a resumed fit, the
+    first step it logs): TensorBoard then drops what a crashed run logged at
+    ``step`` and after, which the resumed run logs again, so no step shows
+    twice (TensorBoard's SessionLog.START)."""
+    if type(writer).__module__.startswith("tensorboardX"):  # pragma: no cover
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+    else:
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+    writer._get_file_writer().add_event(
+        Event(wall_time=time.time(), step=int(step), session_log=SessionLog(status=SessionLog.START)))
+    writer.flush()
 
 
 def add_gif(writer: Any, tag: str, data: bytes, hw: tuple[int, int], step: int) -> None:
@@ -251,69 +271,102 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
     TensorBoard: one GIF per probe (local | global side by side, small
     panels), ``ybroad/<probe>/heatmap`` and ``ybroad/<probe>/curve``.
     Files: full-size MP4s per normalization, ``heatmaps/<probe>.png`` and
-    ``maps/epochNNN.npz``. Independent parts run on ``pool``; the first
-    error is raised after every part has finished.
+    ``maps/epochNNN.npz``. Independent parts run on ``pool``; one part's
+    failure (a full disk, a codec) stops no other, and after every part has
+    finished one `CAManimError` names each failed output and its cause.
     """
     from ..viz.plots import curve_image, heatmap_image, save_png
     from ..viz.render import render_frames
     from ..viz.video import encode_gif, write_frames
 
     t0 = time.perf_counter()
-    jobs: list[Callable[[], None]] = []
+    jobs: list[tuple[str, Callable[[], None]]] = []   # (what and where, job)
     tb = m.writer if m.log_videos else None
 
-    def video(b: int, probe: str, norm: str, size: Any, to_tb: bool, to_file: bool) -> None:
-        frames = list(render_frames(m.images, m.maps, normalization=norm, road=m.road,
-                                    index=b, title=f"epoch {m.epoch}",
-                                    **{**m.render, "size": size}))
-        if to_tb:
-            add_gif(tb, gif_tag(probe, norm),
-                    encode_gif(frames, m.fps, colors=m.tb_colors, shared_palette=True),
-                    frames[0].shape[:2], m.step)
-        if to_file:
-            write_frames(m.out_dir / "videos" / f"{probe}_epoch{m.epoch:03d}_{norm}.mp4",
-                         frames, fps=m.fps)
+    def frames_of(b: int, norm: str, size: Any) -> list[np.ndarray]:
+        return list(render_frames(m.images, m.maps, normalization=norm, road=m.road, index=b,
+                                  title=f"epoch {m.epoch}", **{**m.render, "size": size}))
+
+    def gif(b: int, probe: str, norm: str) -> None:
+        frames = frames_of(b, norm, m.tb_size)
+        add_gif(tb, gif_tag(probe, norm),
+                encode_gif(frames, m.fps, colors=m.tb_colors, shared_palette=True),
+                frames[0].shape[:2], m.step)
+
+    def video(b: int, path: Path, norm: str) -> None:
+        write_frames(path, frames_of(b, norm, m.render.get("size")), fps=m.fps)
 
     for b, probe in enumerate(m.probes):
         if tb is not None:
             for norm in tensorboard_norms(m.normalization):
-                jobs.append(lambda b=b, p=probe, n=norm: video(b, p, n, m.tb_size, True, False))
+                jobs.append((f"TensorBoard GIF {gif_tag(probe, norm)}",
+                             lambda b=b, p=probe, n=norm: gif(b, p, n)))
         if m.save_videos:
             for norm in m.normalization:
-                jobs.append(lambda b=b, p=probe, n=norm: video(b, p, n, m.render.get("size"),
-                                                                False, True))
+                path = m.out_dir / "videos" / f"{probe}_epoch{m.epoch:03d}_{norm}.mp4"
+                jobs.append((f"video {path}", lambda b=b, p=path, n=norm: video(b, p, n)))
 
-    def plots() -> None:
+    def heatmap_png(probe: str, img: np.ndarray) -> None:
+        save_png(m.out_dir / "heatmaps" / f"{probe}.png", img)
+
+    def tb_plots(b: int, probe: str, img: np.ndarray) -> None:
+        m.writer.add_image(f"ybroad/{probe}/heatmap", img, m.step, dataformats="HWC")
+        curve = curve_image(m.road[:, b], list(m.maps.names), ebpg=m.ebpg.get(probe),
+                            title=f"{probe}: ybROAD, epoch {m.epoch}")
+        m.writer.add_image(f"ybroad/{probe}/curve", curve, m.step, dataformats="HWC")
+
+    def plots() -> list[tuple[str, BaseException]]:
+        # the PNG file and the TensorBoard images fail independently
+        failed = []
         for b, probe in enumerate(m.probes):
             if probe not in m.history:
                 continue
             epochs, names, mat = m.history[probe]
             img = heatmap_image(mat, epochs, names, title=f"{probe}: ybROAD by epoch ({m.method})")
-            save_png(m.out_dir / "heatmaps" / f"{probe}.png", img)
+            parts = [(f"heatmap {m.out_dir / 'heatmaps' / f'{probe}.png'}",
+                      lambda p=probe, i=img: heatmap_png(p, i))]
             if m.writer is not None:
-                m.writer.add_image(f"ybroad/{probe}/heatmap", img, m.step, dataformats="HWC")
-                eb = m.ebpg.get(probe)
-                curve = curve_image(m.road[:, b], list(m.maps.names), ebpg=eb,
-                                    title=f"{probe}: ybROAD, epoch {m.epoch}")
-                m.writer.add_image(f"ybroad/{probe}/curve", curve, m.step, dataformats="HWC")
+                parts.append((f"TensorBoard ybroad/{probe}/heatmap and curve",
+                              lambda b=b, p=probe, i=img: tb_plots(b, p, i)))
+            for what, part in parts:
+                try:
+                    part()
+                except Exception as e:  # noqa: BLE001 - reported with the others
+                    failed.append((what, e))
+        return failed
 
     if m.road is not None:
-        jobs.append(plots)
+        jobs.append(("plots", plots))
     if m.save_maps:
-        jobs.append(lambda: m.maps.save(m.out_dir / "maps" / f"epoch{m.epoch:03d}.npz"))
-    errors: list[BaseException] = []
+        npz = m.out_dir / "maps" / f"epoch{m.epoch:03d}.npz"
+        jobs.append((f"maps {npz}", lambda: m.maps.save(npz)))
+
+    def run(what: str, job: Callable[[], Any]) -> list[tuple[str, BaseException]]:
+        try:
+            out = job()
+        except Exception as e:  # noqa: BLE001 - one output's failure stops no other
+            return [(what, e)]
+        return out if isinstance(out, list) else []
+
+    errors: list[tuple[str, BaseException]] = []
     if pool is None:
-        for job in jobs:
-            try:
-                job()
-            except Exception as e:  # noqa: BLE001 - first one raised below
-                errors.append(e)
+        for what, job in jobs:
+            errors += run(what, job)
     else:
-        for fut in [pool.submit(job) for job in jobs]:
-            if fut.exception() is not None:
-                errors.append(fut.exception())
+        for fut in [pool.submit(run, what, job) for what, job in jobs]:
+            errors += fut.result()
     if m.writer is not None:
-        m.writer.flush()
+        try:
+            m.writer.flush()
+        except Exception as e:  # noqa: BLE001
+            errors.append(("TensorBoard event file", e))
     m.timing["media"] = time.perf_counter() - t0
     if errors:
-        raise errors[0]
+        raise CAManimError(f"{len(errors)} output(s) failed: " + "; ".join(
+            f"{what}: {_cause(e)}" for what, e in errors))
+
+
+def _cause(e: BaseException) -> str:
+    if isinstance(e, CAManimError):
+        return str(e)
+    return os_cause(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"

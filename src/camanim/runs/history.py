@@ -8,7 +8,9 @@ A record is ``{"global_step", "names", "method", "targets": {probe: int|None},
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import math
 import os
 import re
@@ -18,9 +20,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..core.files import os_cause
 from ..errors import CAManimError
 
-__all__ = ["CSV_NAME", "CSV_COLUMNS", "History", "safe_name", "floats"]
+__all__ = ["CSV_NAME", "CSV_COLUMNS", "History", "safe_name", "floats", "append_all",
+           "repair_csv", "read_rows"]
 
 CSV_NAME = "ybroad.csv"
 #: Columns of ``ybroad.csv``, one row per (epoch, probe, layer). ``road_mean``
@@ -47,6 +51,7 @@ class History:
         self.probes = list(probes)
         self.records: dict[int, dict] = {}
         self._csv_keys: set[tuple[int, str, str]] | None = None
+        self._csv_rows: dict[tuple[int, str, str], set[int]] = {}
         self._warned = False
 
     def __len__(self) -> int:
@@ -94,35 +99,44 @@ class History:
 
 
     def _read_csv_keys(self, path: Path, method: str) -> None:
-        """Which (epoch, probe, method) the CSV already holds; epochs there
-        but missing from the restored history (a checkpoint written before
-        that epoch's work) are taken back into the history."""
+        """Which (epoch, probe, method) the CSV already holds completely;
+        epochs there but missing from the restored history (a checkpoint
+        written before that epoch's work) are taken back into the history.
+        A torn last line (a crash or a full disk mid-append) is cut off
+        first; malformed rows are left out with a warning."""
         self._csv_keys = set()
+        self._csv_rows: dict[tuple[int, str, str], set[int]] = {}
         if not path.exists() or path.stat().st_size == 0:
             return
+        repair_csv(path)
         found: dict[int, dict] = {}
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
                 raise CAManimError(f"{path} exists with other columns ({reader.fieldnames}); "
                                    "pass another save_dir")
-            for row in reader:
-                e, p = int(row["epoch"]), row["probe"]
-                self._csv_keys.add((e, p, row["method"]))
-                if row["method"] != method or p not in self.probes:
-                    continue
-                rec = found.setdefault(e, {"global_step": int(row["global_step"]),
-                                           "method": method, "rows": {}})
-                rec["rows"].setdefault(p, {})[int(row["layer_index"])] = row
+            rows, bad = read_rows(reader)
+        if bad:
+            warnings.warn(f"CAManimCallback: {path}: {bad} malformed row(s) left out (lines "
+                          "written by a crashed or older run)", stacklevel=2)
+        for row in rows:
+            e, p = int(row["epoch"]), row["probe"]
+            self._csv_rows.setdefault((e, p, row["method"]), set()).add(int(row["layer_index"]))
+            if row["method"] != method or p not in self.probes:
+                continue
+            rec = found.setdefault(e, {"global_step": int(row["global_step"]),
+                                       "method": method, "rows": {}})
+            rec["rows"].setdefault(p, {})[int(row["layer_index"])] = row
         for e, rec in found.items():
             if e in self.records or set(rec["rows"]) != set(self.probes):
                 continue
             first = rec["rows"][self.probes[0]]
             names = [first[i]["layer_name"] for i in sorted(first)]
             road, ebpg, targets = {}, {}, {}
-            for p, rows in rec["rows"].items():
-                ordered = [rows[i] for i in sorted(rows)]
-                if [r["layer_name"] for r in ordered] != names:
+            for p, rows_p in rec["rows"].items():
+                ordered = [rows_p[i] for i in sorted(rows_p)]
+                if [r["layer_name"] for r in ordered] != names or \
+                        sorted(rows_p) != list(range(len(names))):
                     break
                 road[p] = [_parse(r["road"]) for r in ordered]
                 eb = [_parse(r["ebpg"]) for r in ordered]
@@ -138,37 +152,144 @@ class History:
                     else None,
                     "ebpg": ebpg or None}
 
+    def _in_csv(self, key: tuple[int, str, str], n_layers: int) -> bool:
+        assert self._csv_keys is not None
+        if key in self._csv_keys:
+            return True
+        # an epoch is in the file only when every layer's row is
+        if self._csv_rows.get(key) == set(range(n_layers)):
+            self._csv_keys.add(key)
+            return True
+        return False
+
     def write_csv(self, out_dir: Path, epoch: int, method: str) -> None:
+        """Append the rows of every record the CSV lacks (this epoch, epochs
+        whose append failed before, restored epochs a new folder lacks).
+
+        All or nothing: the rows go out in one write and are synced; a
+        failed write is cut back off and raises, and its epochs count as not
+        written, so the next call writes them again.
+
+        Raises:
+            CAManimError: naming the file and the cause (e.g. a full disk).
+        """
         path = out_dir / CSV_NAME
         if self._csv_keys is None:
             self._read_csv_keys(path, method)
         assert self._csv_keys is not None
-        rows = []
+        rows, keys = [], []
         skipped = False
-        # backfill restored epochs this CSV lacks (e.g. a new log_dir after resume)
         for e in sorted(self.records):
             rec = self.records[e]
             for p in self.probes:
                 key = (e, p, rec["method"])
-                if key in self._csv_keys:
+                if self._in_csv(key, len(rec["names"])):
                     skipped = skipped or e == epoch
                     continue
-                rows.extend(csv_rows(e, p, rec))
-                self._csv_keys.add(key)
+                # a group cut short (a torn line cut off) gets only its missing rows
+                have = self._csv_rows.get(key, set())
+                rows.extend(r for r in csv_rows(e, p, rec) if r[5] not in have)
+                keys.append(key)
         if skipped and not self._warned:
             self._warned = True
             warnings.warn(f"CAManimCallback: {path} already holds epoch {epoch} (a resumed "
                            "run); rows already there are not written again")
         if not rows:
             return
-        new = not path.exists() or path.stat().st_size == 0
-        with open(path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(CSV_COLUMNS)
-            w.writerows(rows)
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        if not path.exists() or path.stat().st_size == 0:
+            w.writerow(CSV_COLUMNS)
+        w.writerows(rows)
+        try:
+            append_all(path, buf.getvalue().encode("utf-8"))
+        except OSError as e:
+            self._csv_keys = None  # read (and repair) the file again before the next try
+            epochs = sorted({k[0] for k in keys})
+            raise CAManimError(f"could not append epoch(s) {epochs} to {path} "
+                               f"({os_cause(e)}); they are written again at the next "
+                               "monitored epoch") from None
+        self._csv_keys.update(keys)
+
+
+def append_all(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` in full, synced, or not at all: a write
+    that fails part-way is cut back to the old size (a new file is removed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    start = os.fstat(fd).st_size
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, start)
+        if start == 0:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
+def repair_csv(path: Path) -> int:
+    """Cut a torn last line (no final newline: an append cut short by a
+    crash or a full disk) off ``path``, with a warning; returns the bytes
+    removed. A file that cannot be cut is left as it is (its torn line is
+    then left out as malformed when read)."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        pos, keep = size, 0
+        while pos > 0:
+            step = min(65536, pos)
+            pos -= step
+            f.seek(pos)
+            k = f.read(step).rfind(b"\n")
+            if k >= 0:
+                keep = pos + k + 1
+                break
+    try:
+        with open(path, "rb+") as f:
+            f.truncate(keep)
             f.flush()
             os.fsync(f.fileno())
+    except OSError as e:
+        warnings.warn(f"camanim: {path} ends in a torn line that could not be cut off "
+                      f"({os_cause(e)}); it is left out when read", stacklevel=2)
+        return 0
+    warnings.warn(f"camanim: {path} ended in a torn line ({size - keep} bytes, from an "
+                  "append cut short by a crash or a full disk); it was cut off", stacklevel=2)
+    return size - keep
+
+
+def read_rows(reader: Any) -> tuple[list[dict], int]:
+    """``(good rows, number of malformed rows)`` of a ``csv.DictReader`` of
+    ``ybroad.csv``: a row is malformed when its field count is wrong or its
+    epoch, step, layer index or scores do not parse (e.g. a torn line that a
+    later row was glued onto)."""
+    good, bad = [], 0
+    for row in reader:
+        if None in row or any(v is None for v in row.values()):
+            bad += 1
+            continue
+        try:
+            int(row["epoch"]), int(row["layer_index"])
+            if row.get("global_step") not in (None, ""):
+                int(row["global_step"])
+            for k in ("road", "road_mean", "road_max", "ebpg"):
+                if k in row:
+                    _parse(row[k])
+        except (TypeError, ValueError):
+            bad += 1
+            continue
+        good.append(row)
+    return good, bad
 
 
 def floats(a: np.ndarray) -> list[float | None]:

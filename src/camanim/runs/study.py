@@ -26,6 +26,7 @@ Entry point: `study` (Python); the command is `camanim.cli.study`.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import sys
 import warnings
@@ -37,7 +38,8 @@ import numpy as np
 
 from ..errors import CAManimError
 from ..viz.plots import heatmap_image, save_png, trajectories_image
-from .history import CSV_COLUMNS, CSV_NAME, safe_name
+from ..core.files import atomic_path, os_cause, remove_stale
+from .history import CSV_COLUMNS, CSV_NAME, read_rows, safe_name
 
 __all__ = ["CSV_COLUMNS", "CSV_NAME", "ProbeSeries", "read_ybroad_csv", "find_csvs",
            "settle_epoch", "study"]
@@ -88,35 +90,64 @@ def read_ybroad_csv(path: str | Path, run: str | None = None) -> list[ProbeSerie
 
     A row repeated for the same (epoch, probe, method, layer) keeps its last
     value. Epochs whose layer names differ from the latest epoch's (the layer
-    selection changed mid-run) are dropped with a note on stderr.
+    selection changed mid-run) are dropped with a note on stderr. Malformed
+    rows (a torn last line, a wrong field count, values that do not parse:
+    appends cut short by a crash or a full disk) are skipped and counted on
+    stderr, never read as numbers.
     """
     path = Path(path)
     if not path.is_file():
         raise CAManimError(f"no ybROAD CSV at {path}")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("epoch", "probe", "layer_index", "layer_name", "road")
-                   if c not in (reader.fieldnames or [])]
-        if missing:
-            raise CAManimError(f"{path} is not a camanim ybroad.csv (columns {missing} "
-                               f"missing); it is written by camanim.CAManimCallback")
-        # (method, probe) -> epoch -> layer_index -> row
-        groups: dict[tuple[str, str], dict[int, dict[int, dict]]] = {}
-        for row in reader:
-            key = (row.get("method") or "", row["probe"])
-            by_epoch = groups.setdefault(key, {}).setdefault(int(row["epoch"]), {})
-            by_epoch[int(row["layer_index"])] = row
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise CAManimError(f"cannot read {path}: {os_cause(e)}") from None
+    torn = 0
+    if text and not text.endswith(("\n", "\r")):
+        # a last line without its newline is an append cut short: never data
+        text, torn = text[:text.rfind("\n") + 1], 1
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in ("epoch", "probe", "layer_index", "layer_name", "road")
+               if c not in (reader.fieldnames or [])]
+    if missing:
+        raise CAManimError(f"{path} is not a camanim ybroad.csv (columns {missing} "
+                           f"missing); it is written by camanim.CAManimCallback")
+    rows, bad = read_rows(reader)
+    if bad + torn:
+        print(f"camanim study: {path}: skipped {bad + torn} malformed row(s)"
+              + (" (a torn last line)" if torn else "")
+              + " (an append cut short by a crash or a full disk)", file=sys.stderr)
+    # (method, probe) -> epoch -> layer_index -> row
+    groups: dict[tuple[str, str], dict[int, dict[int, dict]]] = {}
+    for row in rows:
+        key = (row.get("method") or "", row["probe"])
+        by_epoch = groups.setdefault(key, {}).setdefault(int(row["epoch"]), {})
+        by_epoch[int(row["layer_index"])] = row
     label = run if run is not None else path.parent.name
     out = []
     for (method, probe), by_epoch in sorted(groups.items()):
         epochs = sorted(by_epoch)
-        last = by_epoch[epochs[-1]]
-        names = [last[i]["layer_name"] for i in sorted(last)]
-        keep = [e for e in epochs
-                if [by_epoch[e][i]["layer_name"] for i in sorted(by_epoch[e])] == names]
-        if len(keep) < len(epochs):
-            print(f"camanim study: {path}: {probe}: {len(epochs) - len(keep)} epoch(s) with "
-                  "another layer list were left out", file=sys.stderr)
+        lists = {e: [by_epoch[e][i]["layer_name"] for i in sorted(by_epoch[e])] for e in epochs}
+        whole = {e for e in epochs if sorted(by_epoch[e]) == list(range(len(by_epoch[e])))}
+
+        def cut_short(e: int) -> bool:  # a strict prefix of another epoch's layer list
+            n = len(lists[e])
+            return e not in whole or any(len(lists[o]) > n and lists[o][:n] == lists[e]
+                                         for o in epochs)
+
+        ref = [e for e in epochs if not cut_short(e)]
+        if not ref:
+            print(f"camanim study: {path}: {probe}: no complete epoch; left out", file=sys.stderr)
+            continue
+        names = lists[ref[-1]]
+        keep = [e for e in epochs if lists[e] == names and e in whole]
+        short = sum(1 for e in epochs if cut_short(e))
+        if short:
+            print(f"camanim study: {path}: {probe}: {short} incomplete epoch(s) (rows missing) "
+                  "were left out", file=sys.stderr)
+        if len(keep) + short < len(epochs):
+            print(f"camanim study: {path}: {probe}: {len(epochs) - len(keep) - short} epoch(s) "
+                  "with another layer list were left out", file=sys.stderr)
         road = np.array([[_float(by_epoch[e][i]["road"]) for i in range(len(names))]
                          for e in keep], dtype=np.float64).reshape(len(keep), len(names))
         ebpg = np.array([[_float(by_epoch[e][i].get("ebpg", "")) for i in range(len(names))]
@@ -280,21 +311,29 @@ def study(run_dirs: Sequence[str | Path], out: str | Path = "camanim_study",
     if not all_series:
         raise CAManimError("no probe matched: check --probe against the probe names in the CSVs")
     rows = [summarize(s) for s in all_series]
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "study.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(TABLE_COLUMNS))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(v) for k, v in r.items()})
-    if plots:
-        methods = {s.method for s in all_series}
-        for s in all_series:
-            tag = safe_name(s.run.replace("/", "__"))
-            meth = f"_{safe_name(s.method)}" if len(methods) > 1 else ""
-            save_png(out / f"heatmap_{tag}{meth}_{safe_name(s.probe)}.png",
-                      heatmap_image(s.road, s.epochs, s.names,
-                                    title=f"{s.run} · {s.method} · {s.probe}: ybROAD"))
-        save_png(out / "best_layer.png", trajectories_image(all_series))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale([out])
+        with atomic_path(out / "study.csv") as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(TABLE_COLUMNS))
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: _fmt(v) for k, v in r.items()})
+    except OSError as e:
+        raise CAManimError(f"cannot write to --out {out} ({os_cause(e)}); pass a writable "
+                           "folder") from None
+    try:
+        if plots:
+            methods = {s.method for s in all_series}
+            for s in all_series:
+                tag = safe_name(s.run.replace("/", "__"))
+                meth = f"_{safe_name(s.method)}" if len(methods) > 1 else ""
+                save_png(out / f"heatmap_{tag}{meth}_{safe_name(s.probe)}.png",
+                          heatmap_image(s.road, s.epochs, s.names,
+                                        title=f"{s.run} · {s.method} · {s.probe}: ybROAD"))
+            save_png(out / "best_layer.png", trajectories_image(all_series))
+    except OSError as e:
+        raise CAManimError(f"cannot write the plots to --out {out} ({os_cause(e)})") from None
     if verbose:
         print(format_table(rows))
         print(f"\nwrote {out / 'study.csv'}" + (" and plots" if plots else ""))

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CAManimError
+from ..core.files import atomic_path, write_text
 from ..core.maps import LayerMaps
 from .render import colormap_lut, display_images, iter_maps, overlay, road_scores
 
@@ -158,9 +159,11 @@ def contact_sheet(path: str | Path, images: Any, maps: LayerMaps,
         title = " · ".join(bits)
     fig.text(0.5, 1 - 0.08 / fig_h, title, ha="center", va="top", fontsize=9)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -207,9 +210,11 @@ def plot_params(path: str | Path, maps: LayerMaps, title: str | None = None,
     ax.legend(fontsize=7, ncol=min(4, len(set(types)) + 1), loc="upper left")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -268,13 +273,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def write_summary(path: str | Path, summary: dict[str, Any]) -> Path:
-    """Write a summary dict as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(summary, indent=2, default=_json_default))
-    tmp.replace(path)
-    return path
+    """Write a summary dict as JSON (complete under ``path`` or not there)."""
+    return write_text(path, json.dumps(summary, indent=2, default=_json_default))
 
 
 def _json_default(o: Any) -> Any:

@@ -9,21 +9,28 @@ Frames stream from the renderer to the writer one layer at a time:
   end; use MP4 or PNGs for very long runs);
 * a path without suffix, or ending in ``/``: a folder of ``frame_0000.png``...
 
-Files are written under a temporary name next to the target and renamed at
-the end, so a failure never leaves a truncated file under the final name.
+Files are written under a temporary name next to the target
+(`camanim.core.files.temp_path`), synced and renamed at the end, so a
+failure never leaves a truncated file under the final name. ffmpeg's exit
+status is checked and its error output goes into the raised error (not to
+the console).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import CAManimError
+from ..core.files import fsync_path, os_cause, temp_path
 from ..core.maps import LayerMaps
 from .render import FrameRenderer
 
@@ -50,12 +57,12 @@ def video_format(path: str | Path) -> str:
 # ----------------------------------------------------------------- sinks
 
 class _Sink:
-    """One output being written; `finish` renames it into place."""
+    """One output being written; `finish` syncs and renames it into place."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")
+        self.tmp = temp_path(path)
         self.count = 0
 
     def write(self, frame: np.ndarray) -> None:
@@ -67,6 +74,9 @@ class _Sink:
             self.write(frame)
 
     def finish(self) -> Path:
+        if not self.tmp.is_file() or self.tmp.stat().st_size == 0:
+            raise CAManimError(f"could not write {self.path}: the encoder wrote nothing")
+        fsync_path(self.tmp)
         os.replace(self.tmp, self.path)
         return self.path
 
@@ -78,37 +88,71 @@ class _Sink:
 
 
 class _FFmpegSink(_Sink):
-    """MP4 (H.264) or WebM (VP9): raw RGB frames piped to ffmpeg."""
+    """MP4 (H.264) or WebM (VP9): raw RGB frames piped to ffmpeg, whose exit
+    status is checked and whose messages are kept for the error."""
 
     def __init__(self, path: Path, size: tuple[int, int], fps: float, fmt: str) -> None:
         super().__init__(path)
+        from fractions import Fraction
+
         import imageio_ffmpeg
 
         h, w = size
         if fmt == "mp4":
-            codec = "libx264"
-            params = ["-crf", "18", "-preset", "veryfast", "-movflags", "+faststart"]
+            params = ["-vcodec", "libx264", "-crf", "18", "-preset", "veryfast",
+                      "-movflags", "+faststart"]
         else:
-            codec = "libvpx-vp9"
-            params = ["-crf", "32", "-b:v", "0", "-deadline", "realtime", "-cpu-used", "8"]
-        self._gen = imageio_ffmpeg.write_frames(
-            str(self.tmp), (w, h), fps=float(fps), codec=codec, pix_fmt_out="yuv420p",
-            quality=None, macro_block_size=2, ffmpeg_log_level="error", output_params=params)
-        self._gen.send(None)
+            params = ["-vcodec", "libvpx-vp9", "-crf", "32", "-b:v", "0", "-deadline",
+                      "realtime", "-cpu-used", "8"]
+        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
+               "-s", f"{w}x{h}", "-pix_fmt", "rgb24",
+               "-r", str(Fraction(float(fps)).limit_denominator()), "-i", "-", "-an",
+               *params, "-pix_fmt", "yuv420p", "-v", "error", "-f", fmt, str(self.tmp)]
+        # a file, not a pipe: a pipe nobody reads could fill up and stall ffmpeg
+        self._log = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                      stderr=self._log)
+
+    def _messages(self) -> str:
+        self._log.seek(0)
+        lines = self._log.read().decode("utf-8", "replace").strip().splitlines()
+        return "; ".join(lines[-3:])[:400]
+
+    def _failed(self, what: str) -> CAManimError:
+        msg = self._messages()
+        return CAManimError(f"could not write {self.path}: ffmpeg {what}"
+                            + (f" ({msg})" if msg else ""))
 
     def write(self, frame: np.ndarray) -> None:
-        self._gen.send(np.ascontiguousarray(frame))
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(np.ascontiguousarray(frame).tobytes())
+        except OSError:  # ffmpeg quit (a full disk, a bad size): its messages say why
+            self._proc.kill()
+            self._proc.wait()
+            raise self._failed(f"stopped with status {self._proc.returncode}") from None
         self.count += 1
 
     def finish(self) -> Path:
-        self._gen.close()  # waits for ffmpeg; raises if it failed
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        rc = self._proc.wait()
+        try:
+            if rc != 0:
+                raise self._failed(f"exited with status {rc}")
+        finally:
+            self._log.close()
         return super().finish()
 
     def abort(self) -> None:
-        try:
-            self._gen.close()
-        except Exception:  # noqa: BLE001 - already failing; just clean up
-            pass
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        with contextlib.suppress(Exception):
+            self._log.close()
         super().abort()
 
 
@@ -149,7 +193,10 @@ class _GifSink(_Sink):
                    optimize=False)
 
     def finish(self) -> Path:
-        self.save(self.tmp)
+        try:
+            self.save(self.tmp)
+        except OSError as e:
+            raise CAManimError(f"could not write {self.path}: {os_cause(e)}") from None
         self.frames = []
         return super().finish()
 
@@ -162,10 +209,17 @@ class _PngSink(_Sink):
         self.tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
         self.tmp.mkdir(parents=True, exist_ok=True)
 
+    def _check_write(self, fn: Any) -> None:
+        try:
+            fn()
+        except OSError as e:
+            raise CAManimError(f"could not write {self.path}: {os_cause(e)}") from None
+
     def write(self, frame: np.ndarray) -> None:
         from PIL import Image
 
-        Image.fromarray(frame).save(self.tmp / f"frame_{self.count:04d}.png", compress_level=3)
+        self._check_write(lambda: Image.fromarray(frame).save(
+            self.tmp / f"frame_{self.count:04d}.png", compress_level=3))
         self.count += 1
 
     def hold(self, frame: np.ndarray, n: int) -> None:
@@ -174,6 +228,7 @@ class _PngSink(_Sink):
     def finish(self) -> Path:
         if self.path.exists() and not self.path.is_dir():
             raise CAManimError(f"{self.path} exists and is not a folder; pick another path")
+        self._check_write(lambda: [fsync_path(f) for f in self.tmp.iterdir()])
         if not self.path.exists():
             os.replace(self.tmp, self.path)
             return self.path
