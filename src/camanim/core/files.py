@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
 
-__all__ = ["temp_path", "atomic_path", "write_bytes", "write_text", "fsync_path",
+__all__ = ["write_json", "temp_path", "atomic_path", "write_bytes", "write_text", "fsync_path",
            "remove_stale", "os_cause"]
 
 # ours: .<name>.<pid>.partial[.<ext>] (files and PNG-frame folders); older
@@ -95,6 +95,16 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path | None, obj: object) -> str:
+    """``obj`` as indented JSON text; written to ``path`` atomically when given."""
+    import json
+
+    text = json.dumps(obj, indent=1)
+    if path is not None:
+        write_text(path, text)
+    return text
 
 
 def _alive(pid: int) -> bool:

@@ -4,7 +4,6 @@ summary, CSV/JSON/plot) and `RoadSummary`."""
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import asdict, dataclass, field
 from numbers import Integral
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..core.files import atomic_path, write_json
 from ..errors import CAManimError
 
 DEFAULT_PERCENTILES = (20, 40, 60, 80)
@@ -148,7 +148,7 @@ class YbRoad:
         t = self.n_trials
         if t > 1:
             cols += ["road_std"] + [f"road_trial{k}" for k in range(t)]
-        with open(path, "w", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(cols)
             for b in range(self.scores.shape[1]):
@@ -176,12 +176,7 @@ class YbRoad:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """JSON of `to_dict`; written to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-        return text
+        return write_json(path, self.to_dict())
 
     def plot(self, path: str | Path, images: Sequence[int] | None = None,
              smooth: int | None = None, title: str | None = None) -> Path:
@@ -226,9 +221,11 @@ class YbRoad:
         axes[-1, 0].set_xlabel("layer index")
         fig.tight_layout()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        try:
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+        finally:
+            plt.close(fig)
         return path
 
     def __repr__(self) -> str:

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -66,6 +65,7 @@ from torch import nn
 
 from ..engine import CAManim
 from ..core.guard import eval_mode
+from ..core.files import atomic_path, write_json
 from ..errors import CAManimError
 from .convergence import spearman
 
@@ -155,12 +155,7 @@ class SanityReport:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """JSON of `to_dict` (NaN as null); written to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-        return text
+        return write_json(path, self.to_dict())
 
     def to_csv(self, path: str | Path) -> Path:
         """Long form, one row per (step, layer, image): ``step, block,
@@ -169,7 +164,7 @@ class SanityReport:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         flags = self.flagged
-        with open(path, "w", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["step", "block", "layer_index", "layer_name", "image", "target",
                         "spearman", "ssim", "hog", "flagged"])
@@ -244,9 +239,11 @@ class SanityReport:
                  ha="center", va="bottom", fontsize=8)
         fig.tight_layout(rect=(0, 0.02, 1, 1))
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        try:
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+        finally:
+            plt.close(fig)
         return path
 
     def __repr__(self) -> str:
