@@ -118,21 +118,9 @@ def prepare_out(out: Path, flag: str = "--out") -> Path:
     Raises:
         CAManimError: ``out`` is a file, or cannot be created or written.
     """
-    import os
+    from ..core.files import remove_stale, writable_folder
 
-    from ..core.files import os_cause, remove_stale
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CAManimError(f"{flag} {out} is a file, not a folder; pass a folder path")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".camanim-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise CAManimError(f"{flag} {out} cannot be written ({os_cause(e)}); pass a writable "
-                           "folder") from None
+    out = writable_folder(out, flag)
     remove_stale([out])
     return out
 

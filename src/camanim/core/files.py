@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
 
-__all__ = ["write_json", "temp_path", "atomic_path", "write_bytes", "write_text", "fsync_path",
+__all__ = ["write_json", "save_figure", "writable_folder", "temp_path", "atomic_path", "write_bytes", "write_text", "fsync_path",
            "remove_stale", "os_cause"]
 
 # ours: .<name>.<pid>.partial[.<ext>] (files and PNG-frame folders); older
@@ -105,6 +105,41 @@ def write_json(path: str | Path | None, obj: object) -> str:
     if path is not None:
         write_text(path, text)
     return text
+
+
+def save_figure(fig: object, path: str | Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically (format from the suffix) and close it."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")  # type: ignore[attr-defined]
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)  # type: ignore[arg-type]
+    return path
+
+
+def writable_folder(folder: str | Path, what: str) -> Path:
+    """Create ``folder`` and check that a file can be written there now.
+
+    Raises:
+        CAManimError: naming ``what`` (e.g. ``--out``), the folder and the cause.
+    """
+    from ..errors import CAManimError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CAManimError(f"{what} {folder} is a file, not a folder; pass a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".camanim-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CAManimError(f"{what} {folder} cannot be written ({os_cause(e)}); pass a "
+                           "writable folder") from None
+    return folder
 
 
 def _alive(pid: int) -> bool:

@@ -17,7 +17,6 @@ touched and none of them uses a random stream.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
@@ -29,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..core.files import os_cause, remove_stale
+from ..core.files import os_cause, remove_stale, writable_folder
 from ..core.maps import LayerMaps
 from ..errors import CAManimError
 
@@ -177,14 +176,7 @@ def output_dir(save_dir: Path | None, trainer: Any) -> Path:
     else:
         tb = tensorboard_logger(trainer)
         d = Path(tb.log_dir) if tb is not None else Path(trainer.default_root_dir) / "camanim"
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / f".camanim-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise CAManimError(f"CAManimCallback: cannot write to the output folder {d} "
-                           f"({os_cause(e)}); pass save_dir= a writable folder") from None
+    writable_folder(d, "CAManimCallback: the output folder (save_dir=)")
     remove_stale([d, *(d / sub for sub in SUBFOLDERS)])
     return d
 

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..core.files import atomic_path, write_json
+from ..core.files import atomic_path, save_figure, write_json
 from ..errors import CAManimError
 
 DEFAULT_PERCENTILES = (20, 40, 60, 80)
@@ -220,13 +220,7 @@ class YbRoad:
                 ax.set_xticklabels(self.names, rotation=60, ha="right", fontsize=6)
         axes[-1, 0].set_xlabel("layer index")
         fig.tight_layout()
-        path = Path(path)
-        try:
-            with atomic_path(path) as tmp:
-                fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
-        finally:
-            plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
     def __repr__(self) -> str:
         return (f"YbRoad(layers={len(self.names)}, images={self.scores.shape[1]}, "

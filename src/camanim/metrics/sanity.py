@@ -65,7 +65,7 @@ from torch import nn
 
 from ..engine import CAManim
 from ..core.guard import eval_mode
-from ..core.files import atomic_path, write_json
+from ..core.files import atomic_path, save_figure, write_json
 from ..errors import CAManimError
 from .convergence import spearman
 
@@ -238,13 +238,7 @@ class SanityReport:
                  "randomizing blocks 1..k; white: undefined (a constant map)",
                  ha="center", va="bottom", fontsize=8)
         fig.tight_layout(rect=(0, 0.02, 1, 1))
-        path = Path(path)
-        try:
-            with atomic_path(path) as tmp:
-                fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
-        finally:
-            plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
     def __repr__(self) -> str:
         return (f"SanityReport(method={self.method!r}, layers={len(self.layers)}, "

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CAManimError
-from ..core.files import atomic_path, write_text
+from ..core.files import save_figure, write_text
 from ..core.maps import LayerMaps
 from .render import colormap_lut, display_images, iter_maps, overlay, road_scores
 
@@ -158,13 +158,7 @@ def contact_sheet(path: str | Path, images: Any, maps: LayerMaps,
         bits.append(", ".join(norms) + " normalization")
         title = " · ".join(bits)
     fig.text(0.5, 1 - 0.08 / fig_h, title, ha="center", va="top", fontsize=9)
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi)
 
 
 def _norm_list(normalization: str | Sequence[str]) -> list[str]:
@@ -209,13 +203,7 @@ def plot_params(path: str | Path, maps: LayerMaps, title: str | None = None,
     ax.grid(axis="y", alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=min(4, len(set(types)) + 1), loc="upper left")
     fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi)
 
 
 def run_summary(maps: LayerMaps, model: nn.Module | None = None,
