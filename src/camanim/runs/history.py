@@ -1,0 +1,197 @@
+"""The callback's per-epoch history: plain-Python records, their
+``ybroad.csv`` (tidy long form, one row per epoch, probe and layer) and the
+``state_dict`` that carries them through checkpoints.
+
+A record is ``{"global_step", "names", "method", "targets": {probe: int|None},
+"road": {probe: [float|None]*L} | None, "ebpg": {probe: [...]} | None}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import CAManimError
+
+__all__ = ["CSV_NAME", "CSV_COLUMNS", "History", "safe_name", "floats"]
+
+CSV_NAME = "ybroad.csv"
+#: Columns of ``ybroad.csv``, one row per (epoch, probe, layer). ``road_mean``
+#: and ``road_max`` repeat that epoch's mean and max over the probe's layers;
+#: ``road`` / ``ebpg`` are empty when not computed (no ROAD, no mask).
+CSV_COLUMNS = ("epoch", "global_step", "probe", "target", "method", "layer_index",
+               "layer_name", "road", "road_mean", "road_max", "ebpg")
+
+
+
+def safe_name(s: str) -> str:
+    """A file-name- and tag-safe version of ``s``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s)).strip("_") or "x"
+
+
+class History:
+    """Records of the monitored epochs of one run, keyed by epoch.
+
+    Args:
+        probes: the (file-safe) probe names, in order.
+    """
+
+    def __init__(self, probes: Sequence[str]) -> None:
+        self.probes = list(probes)
+        self.records: dict[int, dict] = {}
+        self._csv_keys: set[tuple[int, str, str]] | None = None
+        self._warned = False
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __contains__(self, epoch: int) -> bool:
+        return epoch in self.records
+
+    def __getitem__(self, epoch: int) -> dict:
+        return self.records[epoch]
+
+    def __setitem__(self, epoch: int, record: dict) -> None:
+        self.records[epoch] = record
+
+    @property
+    def epochs(self) -> list[int]:
+        return sorted(self.records)
+
+    def forget_csv(self) -> None:
+        """Read the CSV again before the next write (a new fit may write elsewhere)."""
+        self._csv_keys = None
+
+    def state_dict(self) -> list[dict]:
+        return [dict(epoch=e, **rec) for e, rec in sorted(self.records.items())]
+
+    def load_state_dict(self, rows: Sequence[dict]) -> None:
+        self.records = {}
+        for rec in rows:
+            rec = dict(rec)
+            self.records[int(rec.pop("epoch"))] = rec
+
+    def matrix(self, probe: str | int, key: str) -> tuple[list[int], list[str], np.ndarray]:
+        name = self.probes[probe] if isinstance(probe, int) else str(probe)
+        if name not in self.probes:
+            raise CAManimError(f"no probe {probe!r}; probes are {self.probes}")
+        if not self.records:
+            return [], [], np.zeros((0, 0))
+        names = self.records[max(self.records)]["names"]
+        epochs = [e for e in sorted(self.records) if self.records[e]["names"] == names
+                  and self.records[e].get(key) is not None
+                  and name in self.records[e][key]]
+        mat = np.array([[math.nan if v is None else v for v in self.records[e][key][name]]
+                        for e in epochs], dtype=np.float64).reshape(len(epochs), len(names))
+        return epochs, list(names), mat
+
+
+    def _read_csv_keys(self, path: Path, method: str) -> None:
+        """Which (epoch, probe, method) the CSV already holds; epochs there
+        but missing from the restored history (a checkpoint written before
+        that epoch's work) are taken back into the history."""
+        self._csv_keys = set()
+        if not path.exists() or path.stat().st_size == 0:
+            return
+        found: dict[int, dict] = {}
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
+                raise CAManimError(f"{path} exists with other columns ({reader.fieldnames}); "
+                                   "pass another save_dir")
+            for row in reader:
+                e, p = int(row["epoch"]), row["probe"]
+                self._csv_keys.add((e, p, row["method"]))
+                if row["method"] != method or p not in self.probes:
+                    continue
+                rec = found.setdefault(e, {"global_step": int(row["global_step"]),
+                                           "method": method, "rows": {}})
+                rec["rows"].setdefault(p, {})[int(row["layer_index"])] = row
+        for e, rec in found.items():
+            if e in self.records or set(rec["rows"]) != set(self.probes):
+                continue
+            first = rec["rows"][self.probes[0]]
+            names = [first[i]["layer_name"] for i in sorted(first)]
+            road, ebpg, targets = {}, {}, {}
+            for p, rows in rec["rows"].items():
+                ordered = [rows[i] for i in sorted(rows)]
+                if [r["layer_name"] for r in ordered] != names:
+                    break
+                road[p] = [_parse(r["road"]) for r in ordered]
+                eb = [_parse(r["ebpg"]) for r in ordered]
+                if any(v is not None for v in eb):
+                    ebpg[p] = eb
+                t = ordered[0]["target"]
+                targets[p] = int(t) if t != "" else None
+            else:
+                self.records[e] = {
+                    "global_step": rec["global_step"], "names": names, "method": method,
+                    "targets": targets,
+                    "road": road if any(any(v is not None for v in r) for r in road.values())
+                    else None,
+                    "ebpg": ebpg or None}
+
+    def write_csv(self, out_dir: Path, epoch: int, method: str) -> None:
+        path = out_dir / CSV_NAME
+        if self._csv_keys is None:
+            self._read_csv_keys(path, method)
+        assert self._csv_keys is not None
+        rows = []
+        skipped = False
+        # backfill restored epochs this CSV lacks (e.g. a new log_dir after resume)
+        for e in sorted(self.records):
+            rec = self.records[e]
+            for p in self.probes:
+                key = (e, p, rec["method"])
+                if key in self._csv_keys:
+                    skipped = skipped or e == epoch
+                    continue
+                rows.extend(csv_rows(e, p, rec))
+                self._csv_keys.add(key)
+        if skipped and not self._warned:
+            self._warned = True
+            warnings.warn(f"CAManimCallback: {path} already holds epoch {epoch} (a resumed "
+                           "run); rows already there are not written again")
+        if not rows:
+            return
+        new = not path.exists() or path.stat().st_size == 0
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(CSV_COLUMNS)
+            w.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def floats(a: np.ndarray) -> list[float | None]:
+    return [None if not math.isfinite(float(v)) else float(v) for v in np.asarray(a).reshape(-1)]
+
+
+def _parse(s: str) -> float | None:
+    if s in ("", "nan", "NaN"):
+        return None
+    return float(s)
+
+
+def csv_rows(epoch: int, probe: str, rec: dict) -> list[list[Any]]:
+    names = rec["names"]
+    road = rec["road"][probe] if rec.get("road") else [None] * len(names)
+    ebpg = (rec["ebpg"][probe] if rec.get("ebpg") and probe in rec["ebpg"]
+            else [None] * len(names))
+    finite = [v for v in road if v is not None]
+    mean = f"{sum(finite) / len(finite):.6g}" if finite else ""
+    mx = f"{max(finite):.6g}" if finite else ""
+    t = rec["targets"].get(probe)
+    return [[epoch, rec["global_step"], probe, "" if t is None else t, rec["method"], i, n,
+             "" if r is None else f"{r:.6g}", mean, mx, "" if e is None else f"{e:.6g}"]
+            for i, (n, r, e) in enumerate(zip(names, road, ebpg))]
+
+
