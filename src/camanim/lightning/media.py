@@ -32,7 +32,8 @@ import torch
 from ..core.maps import LayerMaps
 from ..errors import CAManimError
 
-__all__ = ["MediaQueue", "EpochMedia", "write_epoch_media", "tensorboard_logger", "add_gif",
+__all__ = ["MediaQueue", "EpochMedia", "write_epoch_media", "tensorboard_logger",
+           "tensorboard_writer", "add_gif",
            "events_bytes", "output_dir"]
 
 
@@ -163,6 +164,12 @@ def tensorboard_logger(trainer: Any) -> Any:
     return None
 
 
+def tensorboard_writer(trainer: Any) -> Any:
+    """The first TensorBoard logger's ``SummaryWriter`` (``.experiment``), or None."""
+    lg = tensorboard_logger(trainer)
+    return None if lg is None else lg.experiment
+
+
 def output_dir(save_dir: Path | None, trainer: Any) -> Path:
     """The folder for files: ``save_dir``, else the TensorBoard logger's
     ``log_dir``, else ``<default_root_dir>/camanim``; created and checked
@@ -227,6 +234,12 @@ class EpochMedia:
     render: dict = field(default_factory=dict)   # mean, std, size, class_names
     tb_size: int | None = 160             # long side of a TensorBoard GIF panel
     timing: dict = field(default_factory=dict)
+    #: `camanim.lightning.convergence.media_fields`: probe -> (epochs, names,
+    #: (E, L) map change); probe -> (E, L) bool, ybROAD not above chance;
+    #: probe -> this epoch's random-map ROAD
+    convergence: dict = field(default_factory=dict)
+    road_mask: dict = field(default_factory=dict)
+    chance: dict = field(default_factory=dict)
 
 
 def tensorboard_norms(norms: Sequence[str]) -> list[str]:
@@ -286,17 +299,33 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
             if probe not in m.history:
                 continue
             epochs, names, mat = m.history[probe]
-            img = heatmap_image(mat, epochs, names, title=f"{probe}: ybROAD by epoch ({m.method})")
+            mask = m.road_mask.get(probe)
+            img = heatmap_image(mat, epochs, names, mask=mask,
+                                title=f"{probe}: ybROAD by epoch ({m.method})"
+                                + ("; hatched: <= chance" if mask is not None else ""))
             save_png(m.out_dir / "heatmaps" / f"{probe}.png", img)
             if m.writer is not None:
                 m.writer.add_image(f"ybroad/{probe}/heatmap", img, m.step, dataformats="HWC")
                 eb = m.ebpg.get(probe)
                 curve = curve_image(m.road[:, b], list(m.maps.names), ebpg=eb,
-                                    title=f"{probe}: ybROAD, epoch {m.epoch}")
+                                    title=f"{probe}: ybROAD, epoch {m.epoch}",
+                                    chance=m.chance.get(probe))
                 m.writer.add_image(f"ybroad/{probe}/curve", curve, m.step, dataformats="HWC")
+
+    def convergence_plots() -> None:
+        from ..viz.convergence import convergence_image
+
+        for probe, (epochs, names, mat) in m.convergence.items():
+            img = convergence_image(mat, epochs, names, title=f"{probe}: map change "
+                                    "(1 - Spearman vs previous)")
+            save_png(m.out_dir / "heatmaps" / f"{probe}_convergence.png", img)
+            if m.writer is not None:
+                m.writer.add_image(f"convergence/{probe}/heatmap", img, m.step, dataformats="HWC")
 
     if m.road is not None:
         jobs.append(plots)
+    if m.convergence:
+        jobs.append(convergence_plots)
     if m.save_maps:
         jobs.append(lambda: m.maps.save(m.out_dir / "maps" / f"epoch{m.epoch:03d}.npz"))
     errors: list[BaseException] = []
