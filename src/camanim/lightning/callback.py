@@ -40,8 +40,6 @@ Files, in ``save_dir`` (default: the TensorBoard logger's ``log_dir``, else
       size, one per normalization);
     * ``heatmaps/<probe>.png``: the latest heatmap (``<probe>_convergence.png``:
       the map-change heatmap);
-    * ``convergence_last.npz``: the last callback epoch's raw maps, so that a
-      resumed run measures its first map change against them;
     * ``sanity_{start,end}.json`` / ``.png`` (``sanity=``);
     * ``maps/epoch{E:03d}.npz`` (``save_maps=True``, `camanim.LayerMaps`).
 
@@ -479,7 +477,7 @@ class CAManimCallback(Callback):
                                                if n in masked},
         }
         self._history.recover(out_dir, record["method"])  # epochs the CSV holds, for the tau
-        self._conv.fill(record, epoch, maps, names, self._history, out_dir)
+        self._conv.fill(record, epoch, maps, names, self._history)
         record["seconds"] = time.perf_counter() - self._t0
         self._history[epoch] = record
         t = time.perf_counter()

@@ -18,31 +18,24 @@ record (`camanim.runs.history`):
   previous callback epoch's per-layer ybROAD (the ranking of the layers).
 
 Resume. Ranks cannot be recomputed after a restart unless the maps they
-come from survive, so the last callback epoch's *raw* maps (each layer at
-its own resolution: ~1 MB for 4 probes x 53 ResNet-50 layers at 224 px,
-against ~42 MB of upsampled ranks) are kept in two places:
-
-* the callback's ``state_dict`` (plain lists), for a checkpoint written
-  after the callback's work of its epoch, or a resume into a new
-  ``save_dir``;
-* ``save_dir/convergence_last.npz``, rewritten every callback epoch next to
-  ``ybroad.csv``: a ``ModelCheckpoint`` that saves at validation end writes
-  its checkpoint *before* that epoch's callback work; the file supplies the
-  maps the checkpoint lacks, as ``ybroad.csv`` supplies that epoch's scores.
-
-A change is only ever measured against the last callback epoch before the
-current one (the history's, after reading back ``ybroad.csv``). When neither
-place holds that epoch's maps (the file was deleted, or the run resumed
-from an older checkpoint after later epochs overwrote the file), the first
-change after resuming is missing (NaN, an empty CSV cell), never measured
-against another epoch's maps. Every later epoch is continuous.
+come from survive, so the callback's ``state_dict`` keeps the last callback
+epoch's *raw* maps (each layer at its own resolution, plain lists: ~1 MB for
+4 probes x 53 ResNet-50 layers at 224 px, against ~42 MB of upsampled
+ranks). That is the epoch a resumed run needs in every case Lightning has:
+a checkpoint written at train-epoch end (``ModelCheckpoint``'s default when
+validation runs once per epoch) holds epoch e's maps and the run goes on at
+e + 1; one written at validation end or mid-epoch holds e - 1's maps and the
+run repeats epoch e. A change is only measured against the last callback
+epoch before the current one (by the history, after reading back
+``ybroad.csv``); when the checkpoint lacks its maps (written by an older
+camanim, or before the callback was added), the first change after resuming
+is missing (NaN, an empty CSV cell), never measured against another epoch.
+Every later epoch is continuous.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import warnings
 from numbers import Real
 from pathlib import Path
@@ -57,10 +50,9 @@ from ..metrics.convergence import (DEFAULT_SETTLE_THRESHOLD, chance_road, kendal
                                    rank_change, rank_maps, share_below)
 from ..runs.history import History, floats
 
-__all__ = ["Convergence", "STATE_FILE", "SANITY_WHEN", "check_sanity", "check_settle_threshold",
+__all__ = ["Convergence", "SANITY_WHEN", "check_sanity", "check_settle_threshold",
            "epoch_scalars", "epoch_text", "layer_ranks", "run_sanity"]
 
-STATE_FILE = "convergence_last.npz"
 SANITY_WHEN = ("start", "end")
 
 
@@ -137,11 +129,9 @@ class Convergence:
         self._prev: dict | None = None        # epoch, names, size, raw, ranks
         self._restored: dict | None = None    # from a checkpoint: no ranks yet
         self._pending: dict[str, Any] = {}
-        self._file_read = False
 
     def new_fit(self) -> None:
-        """Look at ``save_dir``'s state file again at the next epoch."""
-        self._file_read = False
+        """Forget measurements of an aborted epoch."""
         self._pending = {}
 
     # ---------------------------------------------------------- measuring
@@ -163,7 +153,7 @@ class Convergence:
             timing["chance"] = _now() - t
 
     def fill(self, record: dict, epoch: int, maps: LayerMaps, probes: Sequence[str],
-             history: History, out_dir: Path | None) -> None:
+             history: History) -> None:
         """Add ``change``, ``chance`` and ``rank_tau`` to this epoch's record
         (maps on the CPU) and keep this epoch's maps for the next one."""
         names, size = list(maps.names), tuple(maps.input_size)
@@ -172,16 +162,13 @@ class Convergence:
         if self.maps:
             if ranks is None:
                 ranks = layer_ranks(maps.raw, size)
-            prev = self._previous(before[-1] if before else None, names, size, maps.batch_size,
-                                  out_dir)
+            prev = self._previous(before[-1] if before else None, names, size, maps.batch_size)
             change = None if prev is None else rank_change(prev["ranks"], ranks)
             record["change"] = {p: [None] * len(names) if change is None else floats(change[:, b])
                                 for b, p in enumerate(probes)}
             record["change_from"] = None if prev is None else int(prev["epoch"])
             self._prev = {"epoch": int(epoch), "names": names, "size": size,
                           "raw": [r.detach().cpu() for r in maps.raw], "ranks": ranks}
-            if out_dir is not None:
-                _write_state_file(out_dir / STATE_FILE, self._prev)
         chance = self._pending.pop("chance", None)
         if chance is not None:
             record["chance"] = {k: {p: floats(chance[i, b:b + 1])[0] for b, p in enumerate(probes)}
@@ -193,17 +180,12 @@ class Convergence:
                                       for p in probes}
                 record["rank_tau_from"] = int(before[-1])
 
-    def _previous(self, epoch: int | None, names: list[str], size: tuple, batch: int,
-                  out_dir: Path | None) -> dict | None:
+    def _previous(self, epoch: int | None, names: list[str], size: tuple,
+                  batch: int) -> dict | None:
         """The kept maps of callback epoch ``epoch`` (the last one before
-        this), from memory, the checkpoint or the state file; None if none
-        holds that epoch with the same layers, images and size."""
+        this), from this fit or the checkpoint; None if neither holds that
+        epoch with the same layers, images and size."""
         cands = [c for c in (self._prev, self._restored) if c is not None]
-        if not self._file_read and out_dir is not None:
-            self._file_read = True
-            c = _read_state_file(out_dir / STATE_FILE)
-            if c is not None:
-                cands.append(c)
         ok = [c for c in cands if c["epoch"] == epoch and c["names"] == names and c["raw"]
               and tuple(c["size"]) == size and int(c["raw"][0].shape[0]) == batch]
         if epoch is None or not ok:
@@ -240,28 +222,6 @@ def _now() -> float:
     import time
 
     return time.perf_counter()
-
-
-def _write_state_file(path: Path, prev: dict) -> None:
-    arrays = {f"raw{i}": r.float().numpy() for i, r in enumerate(prev["raw"])}
-    meta = json.dumps({"epoch": prev["epoch"], "names": prev["names"], "size": list(prev["size"])})
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, meta=np.array(meta), **arrays)
-    os.replace(tmp, path)
-
-
-def _read_state_file(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            raw = [torch.from_numpy(z[f"raw{i}"].copy()) for i in range(len(meta["names"]))]
-        return {"epoch": int(meta["epoch"]), "names": list(meta["names"]),
-                "size": tuple(int(s) for s in meta["size"]), "raw": raw}
-    except Exception:  # noqa: BLE001 - a damaged file only costs one change value
-        return None
 
 
 # ------------------------------------------------------------------ logging
