@@ -14,14 +14,16 @@ from .methods.integrated_gradcam import integrated_gradcam
 from .methods.sise import ExplanationMaps, ada_sise, sise
 from .viz.render import render_frames
 from .metrics.road import RoadSummary, YbRoad, ybroad
+from .metrics.sanity import SanityReport, sanity_check
 from .runs.study import study
 from .viz.video import encode_gif, write_frames, write_video
 
 __all__ = [
     "CAManim", "CAManimCallback", "CAManimError", "ExplanationMaps", "IMAGENET_MEAN", "IMAGENET_STD",
-    "LayerInfo", "LayerMaps", "LayerTable", "RoadSummary", "YbRoad", "ada_sise",
+    "LayerInfo", "LayerMaps", "LayerTable", "RoadSummary", "SanityReport", "YbRoad", "ada_sise",
     "contact_sheet", "encode_gif", "energy_pointing_game", "get_method", "integrated_gradcam", "list_layers",
-    "load_image", "method_names", "plot_params", "render_frames", "run_summary", "sise", "study",
+    "load_image", "method_names", "plot_params", "render_frames", "run_summary", "sanity_check",
+    "sise", "study",
     "write_frames", "write_video", "ybroad",
 ]
 __version__ = "0.1.0"

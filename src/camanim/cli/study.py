@@ -19,7 +19,10 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
         description="Read the ybroad.csv files that CAManimCallback wrote (searched "
                     "recursively under each RUN_DIR) and write per run and probe the "
                     "epoch-by-layer ROAD heatmap, the best-layer-per-epoch trajectories "
-                    "and a table (final mean/max ybROAD, best layer, settling epoch).")
+                    "and a table (final mean/max ybROAD, best layer, settling epoch), and "
+                    "from the convergence columns each layer's settle epoch (settle.csv), "
+                    "the share of layers above chance and the ranking tau per epoch "
+                    "(epochs.csv, chance_tau.png) and the map-change heatmaps.")
     _add_arguments(p)
     p.set_defaults(func=run_study)
     return p
@@ -33,13 +36,17 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe", action="append", default=None,
                    help="only this probe (repeatable)")
     p.add_argument("--no-plots", action="store_true", help="write the table only")
+    p.add_argument("--settle-threshold", type=float, default=0.1, metavar="T",
+                   help="map change (1 - Spearman) below which a layer counts as settled "
+                        "(default: %(default)s)")
 
 
 def run_study(args: argparse.Namespace) -> int:
     """Run the ``study`` subcommand from parsed arguments; exit status."""
     try:
         prepare_out(Path(args.out))
-        study(args.run_dirs, out=args.out, probes=args.probe, plots=not args.no_plots)
+        study(args.run_dirs, out=args.out, probes=args.probe, plots=not args.no_plots,
+              settle_threshold=args.settle_threshold)
     except CAManimError as e:
         print(f"camanim study: error: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,15 @@ TensorBoard (when a ``TensorBoardLogger`` is among ``trainer.loggers``)
       ``final_layer`` (the last layer's score); with masks
       ``ebpg/<probe>/best_road_layer`` and ``ebpg/<probe>/max``; and
       ``camanim/seconds`` (time this epoch's work took);
-    * ``camanim/<probe>/summary`` text naming the best layer.
+    * ``camanim/<probe>/summary`` text naming the best layer;
+    * convergence (`camanim.lightning.convergence`): ``convergence/<probe>/
+      heatmap`` (each layer's map change against the previous callback
+      epoch, ``1 - Spearman``), scalars ``convergence/<probe>/share_settled``,
+      ``ybroad/<probe>/above_chance`` (share of layers whose ybROAD beats a
+      seeded random map's ROAD, the dashed line on the curve; layers that do
+      not are hatched on the heatmap), ``ybroad/<probe>/chance_random``,
+      ``chance_blob``, ``rank_tau`` (Kendall tau of the layer ranking against
+      the previous callback epoch) and ``ybroad/rank_tau_mean``.
 
 Other loggers (CSV, W&B, MLflow, ...)
     get the scalars through ``logger.log_metrics``.
@@ -30,7 +38,9 @@ Files, in ``save_dir`` (default: the TensorBoard logger's ``log_dir``, else
       crash never loses a finished epoch; read it with ``camanim study``;
     * ``videos/<probe>_epoch{E:03d}_<norm>.mp4`` (``save_videos=True``, full
       size, one per normalization);
-    * ``heatmaps/<probe>.png``: the latest heatmap;
+    * ``heatmaps/<probe>.png``: the latest heatmap (``<probe>_convergence.png``:
+      the map-change heatmap);
+    * ``sanity_{start,end}.json`` / ``.png`` (``sanity=``);
     * ``maps/epoch{E:03d}.npz`` (``save_maps=True``, `camanim.LayerMaps`).
 
 Epochs are numbered from 0, as ``trainer.current_epoch`` and
@@ -66,13 +76,14 @@ from ..core.maps import LayerMaps
 from ..errors import CAManimError
 from ..metrics.pointing import energy_pointing_game
 from ..runs.history import History
-from .distributed import gather_objects, layer_share, merge_shares
+from .convergence import Convergence, check_sanity, media_fields, run_sanity
+from .distributed import check_strategy, gather_objects, merge_shares, score_share
 from .checks import check_outputs, check_score, epoch_record, finite_probes, pick
 from .media import (EpochMedia, MediaQueue, mark_restart, output_dir, tensorboard_logger,
-                    write_epoch_media)
-from .options import (check_count, check_road, check_schedule, check_targets, check_videos,
-                      resolve_module)
-from .probes import load_probes
+                    tensorboard_writer, write_epoch_media)
+from .options import (build_engine, check_count, check_road, check_schedule, check_targets,
+                      check_videos, resolve_module, state_key_parts)
+from .probes import load_probes, probe_batch
 from .summary import log_epoch
 
 __all__ = ["CAManimCallback"]
@@ -155,6 +166,13 @@ class CAManimCallback(Callback):
             training goes on (default 1; the training thread waits when the
             queue is full); ``0`` draws everything before training resumes.
 
+        convergence, chance, settle_threshold: each layer's map change since
+            the previous callback epoch; ROAD of a seeded random map and a
+            centred blob (needs ROAD); the change below which a layer counts
+            as settled (0.1). See `camanim.lightning.convergence`.
+        sanity: ``"start"``, ``"end"`` or ``"start,end"``: `camanim.sanity_check`
+            of the probes at fit start / end (rank zero; default off).
+
     Raises:
         CAManimError: at construction, for probes, targets, masks or options
             that cannot work; at the start of ``fit``, for targets outside
@@ -179,7 +197,8 @@ class CAManimCallback(Callback):
                  tb_video_size: int | None = 128, tb_colors: int = 64, on_error: str = "warn",
                  progress: bool = False, cam_options: dict | None = None,
                  media_workers: int | None = None, media_queue: int = 1,
-                 score: str = "auto") -> None:
+                 score: str = "auto", convergence: bool = True, chance: bool = True,
+                 settle_threshold: float = 0.1, sanity: str | Sequence[str] | None = None) -> None:
         super().__init__()
         self._probes = load_probes(probes, masks, probe_names)
         channels = self._probes.images.shape[1]
@@ -222,6 +241,9 @@ class CAManimCallback(Callback):
         self.media_workers = workers or max(2, min(8, os.cpu_count() or 2))
         self.media_queue = check_count("media_queue", media_queue, 0, allow_none=False)
 
+        self._conv = Convergence(convergence, chance and self.road, settle_threshold)
+        self.sanity = check_sanity(sanity)
+
         self._history = History(self._probes.names)
         self._anim: Any = None
         self._anim_model: nn.Module | None = None
@@ -238,12 +260,8 @@ class CAManimCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        layers = self.layers
-        if callable(layers) and not isinstance(layers, str):
-            # a callable has no stable text: history is matched by position
-            layers = f"callable:{getattr(layers, '__qualname__', type(layers).__name__)}"
-        return self._generate_state_key(method=str(getattr(self.method, "__name__", self.method)),
-                                        layers=str(layers), probes=self._probes.names)
+        return self._generate_state_key(**state_key_parts(self.method, self.layers,
+                                                          self._probes.names))
 
     @property
     def probe_names(self) -> list[str]:
@@ -264,9 +282,11 @@ class CAManimCallback(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer)
         self._last_epoch = None
         self._dir = None
         self._history.forget_csv()
+        self._conv.new_fit()
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Check the model, targets, layers and output folder before training."""
@@ -287,7 +307,8 @@ class CAManimCallback(Callback):
         self._score = check_outputs(logits, self._targets_mode, self._targets, self.score,
                                     self.road)
         if trainer.is_global_zero:  # a folder that cannot be written fails now
-            self._dir = self._dir or output_dir(self.save_dir, trainer)
+            self._out_dir(trainer)
+        self._sanity(trainer, pl_module, "start")
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         tb = tensorboard_logger(trainer)  # the checkpoint is restored by now
@@ -310,6 +331,7 @@ class CAManimCallback(Callback):
                 and not self._scheduled(epoch):
             # decided from the schedule alone: every DDP rank takes this branch
             self._run_synced(trainer, pl_module, epoch)
+        self._sanity(trainer, pl_module, "end")
         self._report_media_errors(drain=True)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -330,7 +352,8 @@ class CAManimCallback(Callback):
             self._anim = self._anim_model = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"format": _STATE_FORMAT, "history": self._history.state_dict()}
+        return {"format": _STATE_FORMAT, "history": self._history.state_dict(),
+                "convergence": self._conv.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -340,6 +363,7 @@ class CAManimCallback(Callback):
                           "fresh history", stacklevel=2)
             return
         self._history.load_state_dict(state_dict.get("history", []))
+        self._conv.load_state_dict(state_dict.get("convergence"))
 
     def __getstate__(self) -> dict[str, Any]:
         # picklable for ddp_spawn: no threads, no engine holding the model
@@ -366,29 +390,11 @@ class CAManimCallback(Callback):
 
     def _engine(self, model: nn.Module) -> Any:
         if self._anim is None or self._anim_model is not model:
-            from ..engine import CAManim
-            from ..methods import get_method
-
-            kw = dict(max_layers=self.max_layers, seed=self.seed, progress=self.progress,
-                      **self.cam_options)
-            if self.batch_size is not None:
-                kw["batch_size"] = self.batch_size
-            if get_method(self.method).name == "integrated-gradcam":
-                # its black baseline lives in the model's input space
-                for key in ("mean", "std"):
-                    if getattr(self, key) is not None:
-                        kw.setdefault(key, getattr(self, key))
-            self._anim = CAManim(model, self.method, self.layers, **kw)
-            self._anim_model = model
+            self._anim, self._anim_model = build_engine(self, model), model
         return self._anim
 
     def _probe_batch(self, model: nn.Module) -> tuple[torch.Tensor, torch.device]:
-        from ..core.inputs import model_device_dtype
-
-        dev, dtype = model_device_dtype(model)
-        with torch.inference_mode(False):
-            x = self._probes.images.to(device=dev, dtype=dtype)
-        return x, dev
+        return probe_batch(self._probes.images, model)
 
     @contextlib.contextmanager
     def _context(self, model: nn.Module, dev: torch.device) -> Iterator[None]:
@@ -453,28 +459,22 @@ class CAManimCallback(Callback):
             timing["cam"] = time.perf_counter() - t
             share = None
             if self.road:
-                from ..metrics.road import ybroad
-
-                kw: dict[str, Any] = dict(percentiles=self.road_percentiles,
-                                          noise=self.road_noise, seed=self.seed,
-                                          progress=self.progress, score=self._score)
-                if self.batch_size is not None:
-                    kw["batch_size"] = self.batch_size
+                kw = dict(percentiles=self.road_percentiles, noise=self.road_noise,
+                          seed=self.seed, progress=self.progress, batch_size=self.batch_size,
+                          score=self._score)
                 # the user's own score callables are kept; class indices otherwise
                 road_targets = (targets if self._targets_mode == "callables"
                                 or maps.targets is None else maps.targets)
-                idx = layer_share(len(maps), rank, world)
                 t = time.perf_counter()
-                sub = maps.select(idx) if world > 1 else maps
-                res = (ybroad(model, x, sub, targets=road_targets, logits=maps.logits,
-                              layer_ids=idx, **kw) if idx else None)
-                share = (idx, None if res is None else np.asarray(res.scores, np.float64))
+                share = score_share(model, x, maps, road_targets, kw, rank, world)
                 timing["road"] = time.perf_counter() - t
+                self._conv.measure_chance(model, x, road_targets, kw, timing, rank == 0)
             ebpg = None
             if self._probes.masks is not None and rank == 0:
                 t = time.perf_counter()
                 ebpg = energy_pointing_game(maps, pick(self._probes.masks, keep))
                 timing["ebpg"] = time.perf_counter() - t
+            self._conv.measure_maps(maps, timing, rank == 0)
             t = time.perf_counter()
             maps.to("cpu")
             timing["to_cpu"] = time.perf_counter() - t
@@ -483,11 +483,13 @@ class CAManimCallback(Callback):
     def _write(self, trainer: Any, epoch: int, maps: LayerMaps, road: np.ndarray | None,
                ebpg: np.ndarray | None, timing: dict[str, float]) -> None:
         """Rank zero: history, CSV and scalars now; pictures in the background."""
-        out_dir = self._dir = self._dir or output_dir(self.save_dir, trainer)
+        out_dir = self._out_dir(trainer)
         names = pick(self._probes.names, self._keep)  # the probes with finite logits
         masked = [n for n, m in zip(self._probes.names, self._probes.has_mask) if m]
         record = epoch_record(int(trainer.global_step), maps, road, ebpg, self._probes.names,
                               self._keep, masked)
+        self._history.recover(out_dir, record["method"])  # epochs the CSV holds, for the tau
+        self._conv.fill(record, epoch, maps, names, self._history)
         record["seconds"] = time.perf_counter() - self._t0
         self._history[epoch] = record
         t = time.perf_counter()
@@ -497,11 +499,9 @@ class CAManimCallback(Callback):
         except CAManimError as e:  # the other outputs go on; reported at the end
             csv_error = e
         timing["csv"] = time.perf_counter() - t
-        tb_logger = tensorboard_logger(trainer)
-        tb = None if tb_logger is None else tb_logger.experiment
+        tb = tensorboard_writer(trainer)
         t = time.perf_counter()
-        log_epoch(trainer.loggers, tb, int(trainer.global_step), epoch, record,
-                  self._probes.names, self.class_names)
+        log_epoch(trainer, tb, epoch, record, names, self.class_names, self._conv.threshold)
         timing["log"] = time.perf_counter() - t
         media = EpochMedia(
             epoch=epoch, step=int(trainer.global_step), maps=maps,
@@ -515,8 +515,8 @@ class CAManimCallback(Callback):
             render=dict(mean=self.mean, std=self.std, size=self.video_size,
                         class_names=self.class_names),
             tb_size=self.tb_video_size if self.tb_video_size is not None else self.video_size,
-            tb_colors=self.tb_colors,
-            timing=timing)
+            tb_colors=self.tb_colors, timing=timing,
+            **media_fields(self._history, names, record, self._conv.maps))
         if self._queue is None:
             self._queue = MediaQueue(self.media_workers, self.media_queue)
         queue = self._queue
@@ -532,6 +532,21 @@ class CAManimCallback(Callback):
                 self._queue.drain()
             for epoch, error in self._queue.errors():
                 self._fail(epoch, error)
+
+    def _out_dir(self, trainer: Any) -> Path:
+        self._dir = self._dir or output_dir(self.save_dir, trainer)
+        return self._dir
+
+    def _sanity(self, trainer: Any, pl_module: Any, when: str) -> None:
+        """The model-randomization check at fit ``when`` (rank zero, ``sanity=``)."""
+        if when in self.sanity and trainer.is_global_zero and \
+                (when == "start" or self._last_epoch is not None):
+            model = self._module(pl_module)
+            x, dev = self._probe_batch(model)
+            with self._context(model, dev):
+                run_sanity(when, self, model, x, None if self._targets_mode == "predicted"
+                           else self._targets, self._out_dir(trainer),
+                           tensorboard_writer(trainer), int(trainer.global_step))
 
 
 def _sync(device: torch.device) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["layer_share", "merge_shares", "gather_objects", "check_strategy"]
+__all__ = ["layer_share", "merge_shares", "gather_objects", "check_strategy", "score_share"]
 
 Share = tuple[list[int], "np.ndarray | None"]   # (layer indices, (l, B) scores)
 
@@ -21,6 +21,21 @@ Share = tuple[list[int], "np.ndarray | None"]   # (layer indices, (l, B) scores)
 def layer_share(n_layers: int, rank: int, world: int) -> list[int]:
     """The layer indices one rank scores."""
     return list(range(rank, n_layers, max(1, world)))
+
+
+def score_share(model: Any, x: Any, maps: Any, targets: Any, road_kw: dict[str, Any],
+                rank: int, world: int) -> Share:
+    """ybROAD (`camanim.metrics.road.ybroad` with ``road_kw``) of this rank's
+    share of the layers of ``maps``: ``(indices, (l, B) scores or None)``."""
+    from ..metrics.road import ybroad
+
+    idx = layer_share(len(maps), rank, world)
+    sub = maps.select(idx) if world > 1 else maps
+    # the CAM pass's logits spare a clean forward; layer_ids keep each layer's
+    # noise equal to a one-process run's
+    res = (ybroad(model, x, sub, targets=targets, logits=maps.logits, layer_ids=idx, **road_kw)
+           if idx else None)
+    return idx, None if res is None else np.asarray(res.scores, np.float64)
 
 
 def merge_shares(shares: Sequence[Share | None]) -> np.ndarray | None:

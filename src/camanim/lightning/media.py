@@ -32,8 +32,9 @@ from ..core.files import os_cause, remove_stale, writable_folder
 from ..core.maps import LayerMaps
 from ..errors import CAManimError
 
-__all__ = ["MediaQueue", "EpochMedia", "write_epoch_media", "tensorboard_logger", "add_gif",
-           "events_bytes", "output_dir", "mark_restart", "SUBFOLDERS"]
+__all__ = ["MediaQueue", "EpochMedia", "write_epoch_media", "tensorboard_logger",
+           "tensorboard_writer", "add_gif", "events_bytes", "output_dir", "mark_restart",
+           "SUBFOLDERS"]
 
 #: the folders under the output folder that the callback writes into
 SUBFOLDERS = ("videos", "heatmaps", "maps")
@@ -166,6 +167,12 @@ def tensorboard_logger(trainer: Any) -> Any:
     return None
 
 
+def tensorboard_writer(trainer: Any) -> Any:
+    """The first TensorBoard logger's ``SummaryWriter`` (``.experiment``), or None."""
+    lg = tensorboard_logger(trainer)
+    return None if lg is None else lg.experiment
+
+
 def output_dir(save_dir: Path | None, trainer: Any) -> Path:
     """The folder for files: ``save_dir``, else the TensorBoard logger's
     ``log_dir``, else ``<default_root_dir>/camanim``; created and checked
@@ -240,6 +247,12 @@ class EpochMedia:
     tb_size: int | None = 128             # long side of a TensorBoard GIF panel
     tb_colors: int = 64                   # colours of the TensorBoard GIFs' shared palette
     timing: dict = field(default_factory=dict)
+    #: `camanim.lightning.convergence.media_fields`: probe -> (epochs, names,
+    #: (E, L) map change); probe -> (E, L) bool, ybROAD not above chance;
+    #: probe -> this epoch's random-map ROAD
+    convergence: dict = field(default_factory=dict)
+    road_mask: dict = field(default_factory=dict)
+    chance: dict = field(default_factory=dict)
 
 
 def tensorboard_norms(norms: Sequence[str]) -> list[str]:
@@ -304,7 +317,7 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
     def tb_plots(b: int, probe: str, img: np.ndarray) -> None:
         m.writer.add_image(f"ybroad/{probe}/heatmap", img, m.step, dataformats="HWC")
         curve = curve_image(m.road[:, b], list(m.maps.names), ebpg=m.ebpg.get(probe),
-                            title=f"{probe}: ybROAD, epoch {m.epoch}")
+                            title=f"{probe}: ybROAD, epoch {m.epoch}", chance=m.chance.get(probe))
         m.writer.add_image(f"ybroad/{probe}/curve", curve, m.step, dataformats="HWC")
 
     def plots() -> list[tuple[str, BaseException]]:
@@ -314,7 +327,10 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
             if probe not in m.history:
                 continue
             epochs, names, mat = m.history[probe]
-            img = heatmap_image(mat, epochs, names, title=f"{probe}: ybROAD by epoch ({m.method})")
+            mask = m.road_mask.get(probe)
+            img = heatmap_image(mat, epochs, names, mask=mask,
+                                title=f"{probe}: ybROAD by epoch ({m.method})"
+                                + ("; hatched: <= chance" if mask is not None else ""))
             parts = [(f"heatmap {m.out_dir / 'heatmaps' / f'{probe}.png'}",
                       lambda p=probe, i=img: heatmap_png(p, i))]
             if m.writer is not None:
@@ -327,8 +343,20 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
                     failed.append((what, e))
         return failed
 
+    def convergence_plots() -> None:
+        from ..viz.convergence import convergence_image
+
+        for probe, (epochs, names, mat) in m.convergence.items():
+            img = convergence_image(mat, epochs, names, title=f"{probe}: map change "
+                                    "(1 - Spearman vs previous)")
+            save_png(m.out_dir / "heatmaps" / f"{probe}_convergence.png", img)
+            if m.writer is not None:
+                m.writer.add_image(f"convergence/{probe}/heatmap", img, m.step, dataformats="HWC")
+
     if m.road is not None:
         jobs.append(("plots", plots))
+    if m.convergence:
+        jobs.append(("convergence heatmaps", convergence_plots))
     if m.save_maps:
         npz = m.out_dir / "maps" / f"epoch{m.epoch:03d}.npz"
         jobs.append((f"maps {npz}", lambda: m.maps.save(npz)))

@@ -14,8 +14,8 @@ from ..core.maps import NORMALIZATIONS
 from ..errors import CAManimError
 from .probes import Probes
 
-__all__ = ["VIDEO_NORMS", "check_schedule", "check_targets", "check_videos", "check_road",
-           "check_count", "resolve_module"]
+__all__ = ["VIDEO_NORMS", "build_engine", "check_schedule", "check_targets", "check_videos",
+           "check_road", "check_count", "resolve_module", "state_key_parts"]
 
 VIDEO_NORMS = NORMALIZATIONS + ("both",)
 
@@ -150,3 +150,29 @@ def resolve_module(spec: Any, pl_module: nn.Module) -> nn.Module:
         raise CAManimError(f"model={spec!r} gave a {type(m).__name__}, not an "
                            "nn.Module")
     return m
+
+
+def build_engine(cb: Any, model: nn.Module) -> Any:
+    """The `camanim.CAManim` of a callback's method, layers and options
+    (``max_layers``, ``seed``, ``progress``, ``batch_size``, ``cam_options``)."""
+    from ..engine import CAManim
+    from ..methods import get_method
+
+    kw = dict(max_layers=cb.max_layers, seed=cb.seed, progress=cb.progress, **cb.cam_options)
+    if cb.batch_size is not None:
+        kw["batch_size"] = cb.batch_size
+    if get_method(cb.method).name == "integrated-gradcam":
+        # its black baseline lives in the model's input space
+        for key in ("mean", "std"):
+            if getattr(cb, key) is not None:
+                kw.setdefault(key, getattr(cb, key))
+    return CAManim(model, cb.method, cb.layers, **kw)
+
+
+def state_key_parts(method: Any, layers: Any, probes: Sequence[str]) -> dict[str, Any]:
+    """What tells two callbacks' checkpoint states apart: method, layers, probes."""
+    if callable(layers) and not isinstance(layers, str):
+        # a callable has no stable text: history is matched by position
+        layers = f"callable:{getattr(layers, '__qualname__', type(layers).__name__)}"
+    return dict(method=str(getattr(method, "__name__", method)), layers=str(layers),
+                probes=list(probes))

@@ -13,7 +13,7 @@ import torch
 from ..errors import CAManimError
 from ..runs.history import safe_name
 
-__all__ = ["Probes", "load_probes"]
+__all__ = ["Probes", "load_probes", "probe_batch"]
 
 
 @dataclass
@@ -195,3 +195,14 @@ def load_probes(probes: Any, masks: Any, probe_names: Sequence[str] | None) -> P
     lab = [int(x) for x in labels] if labels and all(x is not None for x in labels) else None
     return Probes(images=images, labels=lab, masks=mask_t, has_mask=has_mask, names=safe,
                    num_classes=num_classes)
+
+
+def probe_batch(images: torch.Tensor, model: torch.nn.Module) -> tuple[torch.Tensor, torch.device]:
+    """The ``(B, C, H, W)`` probe images on the model's device and in its
+    dtype (a normal tensor even inside ``inference_mode``), and the device."""
+    from ..core.inputs import model_device_dtype
+
+    dev, dtype = model_device_dtype(model)
+    with torch.inference_mode(False):
+        x = images.to(device=dev, dtype=dtype)
+    return x, dev

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["epoch_metrics", "summary_text", "log_epoch"]
+__all__ = ["epoch_metrics", "log_epoch", "summary_text"]
 
 
 def _array(values: Sequence[float | None]) -> np.ndarray:
@@ -65,13 +65,19 @@ def summary_text(epoch: int, rec: dict, p: str, best: int | None,
     return "\n\n".join(lines)
 
 
-def log_epoch(loggers: Sequence[Any], tb: Any, step: int, epoch: int, rec: dict,
-              probes: Sequence[str], class_names: Sequence[str] | None) -> None:
-    """The record's scalars to every logger, its text summaries to TensorBoard."""
+def log_epoch(trainer: Any, tb: Any, epoch: int, rec: dict, probes: Sequence[str],
+              class_names: Sequence[str] | None, threshold: float) -> None:
+    """Scalars to every logger; the text summary (with the chance,
+    convergence and ranking lines) to TensorBoard's ``tb`` writer."""
+    from .convergence import epoch_scalars, epoch_text
+
+    step = int(trainer.global_step)
     metrics, best = epoch_metrics(rec, probes)
-    for lg in loggers:
+    metrics.update(epoch_scalars(rec, probes, threshold))
+    for lg in trainer.loggers:
         lg.log_metrics(metrics, step=step)
     if tb is not None:
         for p in probes:
-            tb.add_text(f"camanim/{p}/summary", summary_text(epoch, rec, p, best.get(p), class_names),
-                        step)
+            text = [summary_text(epoch, rec, p, best.get(p), class_names),
+                    epoch_text(rec, p, threshold)]
+            tb.add_text(f"camanim/{p}/summary", "\n\n".join(filter(None, text)), step)

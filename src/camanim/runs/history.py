@@ -3,7 +3,10 @@
 ``state_dict`` that carries them through checkpoints.
 
 A record is ``{"global_step", "names", "method", "targets": {probe: int|None},
-"road": {probe: [float|None]*L} | None, "ebpg": {probe: [...]} | None}``.
+"road": {probe: [float|None]*L} | None, "ebpg": {probe: [...]} | None}``, and
+optionally (`camanim.lightning.convergence`) ``"change": {probe: [...]}``,
+``"chance": {"random": {probe: float|None}, "blob": {...}}`` and
+``"rank_tau": {probe: float|None}``.
 """
 
 from __future__ import annotations
@@ -23,15 +26,23 @@ import numpy as np
 from ..core.files import os_cause
 from ..errors import CAManimError
 
-__all__ = ["CSV_NAME", "CSV_COLUMNS", "History", "safe_name", "floats", "append_all",
-           "repair_csv", "read_rows"]
+__all__ = ["CSV_NAME", "CSV_COLUMNS", "CSV_COLUMNS_V1", "History", "safe_name", "floats",
+           "append_all", "repair_csv", "read_rows"]
 
 CSV_NAME = "ybroad.csv"
 #: Columns of ``ybroad.csv``, one row per (epoch, probe, layer). ``road_mean``
 #: and ``road_max`` repeat that epoch's mean and max over the probe's layers;
 #: ``road`` / ``ebpg`` are empty when not computed (no ROAD, no mask).
+#: ``map_change`` is ``1 - Spearman`` of the layer's map against the previous
+#: callback epoch's (empty at the first epoch); ``road_chance_random`` /
+#: ``road_chance_blob`` repeat the epoch's ROAD of a seeded random map and of
+#: a centred Gaussian blob (the chance line). Files written before these
+#: three columns existed have the first 11 columns only (`CSV_COLUMNS_V1`);
+#: they are read, and appended to, with their own header.
 CSV_COLUMNS = ("epoch", "global_step", "probe", "target", "method", "layer_index",
-               "layer_name", "road", "road_mean", "road_max", "ebpg")
+               "layer_name", "road", "road_mean", "road_max", "ebpg",
+               "map_change", "road_chance_random", "road_chance_blob")
+CSV_COLUMNS_V1 = CSV_COLUMNS[:11]
 
 
 
@@ -52,6 +63,7 @@ class History:
         self.records: dict[int, dict] = {}
         self._csv_keys: set[tuple[int, str, str]] | None = None
         self._csv_rows: dict[tuple[int, str, str], set[int]] = {}
+        self._csv_columns: tuple[str, ...] = CSV_COLUMNS
         self._warned = False
 
     def __len__(self) -> int:
@@ -69,6 +81,12 @@ class History:
     @property
     def epochs(self) -> list[int]:
         return sorted(self.records)
+
+    def recover(self, out_dir: Path, method: str) -> None:
+        """Take back now the epochs that ``out_dir``'s CSV holds and the
+        history lacks (otherwise done at the first `write_csv`)."""
+        if self._csv_keys is None:
+            self._read_csv_keys(out_dir / CSV_NAME, method)
 
     def forget_csv(self) -> None:
         """Read the CSV again before the next write (a new fit may write elsewhere)."""
@@ -106,15 +124,24 @@ class History:
         first; malformed rows are left out with a warning."""
         self._csv_keys = set()
         self._csv_rows: dict[tuple[int, str, str], set[int]] = {}
+        self._csv_columns = CSV_COLUMNS
         if not path.exists() or path.stat().st_size == 0:
             return
         repair_csv(path)
         found: dict[int, dict] = {}
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
+            cols = tuple(reader.fieldnames or ())
+            # an older file (a prefix of today's columns) is appended to with its own header
+            if len(cols) < len(CSV_COLUMNS_V1) or cols != CSV_COLUMNS[:len(cols)]:
                 raise CAManimError(f"{path} exists with other columns ({reader.fieldnames}); "
                                    "pass another save_dir")
+            self._csv_columns = cols
+            if len(cols) < len(CSV_COLUMNS):
+                warnings.warn(f"CAManimCallback: {path} was written by an older camanim; new rows "
+                              f"are appended without its missing columns "
+                              f"({', '.join(CSV_COLUMNS[len(cols):])}): pass another save_dir "
+                              "to keep them", stacklevel=2)
             rows, bad = read_rows(reader)
         if bad:
             warnings.warn(f"CAManimCallback: {path}: {bad} malformed row(s) left out (lines "
@@ -132,7 +159,8 @@ class History:
                 continue
             first = rec["rows"][self.probes[0]]
             names = [first[i]["layer_name"] for i in sorted(first)]
-            road, ebpg, targets = {}, {}, {}
+            road, ebpg, targets, change = {}, {}, {}, {}
+            chance: dict[str, dict] = {"random": {}, "blob": {}}
             for p, rows_p in rec["rows"].items():
                 ordered = [rows_p[i] for i in sorted(rows_p)]
                 if [r["layer_name"] for r in ordered] != names or \
@@ -142,6 +170,9 @@ class History:
                 eb = [_parse(r["ebpg"]) for r in ordered]
                 if any(v is not None for v in eb):
                     ebpg[p] = eb
+                change[p] = [_parse(r.get("map_change") or "") for r in ordered]
+                for k in chance:
+                    chance[k][p] = _parse(ordered[0].get(f"road_chance_{k}") or "")
                 t = ordered[0]["target"]
                 targets[p] = int(t) if t != "" else None
             else:
@@ -150,7 +181,10 @@ class History:
                     "targets": targets,
                     "road": road if any(any(v is not None for v in r) for r in road.values())
                     else None,
-                    "ebpg": ebpg or None}
+                    "ebpg": ebpg or None,
+                    "change": change,
+                    "chance": chance if any(v is not None for v in chance["random"].values())
+                    else None}
 
     def _in_csv(self, key: tuple[int, str, str], n_layers: int) -> bool:
         assert self._csv_keys is not None
@@ -198,9 +232,11 @@ class History:
             return
         buf = io.StringIO()
         w = csv.writer(buf)
-        if not path.exists() or path.stat().st_size == 0:
+        new = not path.exists() or path.stat().st_size == 0
+        if new:
             w.writerow(CSV_COLUMNS)
-        w.writerows(rows)
+        n = len(CSV_COLUMNS) if new else len(self._csv_columns)
+        w.writerows(row[:n] for row in rows)
         try:
             append_all(path, buf.getvalue().encode("utf-8"))
         except OSError as e:
@@ -282,7 +318,8 @@ def read_rows(reader: Any) -> tuple[list[dict], int]:
             int(row["epoch"]), int(row["layer_index"])
             if row.get("global_step") not in (None, ""):
                 int(row["global_step"])
-            for k in ("road", "road_mean", "road_max", "ebpg"):
+            for k in ("road", "road_mean", "road_max", "ebpg", "map_change", "road_chance_random",
+                      "road_chance_blob"):
                 if k in row:
                     _parse(row[k])
         except (TypeError, ValueError):
@@ -302,17 +339,24 @@ def _parse(s: str) -> float | None:
     return float(s)
 
 
+def _cell(v: float | None) -> str:
+    return "" if v is None else f"{v:.6g}"
+
+
 def csv_rows(epoch: int, probe: str, rec: dict) -> list[list[Any]]:
     names = rec["names"]
-    road = rec["road"][probe] if rec.get("road") else [None] * len(names)
-    ebpg = (rec["ebpg"][probe] if rec.get("ebpg") and probe in rec["ebpg"]
-            else [None] * len(names))
+    none = [None] * len(names)
+    road = rec["road"][probe] if rec.get("road") else none
+    ebpg = (rec["ebpg"][probe] if rec.get("ebpg") and probe in rec["ebpg"] else none)
+    change = (rec["change"].get(probe) or none) if rec.get("change") else none
+    chance = rec.get("chance") or {}
+    rand, blob = (_cell((chance.get(k) or {}).get(probe)) for k in ("random", "blob"))
     finite = [v for v in road if v is not None]
     mean = f"{sum(finite) / len(finite):.6g}" if finite else ""
     mx = f"{max(finite):.6g}" if finite else ""
     t = rec["targets"].get(probe)
     return [[epoch, rec["global_step"], probe, "" if t is None else t, rec["method"], i, n,
-             "" if r is None else f"{r:.6g}", mean, mx, "" if e is None else f"{e:.6g}"]
-            for i, (n, r, e) in enumerate(zip(names, road, ebpg))]
+             _cell(r), mean, mx, _cell(e), _cell(c), rand, blob]
+            for i, (n, r, e, c) in enumerate(zip(names, road, ebpg, change))]
 
 

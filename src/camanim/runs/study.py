@@ -15,7 +15,23 @@ from one or many runs, and writes what a study needs::
 * ``study.csv`` (also printed): per run, method and probe the final epoch's
   mean and max ybROAD, the best layer, the final layer's score, the EBPG at
   the best layer when masks were given, and the epoch where the best layer
-  settles (the first epoch from which the best layer never changes again).
+  settles (the first epoch from which the best layer never changes again);
+  from the convergence columns: the share of layers above chance at the
+  final epoch, the last and mean Kendall tau of the layer ranking, how many
+  layers' maps have settled and the epoch by which all of them had;
+* ``settle.csv``: each layer's settle epoch (the first epoch from which its
+  map change stays below ``settle_threshold``; empty: not settled) and its
+  last change;
+* ``epochs.csv``: per epoch the share of layers above the random-map chance,
+  the chance ROAD (random map, blob), the Kendall tau of the layer ranking
+  against the previous epoch, the share of settled layers and the median
+  map change;
+* ``convergence_<run>_<probe>.png`` (map change heatmaps) and
+  ``chance_tau.png`` (share above chance and ranking tau per epoch); the
+  ybROAD heatmaps hatch the cells not above chance.
+
+CSVs written before the convergence columns existed are read as before
+(their convergence outputs are empty).
 
 The heatmap is `camanim.viz.plots.heatmap_image`, the one the callback logs,
 so TensorBoard and the study show the same pictures.
@@ -37,6 +53,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import CAManimError
+from ..metrics.convergence import DEFAULT_SETTLE_THRESHOLD, kendall_tau, settle_epochs, share_below
+from ..viz.convergence import chance_tau_image, convergence_image, not_above_chance
 from ..viz.plots import heatmap_image, save_png, trajectories_image
 from ..core.files import atomic_path, os_cause, remove_stale
 from .history import CSV_COLUMNS, CSV_NAME, read_rows, safe_name
@@ -60,6 +78,9 @@ class ProbeSeries:
         ebpg: ``(E, L)`` energy-based pointing game, or ``None``.
         targets: E target classes (``None`` where unknown).
         path: the CSV file it came from.
+        change: ``(E, L)`` map change against the previous callback epoch
+            (``1 - Spearman``), or ``None`` (an older CSV).
+        chance: ``(E, 2)`` ROAD of the random map and of the blob, or ``None``.
     """
 
     run: str
@@ -71,6 +92,8 @@ class ProbeSeries:
     ebpg: np.ndarray | None = None
     targets: list[int | None] = field(default_factory=list)
     path: Path | None = None
+    change: np.ndarray | None = None
+    chance: np.ndarray | None = None
 
     def best_layers(self) -> np.ndarray:
         """``(E,)`` index of the best-ROAD layer per epoch (-1 if no score)."""
@@ -79,6 +102,34 @@ class ProbeSeries:
             if np.isfinite(row).any():
                 out[e] = int(np.nanargmax(row))
         return out
+
+    def above_chance(self) -> np.ndarray:
+        """``(E,)`` share of the scored layers whose ROAD beats the random
+        map's (NaN without a chance value or scores)."""
+        out = np.full(len(self.epochs), math.nan)
+        if self.chance is None:
+            return out
+        below = not_above_chance(self.road, self.chance[:, 0])
+        for e, row in enumerate(self.road):
+            n = int(np.isfinite(row).sum())
+            if n and np.isfinite(self.chance[e, 0]):
+                out[e] = 1.0 - below[e].sum() / n
+        return out
+
+    def rank_tau(self) -> np.ndarray:
+        """``(E,)`` Kendall tau-b of the per-layer ROAD against the previous
+        epoch of the series (NaN at the first)."""
+        out = np.full(len(self.epochs), math.nan)
+        for e in range(1, len(self.epochs)):
+            out[e] = kendall_tau(self.road[e - 1], self.road[e])
+        return out
+
+    def settle_epochs(self, threshold: float = DEFAULT_SETTLE_THRESHOLD) -> list[int | None]:
+        """Each layer's settle epoch (`camanim.metrics.convergence.settle_epochs`);
+        ``None`` everywhere without map changes."""
+        if self.change is None:
+            return [None] * len(self.names)
+        return settle_epochs(self.change, self.epochs, threshold)
 
 
 def _float(s: str) -> float:
@@ -152,13 +203,19 @@ def read_ybroad_csv(path: str | Path, run: str | None = None) -> list[ProbeSerie
                          for e in keep], dtype=np.float64).reshape(len(keep), len(names))
         ebpg = np.array([[_float(by_epoch[e][i].get("ebpg", "")) for i in range(len(names))]
                          for e in keep], dtype=np.float64).reshape(len(keep), len(names))
+        change = np.array([[_float(by_epoch[e][i].get("map_change", "")) for i in range(len(names))]
+                           for e in keep], dtype=np.float64).reshape(len(keep), len(names))
+        chance = np.array([[_float(by_epoch[e][0].get(f"road_chance_{k}", "")) for k in
+                            ("random", "blob")] for e in keep], dtype=np.float64).reshape(len(keep), 2)
         targets = []
         for e in keep:
             t = by_epoch[e][0].get("target", "")
             targets.append(int(t) if t not in ("", None) else None)
         out.append(ProbeSeries(run=label, method=method, probe=probe, epochs=keep, names=names,
                                road=road, ebpg=ebpg if np.isfinite(ebpg).any() else None,
-                               targets=targets, path=path))
+                               targets=targets, path=path,
+                               change=change if np.isfinite(change).any() else None,
+                               chance=chance if np.isfinite(chance).any() else None))
     return out
 
 
@@ -217,19 +274,22 @@ def mean_series(series: Sequence[ProbeSeries]) -> ProbeSeries | None:
     common = sorted(set.intersection(*(set(s.epochs) for s in same)))
     if not common or len(same) < 2:
         return None
-    rows = [s.road[[s.epochs.index(e) for e in common]] for s in same]
-    eb = [s.ebpg[[s.epochs.index(e) for e in common]] for s in same if s.ebpg is not None]
+    def stack(attr: str) -> np.ndarray | None:
+        parts = [getattr(s, attr)[[s.epochs.index(e) for e in common]] for s in same
+                 if getattr(s, attr) is not None]
+        return np.nanmean(np.stack(parts), axis=0) if parts else None
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
-        road = np.nanmean(np.stack(rows), axis=0)
-        ebpg = np.nanmean(np.stack(eb), axis=0) if eb else None
+        road, ebpg, change, chance = (stack(a) for a in ("road", "ebpg", "change", "chance"))
     return ProbeSeries(run=same[0].run, method=same[0].method, probe="mean", epochs=common,
                        names=names, road=road, ebpg=ebpg, targets=[None] * len(common),
-                       path=same[0].path)
+                       path=same[0].path, change=change, chance=chance)
 
 
-def summarize(s: ProbeSeries) -> dict:
-    """One table row for a series: the final epoch, the best layer, settling."""
+def summarize(s: ProbeSeries, threshold: float = DEFAULT_SETTLE_THRESHOLD) -> dict:
+    """One table row for a series: the final epoch, the best layer, settling,
+    chance and ranking stability."""
     best = s.best_layers()
     last = s.road[-1]
     finite = np.isfinite(last)
@@ -245,12 +305,54 @@ def summarize(s: ProbeSeries) -> dict:
         "settle_epoch": settle_epoch(s.epochs, list(best)) if b >= 0 else None,
         "ebpg_best": (float(s.ebpg[-1, b]) if s.ebpg is not None and b >= 0 else math.nan),
     }
+    tau = s.rank_tau()
+    settle = s.settle_epochs(threshold)
+    done = [e for e in settle if e is not None]
+    row.update({
+        "above_chance": float(s.above_chance()[-1]),
+        "rank_tau_last": float(tau[-1]),
+        "rank_tau_mean": float(np.nanmean(tau)) if np.isfinite(tau).any() else math.nan,
+        "layers_settled": len(done) if s.change is not None else None,
+        "all_settled_epoch": max(done) if s.change is not None and len(done) == len(settle)
+        and done else None,
+    })
     return row
 
 
 TABLE_COLUMNS = ("run", "method", "probe", "layers", "epochs", "final_epoch", "final_mean",
                  "final_max", "best_layer", "best_index", "final_layer_road", "settle_epoch",
-                 "ebpg_best")
+                 "ebpg_best", "above_chance", "rank_tau_last", "rank_tau_mean", "layers_settled",
+                 "all_settled_epoch")
+SETTLE_COLUMNS = ("run", "method", "probe", "layer_index", "layer_name", "settle_epoch",
+                  "final_change")
+EPOCH_COLUMNS = ("run", "method", "probe", "epoch", "above_chance", "chance_random",
+                 "chance_blob", "rank_tau", "share_settled", "median_change")
+
+
+def settle_rows(s: ProbeSeries, threshold: float = DEFAULT_SETTLE_THRESHOLD) -> list[dict]:
+    """`SETTLE_COLUMNS` rows: each layer's settle epoch and last map change."""
+    if s.change is None:
+        return []
+    last = s.change[-1]
+    return [{"run": s.run, "method": s.method, "probe": s.probe, "layer_index": i,
+             "layer_name": n, "settle_epoch": e, "final_change": float(last[i])}
+            for i, (n, e) in enumerate(zip(s.names, s.settle_epochs(threshold)))]
+
+
+def epoch_rows(s: ProbeSeries, threshold: float = DEFAULT_SETTLE_THRESHOLD) -> list[dict]:
+    """`EPOCH_COLUMNS` rows: chance, ranking and convergence per epoch."""
+    above, tau = s.above_chance(), s.rank_tau()
+    rows = []
+    for k, e in enumerate(s.epochs):
+        ch = s.change[k] if s.change is not None else np.full(len(s.names), math.nan)
+        rows.append({"run": s.run, "method": s.method, "probe": s.probe, "epoch": e,
+                     "above_chance": float(above[k]),
+                     "chance_random": float(s.chance[k, 0]) if s.chance is not None else math.nan,
+                     "chance_blob": float(s.chance[k, 1]) if s.chance is not None else math.nan,
+                     "rank_tau": float(tau[k]), "share_settled": share_below(ch, threshold),
+                     "median_change": float(np.nanmedian(ch)) if np.isfinite(ch).any()
+                     else math.nan})
+    return rows
 
 
 # ------------------------------------------------------------------ study
@@ -272,9 +374,17 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS) -
     return "\n".join(lines)
 
 
+def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(v) for k, v in r.items()})
+
+
 def study(run_dirs: Sequence[str | Path], out: str | Path = "camanim_study",
           probes: Iterable[str] | None = None, plots: bool = True,
-          verbose: bool = True) -> list[dict]:
+          verbose: bool = True, settle_threshold: float = DEFAULT_SETTLE_THRESHOLD) -> list[dict]:
     """Compare the ybROAD histories of runs.
 
     Args:
@@ -285,9 +395,12 @@ def study(run_dirs: Sequence[str | Path], out: str | Path = "camanim_study",
             a run has several probes).
         plots: write the PNG heatmaps and the trajectory plot.
         verbose: print the table.
+        settle_threshold: map change below which a layer counts as settled.
 
     Returns:
-        The table rows (dicts with `TABLE_COLUMNS`), also in ``out/study.csv``.
+        The table rows (dicts with `TABLE_COLUMNS`), also in ``out/study.csv``;
+        ``settle.csv`` and ``epochs.csv`` hold the per-layer and per-epoch
+        convergence tables.
     """
     if isinstance(run_dirs, (str, Path)):
         run_dirs = [run_dirs]
@@ -310,15 +423,16 @@ def study(run_dirs: Sequence[str | Path], out: str | Path = "camanim_study",
                 all_series.append(m)
     if not all_series:
         raise CAManimError("no probe matched: check --probe against the probe names in the CSVs")
-    rows = [summarize(s) for s in all_series]
+    thr = settle_threshold
+    rows = [summarize(s, thr) for s in all_series]
     try:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale([out])
-        with atomic_path(out / "study.csv") as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(TABLE_COLUMNS))
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: _fmt(v) for k, v in r.items()})
+        _write_csv(out / "study.csv", TABLE_COLUMNS, rows)
+        _write_csv(out / "settle.csv", SETTLE_COLUMNS,
+                   [r for s in all_series for r in settle_rows(s, thr)])
+        _write_csv(out / "epochs.csv", EPOCH_COLUMNS,
+                   [r for s in all_series for r in epoch_rows(s, thr)])
     except OSError as e:
         raise CAManimError(f"cannot write to --out {out} ({os_cause(e)}); pass a writable "
                            "folder") from None
@@ -328,13 +442,25 @@ def study(run_dirs: Sequence[str | Path], out: str | Path = "camanim_study",
             for s in all_series:
                 tag = safe_name(s.run.replace("/", "__"))
                 meth = f"_{safe_name(s.method)}" if len(methods) > 1 else ""
+                label = f"{s.run} · {s.method} · {s.probe}"
+                mask = None if s.chance is None else not_above_chance(s.road, s.chance[:, 0])
                 save_png(out / f"heatmap_{tag}{meth}_{safe_name(s.probe)}.png",
-                          heatmap_image(s.road, s.epochs, s.names,
-                                        title=f"{s.run} · {s.method} · {s.probe}: ybROAD"))
+                         heatmap_image(s.road, s.epochs, s.names, mask=mask,
+                                       title=f"{label}: ybROAD"
+                                       + ("; hatched: <= chance" if mask is not None else "")))
+                if s.change is not None:
+                    save_png(out / f"convergence_{tag}{meth}_{safe_name(s.probe)}.png",
+                             convergence_image(s.change, s.epochs, s.names,
+                                               title=f"{label}: map change (1 - Spearman)"))
             save_png(out / "best_layer.png", trajectories_image(all_series))
+            lines = [(f"{s.run} · {s.method} · {s.probe}", s.epochs, s.above_chance(),
+                      s.rank_tau()) for s in all_series
+                     if s.chance is not None or s.change is not None]
+            if lines:
+                save_png(out / "chance_tau.png", chance_tau_image(lines))
     except OSError as e:
         raise CAManimError(f"cannot write the plots to --out {out} ({os_cause(e)})") from None
     if verbose:
         print(format_table(rows))
-        print(f"\nwrote {out / 'study.csv'}" + (" and plots" if plots else ""))
+        print(f"\nwrote {out / 'study.csv'}, settle.csv, epochs.csv" + (" and plots" if plots else ""))
     return rows

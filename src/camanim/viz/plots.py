@@ -65,11 +65,18 @@ def _colors(values: np.ndarray, v: float, lut: np.ndarray) -> np.ndarray:
 
 
 def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
-                       title: str = "") -> np.ndarray:
+                       title: str = "", *, cmap: str = "RdYlGn", vmin: float | None = None,
+                       vmax: float | None = None, mask: np.ndarray | None = None,
+                       mark_best: bool = True) -> np.ndarray:
     """Epoch-by-layer ROAD heatmap (layers top to bottom, epochs left to
     right, each epoch's best layer marked, colour bar), ``(H, W, 3)`` uint8.
     A column is 14 px wide up to 40 epochs, so the image widens by one
-    column per epoch; then columns narrow to keep it under ~560 px."""
+    column per epoch; then columns narrow to keep it under ~560 px.
+
+    ``cmap``, ``vmin``, ``vmax``: colour scale (default: RdYlGn, symmetric
+    around 0 at the largest absolute value); ``mask``: ``(E, L)`` bool, cells
+    drawn hatched (e.g. layers not above the chance line); ``mark_best``:
+    circle each epoch's highest value."""
     from PIL import Image, ImageDraw
 
     road = np.asarray(road, dtype=np.float64).reshape(len(epochs), len(names))
@@ -89,10 +96,19 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
     finite = road[np.isfinite(road)]
     v = float(np.abs(finite).max()) if finite.size else 1.0
     v = v if v > 0 else 1.0
-    lut = colormap_lut("RdYlGn")
+    mid = 0.0
+    if vmin is not None or vmax is not None:  # a fixed scale: shift it to be symmetric
+        lo = float(vmin) if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+        hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+        mid, v = (lo + hi) / 2, max((hi - lo) / 2, 1e-12)
+    lut = colormap_lut(cmap)
     if E:
-        cells = _colors(road.T, v, lut)                                  # (L, E, 3)
+        cells = _colors(road.T - mid, v, lut)                            # (L, E, 3)
         canvas[top:top + ph, x0:x0 + pw] = np.repeat(np.repeat(cells, rh, 0), cw, 1)
+        if mask is not None:  # diagonal hatching, every 4th pixel
+            big = np.repeat(np.repeat(np.asarray(mask, bool).reshape(E, L).T, rh, 0), cw, 1)
+            yy, xx = np.mgrid[0:ph, 0:pw]
+            canvas[top:top + ph, x0:x0 + pw][big & ((xx + yy) % 4 == 0)] = (70, 70, 70)
     bar = _colors(np.linspace(v, -v, ph)[:, None], v, lut)             # colour bar
     bx = x0 + pw + 10
     canvas[top:top + ph, bx:bx + 10] = np.repeat(bar, 10, 1)
@@ -100,7 +116,7 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
     d = ImageDraw.Draw(im)
     font = mono_font(fs)
     d.rectangle([x0 - 1, top - 1, x0 + pw, top + ph], outline=_INK)
-    for e in range(E):
+    for e in range(E if mark_best else 0):
         if np.isfinite(road[e]).any():
             b = int(np.nanargmax(road[e]))
             cx, cy, r = x0 + e * cw + cw / 2, top + b * rh + rh / 2, max(2, min(cw, rh) / 2 - 2)
@@ -110,16 +126,17 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
         d.text((x0 + e * cw + cw / 2, top + ph + 3), str(epochs[e]), font=font, fill=_INK,
                anchor="ma")
     d.text((x0 + pw / 2, top + ph + 18), "epoch", font=font, fill=_INK, anchor="ma")
-    for val, y in ((v, top), (0.0, top + ph / 2), (-v, top + ph)):
+    for val, y in ((mid + v, top), (mid, top + ph / 2), (mid - v, top + ph)):
         d.text((bx + 13, y), f"{val:+.2g}", font=font, fill=_INK, anchor="lm")
     d.text((4, 6), fit_text(title, mono_font(11), im.width - 8), font=mono_font(11), fill=_INK)
     return np.asarray(im)
 
 
 def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
-                     ebpg: np.ndarray | None = None) -> np.ndarray:
+                     ebpg: np.ndarray | None = None, chance: float | None = None) -> np.ndarray:
     """This epoch's ybROAD curve (ROAD per layer, best layer marked), with
-    the EBPG per layer dashed on a 0..1 axis when given. ``(H, W, 3)`` uint8."""
+    the EBPG per layer dashed on a 0..1 axis when given, and ``chance`` (the
+    ROAD of a random map) as a dashed reference line. ``(H, W, 3)`` uint8."""
     from PIL import Image, ImageDraw
 
     road = np.asarray(road, dtype=np.float64).reshape(-1)
@@ -136,6 +153,9 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
     d = ImageDraw.Draw(im)
     font = mono_font(fs)
     finite = road[np.isfinite(road)]
+    chance = None if chance is None or not math.isfinite(float(chance)) else float(chance)
+    if chance is not None:
+        finite = np.append(finite, chance)  # keep the line inside the axes
     lo = min(0.0, float(finite.min())) if finite.size else -1.0
     hi = max(0.0, float(finite.max())) if finite.size else 1.0
     if hi - lo < 1e-12:
@@ -167,12 +187,17 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
                    fill=(148, 103, 189), anchor="lm")
         d.text((left + pw + 4, top + ph / 2), "EBPG", font=font, fill=(148, 103, 189),
                anchor="lm")
+    if chance is not None:
+        yc = y_of(chance)
+        for x in range(left, left + pw, 8):
+            d.line([(x, yc), (min(x + 4, left + pw), yc)], fill=(214, 39, 40), width=1)
+        d.text((left + 3, yc - 1), "chance", font=font, fill=(214, 39, 40), anchor="lb")
     pts = [(x_of(i), y_of(float(r))) for i, r in enumerate(road) if np.isfinite(r)]
     if len(pts) > 1:
         d.line(pts, fill=(31, 119, 180), width=2)
     for x, y in pts:
         d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(31, 119, 180))
-    if finite.size:
+    if np.isfinite(road).any():
         b = int(np.nanargmax(road))
         x, y = x_of(b), y_of(float(road[b]))
         d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=(245, 197, 24), outline=(0, 0, 0))

@@ -1,0 +1,78 @@
+"""Pictures of layer convergence and of the chance line, shared by the
+callback (TensorBoard, ``heatmaps/``) and ``camanim study``.
+
+* `convergence_image`: epoch-by-layer map change (``1 - Spearman`` against
+  the previous callback epoch), 0 (the map kept its pixel ordering) light,
+  1 (unrelated to the previous map) dark red; the first epoch has no
+  previous map and is grey.
+* `not_above_chance`: the cells of an epoch-by-layer ROAD matrix that do not
+  beat that epoch's random-map ROAD (hatched on the ybROAD heatmap).
+* `chance_tau_image`: per epoch, the share of layers above chance and the
+  Kendall tau of the layer ranking, one line per run and probe.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .plots import heatmap_image
+
+__all__ = ["CHANGE_CMAP", "convergence_image", "not_above_chance", "chance_tau_image"]
+
+CHANGE_CMAP = "YlOrRd"
+
+
+def convergence_image(change: np.ndarray, epochs: Sequence[int], names: Sequence[str],
+                      title: str = "") -> np.ndarray:
+    """``(E, L)`` map changes as a heatmap on a fixed 0..1 scale (values
+    above 1, anti-correlated maps, draw as 1). ``(H, W, 3)`` uint8."""
+    return heatmap_image(np.minimum(np.asarray(change, dtype=np.float64), 1.0), epochs, names,
+                         title, cmap=CHANGE_CMAP, vmin=0.0, vmax=1.0, mark_best=False)
+
+
+def not_above_chance(road: np.ndarray, chance: np.ndarray) -> np.ndarray:
+    """``(E, L)`` bool: ``road[e, l] <= chance[e]``; False where either is
+    NaN (unknown is not marked).
+
+    Args:
+        road: ``(E, L)`` ROAD per epoch and layer.
+        chance: ``(E,)`` ROAD of the random map per epoch.
+    """
+    road = np.asarray(road, dtype=np.float64)
+    ch = np.asarray(chance, dtype=np.float64).reshape(-1, 1)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(road) & np.isfinite(ch) & (road <= ch)
+
+
+def chance_tau_image(series: Sequence[tuple[str, Sequence[int], np.ndarray, np.ndarray]]
+                     ) -> np.ndarray:
+    """Two panels over epochs: share of layers above the random-map chance
+    and Kendall tau of the per-layer ybROAD ranking against the previous
+    epoch; ``series`` holds ``(label, epochs, above (E,), tau (E,))``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(9.0, 3.8), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for label, epochs, above, tau in series:
+        line, = axes[0].plot(epochs, above, marker="o", markersize=3, linewidth=1.2, label=label)
+        axes[1].plot(epochs, tau, marker="o", markersize=3, linewidth=1.2, color=line.get_color())
+    axes[0].set_ylim(-0.03, 1.03)
+    axes[0].set_ylabel("share of layers above chance", fontsize=8)
+    axes[0].set_title("layers whose ybROAD beats a random map", fontsize=9)
+    axes[1].set_ylim(-1.05, 1.05)
+    axes[1].axhline(0.0, color="0.6", linewidth=0.8, linestyle="--")
+    axes[1].set_ylabel("Kendall tau vs previous epoch", fontsize=8)
+    axes[1].set_title("stability of the layer ranking", fontsize=9)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=6, loc="best", frameon=False)
+    fig.tight_layout()
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
