@@ -79,7 +79,7 @@ from ..runs.history import History
 from .convergence import Convergence, check_sanity, media_fields, run_sanity
 from .distributed import check_strategy, gather_objects, merge_shares, score_share
 from .checks import check_outputs, check_score, epoch_record, finite_probes, pick
-from .media import (EpochMedia, MediaQueue, mark_restart, output_dir, tensorboard_logger,
+from .media import (EpochMedia, MediaQueue, mark_restart, output_dir,
                     tensorboard_writer, write_epoch_media)
 from .options import (build_engine, check_count, check_road, check_schedule, check_targets,
                       check_videos, resolve_module, state_key_parts)
@@ -268,7 +268,6 @@ class CAManimCallback(Callback):
         """The (file-safe) probe names used in tags and files."""
         return list(self._probes.names)
 
-    # ------------------------------------------------------------ schedule
     def _scheduled(self, epoch: int) -> bool:
         if self.epochs is not None:
             return epoch in self.epochs
@@ -290,8 +289,7 @@ class CAManimCallback(Callback):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Check the model, targets, layers and output folder before training."""
-        model = self._module(pl_module)
-        x, dev = self._probe_batch(model)
+        model, x, dev = self._inputs(pl_module)
         try:
             with self._context(model, dev):
                 table = self._engine(model).layer_table(x)
@@ -311,9 +309,9 @@ class CAManimCallback(Callback):
         self._sanity(trainer, pl_module, "start")
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        tb = tensorboard_logger(trainer)  # the checkpoint is restored by now
+        tb = tensorboard_writer(trainer)  # the checkpoint is restored by now: on a resume,
         if trainer.is_global_zero and tb is not None and int(trainer.global_step) > 0:
-            mark_restart(tb.experiment, int(trainer.global_step) + 1)  # resumed: no step twice
+            mark_restart(tb, int(trainer.global_step) + 1)  # TensorBoard drops later steps
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._fitting(trainer):
@@ -385,16 +383,14 @@ class CAManimCallback(Callback):
         return self._history.matrix(probe, "ebpg")
 
     # ------------------------------------------------------------ the work
-    def _module(self, pl_module: nn.Module) -> nn.Module:
-        return resolve_module(self.model, pl_module)
+    def _inputs(self, pl_module: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.device]:
+        model = resolve_module(self.model, pl_module)
+        return (model, *probe_batch(self._probes.images, model))
 
     def _engine(self, model: nn.Module) -> Any:
         if self._anim is None or self._anim_model is not model:
             self._anim, self._anim_model = build_engine(self, model), model
         return self._anim
-
-    def _probe_batch(self, model: nn.Module) -> tuple[torch.Tensor, torch.device]:
-        return probe_batch(self._probes.images, model)
 
     @contextlib.contextmanager
     def _context(self, model: nn.Module, dev: torch.device) -> Iterator[None]:
@@ -443,10 +439,8 @@ class CAManimCallback(Callback):
 
     def _compute(self, trainer: Any, pl_module: Any, rank: int, world: int,
                  timing: dict[str, float]) -> tuple[LayerMaps, list, np.ndarray | None]:
-        """Maps of every layer (all ranks), ybROAD of this rank's layer share,
-        EBPG; maps moved to the CPU."""
-        model = self._module(pl_module)
-        x, dev = self._probe_batch(model)
+        """Maps (all ranks), ybROAD of this rank's layers, EBPG; maps to the CPU."""
+        model, x, dev = self._inputs(pl_module)
         with self._context(model, dev):
             anim = self._engine(model)
             # probes with NaN/Inf logits get no map, target or score (no argmax of NaN)
@@ -541,8 +535,7 @@ class CAManimCallback(Callback):
         """The model-randomization check at fit ``when`` (rank zero, ``sanity=``)."""
         if when in self.sanity and trainer.is_global_zero and \
                 (when == "start" or self._last_epoch is not None):
-            model = self._module(pl_module)
-            x, dev = self._probe_batch(model)
+            model, x, dev = self._inputs(pl_module)
             with self._context(model, dev):
                 run_sanity(when, self, model, x, None if self._targets_mode == "predicted"
                            else self._targets, self._out_dir(trainer),
