@@ -13,8 +13,8 @@ strip of the depth through the network::
     |   image + CAM        |   image + CAM        |
     +----------------------+----------------------+
     | 12/53  layer2.0.conv1                       |   caption band
-    | Conv2d · 128×28×28 · 147k params  ~~~/\~~o~ |
-    | gradcam · target: tabby                     |
+    | Conv2d · 128×28×28 · 147k params            |
+    | gradcam · local · target: tabby  ~~~/\~~o~  |
     +=====================------------------------+   progress strip
 
 Every frame of one call has the same, even, size (H.264 needs even sides).
@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 
 from ..errors import CAManimError
 from ..core.guard import one_torch_thread
-from .fonts import fit_text, sans_font
+from .fonts import fit_text, join_fit, sans_font, short_names
 from ..core.images import IMAGENET_MEAN, IMAGENET_STD
 from ..core.layers import LayerInfo
 from ..core.maps import NORMALIZATIONS, LayerMaps
@@ -339,7 +339,7 @@ class FrameRenderer:
         self.lut = colormap_lut(colormap).astype(np.float32) * self.alpha
         self.grid = bool(grid)
         self.class_names = list(class_names) if class_names is not None else None
-        self.title = title
+        self.title, self.labels = title, short_names(maps.names)
         B = maps.batch_size
         disp = display_images(images, mean, std, denormalize)
         if disp.shape[0] != B:
@@ -461,13 +461,12 @@ class FrameRenderer:
                 d.line(pts, fill=_CURVE, width=max(1, lay.font // 10))
             elif pts:
                 d.point(pts, fill=_CURVE)
-        bits = []
-        if len(imgs) == 1 and self._target_text(imgs[0]):
-            bits.append(f"target: {self._target_text(imgs[0])}")
+        # method and normalization first and whole; target, then title, shortened first
         norm = self.norms[0] if len(self.norms) == 1 else ""  # else the panels are labelled
-        bits += [b for b in (self.maps.method, norm, self.title) if b]
+        target = self._target_text(imgs[0]) if len(imgs) == 1 else ""
+        bits = [self.maps.method or "CAM", norm, target and f"target: {target}", self.title]
         d.text((self._pad, lay.grid_h + self._row_y(2)),
-               fit_text(" · ".join(bits), self.font, self._text_width(imgs), tail=True),
+               join_fit(bits, self.font, self._text_width(imgs), keep=1 + bool(norm)),
                font=self.font, fill=_DIM)
         strip_y = lay.grid_h + lay.band
         d.rectangle([0, strip_y, lay.width, lay.height], fill=(55, 55, 55))
@@ -509,7 +508,7 @@ class FrameRenderer:
         im = Image.fromarray(band)
         d = ImageDraw.Draw(im)
         pad, text_w = self._pad, self._text_width(imgs)
-        d.text((pad, self._row_y(0)), fit_text(f"{i + 1}/{len(self.maps)}  {self.maps.names[i]}",
+        d.text((pad, self._row_y(0)), fit_text(f"{i + 1}/{len(self.maps)}  {self.labels[i]}",
                                            self.font_big, lay.width - 2 * pad),
                font=self.font_big, fill=_FG)
         d.text((pad, self._row_y(1)),
