@@ -46,8 +46,9 @@ def _label_strip(names: Sequence[str], row: int, font_size: int, rotate: bool) -
     """Layer labels, one per ``row`` pixels (every k-th when rows are too
     thin for the font): the index right-aligned in its own column, then the
     name; only names, right-aligned and rotated 90 degrees, for an x axis.
-    Names longer than `_NAME_CHARS` are cut in the middle. Cached
-    (``(H, W, 3)`` uint8)."""
+    Names longer than `_NAME_CHARS` are cut in the middle. The strip runs
+    ``font_size`` px past the first and last row (room for the ends of the
+    outer labels). Cached (``(H, W, 3)`` uint8; H is W when rotated)."""
     key = (tuple(names), row, font_size, rotate)
     if key not in _strip_cache:
         from PIL import Image, ImageDraw
@@ -58,10 +59,10 @@ def _label_strip(names: Sequence[str], row: int, font_size: int, rotate: bool) -
         shown = [fit_text(n, font, cap) for n in names]
         idx_w = 0 if rotate else int(font.getlength(str(len(names) - 1))) + 8
         width = idx_w + int(max(font.getlength(n) for n in shown)) + 6
-        im = Image.new("RGB", (width, row * len(names)), _BG)
+        im = Image.new("RGB", (width, row * len(names) + 2 * font_size), _BG)
         d = ImageDraw.Draw(im)
         for i in range(0, len(names), step):
-            y = i * row + row / 2
+            y = font_size + i * row + row / 2
             if rotate:
                 d.text((width - 3, y), shown[i], font=font, fill=_INK, anchor="rm")
             else:
@@ -101,7 +102,8 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
     E, L = road.shape
     cw = 24 if E <= 20 else 14 if E <= 40 else max(2, 560 // E)
     rh = max(12, min(32, 320 // max(L, 1))) if L <= 80 else max(6, 960 // L)
-    strip = _label_strip(short_names(names), rh, label_size(rh), rotate=False)
+    fs = label_size(rh)
+    strip = _label_strip(short_names(names), rh, fs, rotate=False)
     font, tfont = mono_font(10), mono_font(11)
     finite = road[np.isfinite(road)]
     v = float(np.abs(finite).max()) if finite.size else 1.0
@@ -116,7 +118,7 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
     height = top + ph + bottom
     im = Image.new("RGB", (width, height), _BG)
     canvas = np.asarray(im).copy()
-    canvas[top:top + ph, :strip.shape[1]] = strip
+    canvas[top - fs:top + ph + fs, :strip.shape[1]] = strip
     lut = colormap_lut("RdYlGn")
     if E:
         cells = _colors(road.T, v, lut)                                  # (L, E, 3)
@@ -155,7 +157,8 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
     labels = short_names(names)
     L = len(labels)
     cw = max(6, min(16, 800 // max(L, 1)))
-    strip = _label_strip(labels, cw, label_size(cw), rotate=True)      # (h, L*cw)
+    fs = label_size(cw)
+    strip = _label_strip(labels, cw, fs, rotate=True)                  # (h, L*cw + 2fs)
     font, tfont = mono_font(10), mono_font(11)
     finite = road[np.isfinite(road)]
     lo = min(0.0, float(finite.min())) if finite.size else -1.0
@@ -166,7 +169,7 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
     ticks = [(val, f"{val:+.3g}") for val in (lo + pad, 0.0, hi - pad)]
     lo, hi = lo - pad, hi + pad
     left = int(max(font.getlength(t) for _, t in ticks)) + 12
-    right = int(font.getlength("1")) + 12 if ebpg is not None else 16
+    right = max(fs + 2, int(font.getlength("1")) + 12 if ebpg is not None else 16)
     top, ph = 40, 150
     pw = cw * L
     best = int(np.nanargmax(road)) if finite.size else -1
@@ -177,7 +180,7 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
     width = _title_width(title, tfont, max(left + pw + right, int(legend_w) + 12))
     height = top + ph + 6 + strip.shape[0] + 4
     canvas = np.full((height, width, 3), 255, np.uint8)
-    canvas[top + ph + 6: top + ph + 6 + strip.shape[0], left:left + pw] = strip[:, :pw]
+    canvas[top + ph + 6: top + ph + 6 + strip.shape[0], left - fs:left + pw + fs] = strip
     im = Image.fromarray(canvas)
     d = ImageDraw.Draw(im)
 

@@ -358,7 +358,10 @@ class FrameRenderer:
                               strip=_even(max(4, ph // 48)), font=font)
         self.font = sans_font(font)
         self.font_big = sans_font(font + 2)
-        self.line = line
+        self.line = line  # the curve takes 30% of the width, less if method · norm needs it
+        kept = [maps.method or "CAM"] + (list(self.norms) if len(self.norms) == 1 else [])
+        need = self.font.getlength(" · ".join(kept)) + 3 * self._pad
+        self._curve_w = int(max(0, min(0.3 * self.layout.width, self.layout.width - need)))
         # Backgrounds at panel size, pre-scaled by (1 - alpha), 0..255.
         t = torch.from_numpy(disp).permute(0, 3, 1, 2)
         if tuple(t.shape[-2:]) != (ph, pw):
@@ -415,10 +418,8 @@ class FrameRenderer:
     def _curve_box(self) -> tuple[int, int, int, int]:
         """``(x0, y0, x1, y1)`` of the ybROAD curve inside the band: right of
         caption rows 2-3, so rows 0-1 (name, type, shape) keep full width."""
-        lay = self.layout
-        pad = max(4, lay.font // 2)
-        w = int(lay.width * 0.3)
-        return lay.width - pad - w, self._row_y(2), lay.width - pad, lay.band - pad // 2
+        lay, pad = self.layout, self._pad
+        return lay.width - pad - self._curve_w, self._row_y(2), lay.width - pad, lay.band - pad // 2
 
     def _curve_point(self, i: int, v: float, lo: float, hi: float) -> tuple[float, float]:
         x0, y0, x1, y1 = self._curve_box()
@@ -496,8 +497,7 @@ class FrameRenderer:
                 frame[y:y + lay.ph, x:x + lay.pw] = _blend(self.backgrounds[b], cam[b], self.lut)
         band = frame[lay.grid_h:lay.grid_h + lay.band]
         frame[lay.grid_h:lay.grid_h + lay.band] = self._draw_band(band, i, imgs)
-        L = len(self.maps)
-        filled = int(round(lay.width * (i + 1) / L))
+        filled = int(round(lay.width * (i + 1) / len(self.maps)))
         frame[lay.grid_h + lay.band:, :filled] = _ACCENT
         return frame
 
