@@ -118,6 +118,7 @@ def test_curve_legible(L, resnet50_names, pil_texts):
     road[7] = 2.5e3                                                     # a wide tick label
     plots.curve_image(road, names, title="malignant_0: ybROAD, epoch 5",
                       ebpg=rng.uniform(0, 1, L))
+    plots.curve_image(np.abs(road) + 0.01, names)                       # all above zero
     texts = check_pil(pil_texts)
     _no_prefix(texts)
     assert any(t.startswith("best: " + short_names(names)[7]) for t in texts)

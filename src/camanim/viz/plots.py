@@ -160,17 +160,19 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
     fs = label_size(cw)
     strip = _label_strip(labels, cw, fs, rotate=True)                  # (h, L*cw + 2fs)
     font, tfont = mono_font(10), mono_font(11)
+    top, ph = 40, 150
     finite = road[np.isfinite(road)]
     lo = min(0.0, float(finite.min())) if finite.size else -1.0
     hi = max(0.0, float(finite.max())) if finite.size else 1.0
     if hi - lo < 1e-12:
         hi = lo + 1.0
     pad = 0.08 * (hi - lo)
-    ticks = [(val, f"{val:+.3g}") for val in (lo + pad, 0.0, hi - pad)]
+    # ticks at the lowest, zero and the highest score; an end close to zero is left out
+    ticks = [(0.0, "+0")] + [(val, f"{val:+.3g}") for val in (lo, hi)
+                             if abs(val) / (hi - lo) * ph / 1.16 > 12]
     lo, hi = lo - pad, hi + pad
     left = int(max(font.getlength(t) for _, t in ticks)) + 12
     right = max(fs + 2, int(font.getlength("1")) + 12 if ebpg is not None else 16)
-    top, ph = 40, 150
     pw = cw * L
     best = int(np.nanargmax(road)) if finite.size else -1
     legend = [("ROAD", _ROAD, False)] + ([("EBPG (right axis)", _EBPG, True)]
