@@ -108,6 +108,13 @@ def test_heatmap_legible(L, resnet50_names, pil_texts):
     assert len(shown) >= (L if L <= 80 else L // 2)                     # most rows named
     rows = (img.shape[0] - 24 - 34) / L
     assert rows >= 6 and img.shape[0] <= 1200
+    # a study's long title on a narrow (2-epoch) heatmap: broken onto lines, whole
+    pil_texts.clear()
+    title = "runs/finetune_bus/version_12 · integrated_gradcam · malignant_0046: ybROAD"
+    plots.heatmap_image(road[:2], [0, 1], names, title=title)
+    labels = set(short_names(names))
+    lines = [t for t in check_pil(pil_texts) if t in title and t not in labels and not t.isdigit()]
+    assert len(lines) >= 2 and " ".join(lines) == title
 
 
 @pytest.mark.parametrize("L", COUNTS)

@@ -83,9 +83,22 @@ def _colors(values: np.ndarray, v: float, lut: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def _title_width(title: str, font: Any, width: int, cap: int = 900) -> int:
-    """The image width that shows ``title`` whole (up to ``cap`` px)."""
-    return max(width, min(cap, int(font.getlength(title)) + 10))
+def _title_lines(title: str, font: Any, width: float, most: int = 3) -> list[str]:
+    """``title`` broken at spaces onto at most ``most`` lines of ``width``
+    pixels (the last cut in the middle if the title is still too long)."""
+    lines: list[str] = []
+    words = title.split(" ") if title else []
+    while words and len(lines) < most - 1:
+        k = len(words)
+        while k > 1 and font.getlength(" ".join(words[:k])) > width:
+            k -= 1
+        if font.getlength(" ".join(words[:k])) > width:
+            break                                    # one word wider than the line
+        lines.append(" ".join(words[:k]))
+        words = words[k:]
+    if words:
+        lines.append(fit_text(" ".join(words), font, width))
+    return lines
 
 
 def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
@@ -109,12 +122,13 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
     v = float(np.abs(finite).max()) if finite.size else 1.0
     v = v if v > 0 else 1.0
     bar_labels = [(f"{val:+.2g}", y) for val, y in ((v, 0.0), (0.0, 0.5), (-v, 1.0))]
-    top, bottom, gap = 24, 34, 4
+    bottom, gap = 34, 4
     x0 = strip.shape[1] + gap
     pw, ph = cw * max(E, 1), rh * L
     bx = x0 + pw + 10
-    width = _title_width(title, tfont,
-                         bx + 16 + int(max(font.getlength(t) for t, _ in bar_labels)) + 6)
+    width = max(x0 + pw + 70, bx + 16 + int(max(font.getlength(t) for t, _ in bar_labels)) + 6)
+    lines = _title_lines(title, tfont, width - 8)
+    top = 10 + 14 * max(1, len(lines))
     height = top + ph + bottom
     im = Image.new("RGB", (width, height), _BG)
     canvas = np.asarray(im).copy()
@@ -141,7 +155,8 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
     for text, f in bar_labels:
         anchor = "la" if f == 0 else "ld" if f == 1 else "lm"   # ends stay inside
         d.text((bx + 13, top + f * ph), text, font=font, fill=_INK, anchor=anchor)
-    d.text((4, 6), fit_text(title, tfont, im.width - 8), font=tfont, fill=_INK)
+    for k, line in enumerate(lines):
+        d.text((4, 6 + 14 * k), line, font=tfont, fill=_INK)
     return np.asarray(im)
 
 
@@ -179,7 +194,7 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
                                           if ebpg is not None else [])
     best_text = f"best: {labels[best]} ({road[best]:+.3g})" if best >= 0 else ""
     legend_w = sum(26 + font.getlength(t) + 12 for t, _, _ in legend) + font.getlength(best_text)
-    width = _title_width(title, tfont, max(left + pw + right, int(legend_w) + 12))
+    width = max(left + pw + right, int(legend_w) + 12, min(900, int(tfont.getlength(title)) + 10))
     height = top + ph + 6 + strip.shape[0] + 4
     canvas = np.full((height, width, 3), 255, np.uint8)
     canvas[top + ph + 6: top + ph + 6 + strip.shape[0], left - fs:left + pw + fs] = strip
