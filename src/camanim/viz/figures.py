@@ -23,6 +23,8 @@ from torch import nn
 from ..errors import CAManimError
 from ..core.files import save_figure, write_text
 from ..core.maps import LayerMaps
+from .fonts import sans_font, short_names
+from .plots import fit_figure
 from .render import colormap_lut, display_images, iter_maps, overlay, road_scores
 
 __all__ = ["percentile_layers", "contact_sheet", "plot_params", "run_summary",
@@ -120,17 +122,27 @@ def contact_sheet(path: str | Path, images: Any, maps: LayerMaps,
         tiles[norm] = [overlay(bg, m[0], lut, alpha)
                        for i, m in enumerate(iter_maps(one, norm, (th, tw))) if i in want]
 
-    # Explicit layout in inches: title, column heads, rows of tiles, names.
+    if title is None:
+        bits = [maps.method or "CAM"]
+        if maps.targets is not None:
+            bits.append(f"target class {int(maps.targets.reshape(-1)[b])}")
+        bits.append(", ".join(norms) + " normalization")
+        title = " · ".join(bits)
+    # Explicit layout in inches: title, column heads, rows of tiles, names;
+    # wide enough for the title (DejaVu Sans, matplotlib's default, 9 pt).
     plt = _pyplot()
     n, gap = len(picks), 0.06
     tw_in, th_in = tw / dpi, th / dpi
     left = 0.3 if len(norms) > 1 else 0.08
     top, head = 0.36, 0.18
     bottom = 0.42 + (0.13 if scores is not None else 0.0)
-    fig_w = left + n * tw_in + (n - 1) * gap + 0.08
+    grid_w = n * tw_in + (n - 1) * gap
+    title_w = sans_font(90).getlength(title) / 720 + 0.2      # 9 pt = 1/8 inch
+    left += max(0.0, title_w - (left + grid_w + 0.08)) / 2
+    fig_w = max(left + grid_w + 0.08, title_w)
     fig_h = top + head + len(norms) * th_in + (len(norms) - 1) * gap + bottom
     fig = plt.figure(figsize=(fig_w, fig_h))
-    L = len(maps)
+    L, labels = len(maps), short_names(maps.names)
     for r, norm in enumerate(norms):
         for c, (i, im) in enumerate(zip(picks, tiles[norm])):
             x0 = left + c * (tw_in + gap)
@@ -146,17 +158,11 @@ def contact_sheet(path: str | Path, images: Any, maps: LayerMaps,
                 fig.text((x0 - 0.05) / fig_w, (y0 + th_in / 2) / fig_h, norm, rotation=90,
                          ha="right", va="center", fontsize=8)
             if r == len(norms) - 1:
-                text = _label(maps.names[i], width=max(10, int(tw_in * 17)))
+                text = _label(labels[i], width=max(10, int(tw_in * 17)))
                 if scores is not None and np.isfinite(scores[i, b]):
                     text += f"\nROAD {scores[i, b]:+.3f}"
                 fig.text((x0 + tw_in / 2) / fig_w, (y0 - 0.03) / fig_h, text, ha="center",
                          va="top", fontsize=6, linespacing=1.1)
-    if title is None:
-        bits = [maps.method or "CAM"]
-        if maps.targets is not None:
-            bits.append(f"target class {int(maps.targets.reshape(-1)[b])}")
-        bits.append(", ".join(norms) + " normalization")
-        title = " · ".join(bits)
     fig.text(0.5, 1 - 0.08 / fig_h, title, ha="center", va="top", fontsize=9)
     return save_figure(fig, path, dpi)
 
@@ -201,8 +207,10 @@ def plot_params(path: str | Path, maps: LayerMaps, title: str | None = None,
     ax.set_title(title or f"Parameters per layer ({len(maps)} layers, total "
                  f"{int(params.sum()):,})", fontsize=10)
     ax.grid(axis="y", alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=min(4, len(set(types)) + 1), loc="upper left")
-    fig.tight_layout()
+    ax.margins(x=0.01)
+    # outside the axes: bars of any height stay visible
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
+    fit_figure(fig)
     return save_figure(fig, path, dpi)
 
 

@@ -1,14 +1,17 @@
-"""The one font loader for PIL drawing (video captions, heatmaps, curves)."""
+"""The one font loader for PIL drawing (video captions, heatmaps, curves), and
+the text shortening that every figure shares: `short_names` drops the prefix
+all layer names share, `fit_text` cuts in the middle, `join_fit` keeps the
+first parts of a caption whole."""
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from typing import Any, Sequence
 
 from PIL import ImageFont
 
-__all__ = ["sans_font", "mono_font", "fit_text"]
+__all__ = ["sans_font", "mono_font", "fit_text", "short_names", "join_fit"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -41,10 +44,49 @@ def fit_text(text: str, font: Any, width: float, tail: bool = False) -> str:
     if font.getlength(text) <= width:
         return text
     keep = len(text)
-    while keep > 4:
+    while keep > 1:
         keep -= 1
         head = keep if tail else (keep + 1) // 2
         cand = text[:head] + "…" + text[len(text) - (keep - head):]
         if font.getlength(cand) <= width:
             return cand
-    return text[:4]
+    return "…" if font.getlength("…") <= width else ""
+
+
+def short_names(names: Sequence[str]) -> list[str]:
+    """Layer names without the dotted prefix that all of them share
+    (``model.`` when a LightningModule wraps the network); every name keeps
+    at least its last part, and a single name is kept whole."""
+    names = [str(n) for n in names]
+    if len(set(names)) < 2:
+        return names
+    parts = [n.split(".") for n in names]
+    drop = 0
+    while (drop < min(len(p) for p in parts) - 1
+           and len({p[drop] for p in parts}) == 1):
+        drop += 1
+    return [".".join(p[drop:]) for p in parts]
+
+
+def join_fit(parts: Sequence[str], font: Any, width: float, keep: int = 1,
+             sep: str = " · ") -> str:
+    """``parts`` joined by ``sep`` within ``width`` pixels: the first ``keep``
+    parts stay whole (only the first of them is cut, in the middle, when they
+    alone are too wide); later parts follow while they fit, the first that
+    does not is cut at its end and the rest are dropped."""
+    parts = [p for p in parts if p]
+    head = parts[:keep]
+    if head:
+        rest = "".join(sep + p for p in head[1:])
+        head[0] = fit_text(head[0], font, width - font.getlength(rest))
+    out = sep.join(head)
+    for p in parts[keep:]:
+        cand = out + sep + p if out else p
+        if font.getlength(cand) <= width:
+            out = cand
+            continue
+        cut = fit_text(cand, font, width, tail=True)
+        if len(cut) - len(out) > len(sep) + 3:        # a few letters of p, not just "…"
+            out = cut
+        break
+    return out

@@ -16,39 +16,59 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .fonts import fit_text, mono_font
+from .fonts import fit_text, mono_font, short_names
 from .render import colormap_lut
 
-__all__ = ["heatmap_image", "curve_image", "trajectories_image", "save_png"]
+__all__ = ["heatmap_image", "curve_image", "trajectories_image", "trajectories_figure",
+           "fit_figure", "label_size", "save_png"]
 
 _BG = (255, 255, 255)
 _INK = (30, 30, 30)
 _GRID = (200, 200, 200)
 _NAN = (215, 215, 215)
+_ROAD = (31, 119, 180)
+_CHANCE = (214, 39, 40)
+_EBPG = (148, 103, 189)
+_NAME_CHARS = 32              # longer layer names are cut in the middle
 _strip_cache: dict[tuple, np.ndarray] = {}
 
 
+def label_size(row: int) -> int:
+    """Font size (px) of layer labels on rows ``row`` px apart: 12 px on
+    roomy rows down to 8 px; rows under ~8 px get every k-th label."""
+    return int(min(12, max(8, row - 2)))
+
+
+def _label_step(font_size: int, row: int) -> int:
+    return max(1, math.ceil(font_size * 1.15 / row))
+
+
 def _label_strip(names: Sequence[str], row: int, font_size: int, rotate: bool) -> np.ndarray:
-    """Layer labels, one per ``row`` pixels: the index right-aligned in its own
-    column, then the name; only names, right-aligned and rotated 90 degrees,
-    for an x axis. Cached (``(H, W, 3)`` uint8)."""
+    """Layer labels, one per ``row`` pixels (every k-th when rows are too
+    thin for the font): the index right-aligned in its own column, then the
+    name; only names, right-aligned and rotated 90 degrees, for an x axis.
+    Names longer than `_NAME_CHARS` are cut in the middle. The strip runs
+    ``font_size`` px past the first and last row (room for the ends of the
+    outer labels). Cached (``(H, W, 3)`` uint8; H is W when rotated)."""
     key = (tuple(names), row, font_size, rotate)
     if key not in _strip_cache:
         from PIL import Image, ImageDraw
 
         font = mono_font(font_size)
-        step = max(1, math.ceil(font_size * 1.1 / row))
+        step = _label_step(font_size, row)
+        cap = font.getlength("M" * _NAME_CHARS)
+        shown = [fit_text(n, font, cap) for n in names]
         idx_w = 0 if rotate else int(font.getlength(str(len(names) - 1))) + 8
-        width = idx_w + int(max(font.getlength(n) for n in names)) + 6
-        im = Image.new("RGB", (width, row * len(names)), _BG)
+        width = idx_w + int(max(font.getlength(n) for n in shown)) + 6
+        im = Image.new("RGB", (width, row * len(names) + 2 * font_size), _BG)
         d = ImageDraw.Draw(im)
         for i in range(0, len(names), step):
-            y = i * row + row / 2
+            y = font_size + i * row + row / 2
             if rotate:
-                d.text((width - 3, y), names[i], font=font, fill=_INK, anchor="rm")
+                d.text((width - 3, y), shown[i], font=font, fill=_INK, anchor="rm")
             else:
                 d.text((idx_w - 6, y), str(i), font=font, fill=_INK, anchor="rm")
-                d.text((idx_w, y), names[i], font=font, fill=_INK, anchor="lm")
+                d.text((idx_w, y), shown[i], font=font, fill=_INK, anchor="lm")
         if rotate:
             im = im.transpose(Image.Transpose.ROTATE_90)
         if len(_strip_cache) > 64:
@@ -64,6 +84,24 @@ def _colors(values: np.ndarray, v: float, lut: np.ndarray) -> np.ndarray:
     return rgb
 
 
+def _title_lines(title: str, font: Any, width: float, most: int = 3) -> list[str]:
+    """``title`` broken at spaces onto at most ``most`` lines of ``width``
+    pixels (the last cut in the middle if the title is still too long)."""
+    lines: list[str] = []
+    words = title.split(" ") if title else []
+    while words and len(lines) < most - 1:
+        k = len(words)
+        while k > 1 and font.getlength(" ".join(words[:k])) > width:
+            k -= 1
+        if font.getlength(" ".join(words[:k])) > width:
+            break                                    # one word wider than the line
+        lines.append(" ".join(words[:k]))
+        words = words[k:]
+    if words:
+        lines.append(fit_text(" ".join(words), font, width))
+    return lines
+
+
 def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
                        title: str = "", *, cmap: str = "RdYlGn", vmin: float | None = None,
                        vmax: float | None = None, mask: np.ndarray | None = None,
@@ -71,7 +109,9 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
     """Epoch-by-layer ROAD heatmap (layers top to bottom, epochs left to
     right, each epoch's best layer marked, colour bar), ``(H, W, 3)`` uint8.
     A column is 14 px wide up to 40 epochs, so the image widens by one
-    column per epoch; then columns narrow to keep it under ~560 px.
+    column per epoch; then columns narrow to keep it under ~560 px. Rows are
+    32..12 px up to 80 layers (every label shown), then ~960 px in all with
+    every k-th label; names lose the prefix they all share.
 
     ``cmap``, ``vmin``, ``vmax``: colour scale (default: RdYlGn, symmetric
     around 0 at the largest absolute value); ``mask``: ``(E, L)`` bool, cells
@@ -82,17 +122,10 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
     road = np.asarray(road, dtype=np.float64).reshape(len(epochs), len(names))
     E, L = road.shape
     cw = 24 if E <= 20 else 14 if E <= 40 else max(2, 560 // E)
-    rh = max(12, min(32, 320 // max(L, 1))) if L <= 80 else max(3, 960 // L)
-    fs = 10
-    strip = _label_strip(names, rh, fs, rotate=False)
-    top, bottom, gap = 24, 34, 4
-    x0 = strip.shape[1] + gap
-    pw, ph = cw * max(E, 1), rh * L
-    width = x0 + pw + 70
-    height = top + ph + bottom
-    im = Image.new("RGB", (width, height), _BG)
-    canvas = np.asarray(im).copy()
-    canvas[top:top + ph, :strip.shape[1]] = strip
+    rh = max(12, min(32, 320 // max(L, 1))) if L <= 80 else max(6, 960 // L)
+    fs = label_size(rh)
+    strip = _label_strip(short_names(names), rh, fs, rotate=False)
+    font, tfont = mono_font(10), mono_font(11)
     finite = road[np.isfinite(road)]
     v = float(np.abs(finite).max()) if finite.size else 1.0
     v = v if v > 0 else 1.0
@@ -101,6 +134,18 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
         lo = float(vmin) if vmin is not None else (float(finite.min()) if finite.size else 0.0)
         hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else 1.0)
         mid, v = (lo + hi) / 2, max((hi - lo) / 2, 1e-12)
+    bar_labels = [(f"{val:+.2g}", y) for val, y in ((mid + v, 0.0), (mid, 0.5), (mid - v, 1.0))]
+    bottom, gap = 34, 4
+    x0 = strip.shape[1] + gap
+    pw, ph = cw * max(E, 1), rh * L
+    bx = x0 + pw + 10
+    width = max(x0 + pw + 70, bx + 16 + int(max(font.getlength(t) for t, _ in bar_labels)) + 6)
+    lines = _title_lines(title, tfont, width - 8)
+    top = 10 + 14 * max(1, len(lines))
+    height = top + ph + bottom
+    im = Image.new("RGB", (width, height), _BG)
+    canvas = np.asarray(im).copy()
+    canvas[top - fs:top + ph + fs, :strip.shape[1]] = strip
     lut = colormap_lut(cmap)
     if E:
         cells = _colors(road.T - mid, v, lut)                            # (L, E, 3)
@@ -110,49 +155,47 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
             yy, xx = np.mgrid[0:ph, 0:pw]
             canvas[top:top + ph, x0:x0 + pw][big & ((xx + yy) % 4 == 0)] = (70, 70, 70)
     bar = _colors(np.linspace(v, -v, ph)[:, None], v, lut)             # colour bar
-    bx = x0 + pw + 10
     canvas[top:top + ph, bx:bx + 10] = np.repeat(bar, 10, 1)
     im = Image.fromarray(canvas)
     d = ImageDraw.Draw(im)
-    font = mono_font(fs)
     d.rectangle([x0 - 1, top - 1, x0 + pw, top + ph], outline=_INK)
     for e in range(E if mark_best else 0):
         if np.isfinite(road[e]).any():
             b = int(np.nanargmax(road[e]))
             cx, cy, r = x0 + e * cw + cw / 2, top + b * rh + rh / 2, max(2, min(cw, rh) / 2 - 2)
             d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(0, 0, 0), width=2)
-    step = max(1, math.ceil(24 / cw))
-    for e in range(0, E, step):
+    tick_w = max((font.getlength(str(e)) for e in epochs), default=0) + 8
+    for e in range(0, E, max(1, math.ceil(tick_w / cw))):
         d.text((x0 + e * cw + cw / 2, top + ph + 3), str(epochs[e]), font=font, fill=_INK,
                anchor="ma")
     d.text((x0 + pw / 2, top + ph + 18), "epoch", font=font, fill=_INK, anchor="ma")
-    for val, y in ((mid + v, top), (mid, top + ph / 2), (mid - v, top + ph)):
-        d.text((bx + 13, y), f"{val:+.2g}", font=font, fill=_INK, anchor="lm")
-    d.text((4, 6), fit_text(title, mono_font(11), im.width - 8), font=mono_font(11), fill=_INK)
+    for text, f in bar_labels:
+        anchor = "la" if f == 0 else "ld" if f == 1 else "lm"   # ends stay inside
+        d.text((bx + 13, top + f * ph), text, font=font, fill=_INK, anchor=anchor)
+    for k, line in enumerate(lines):
+        d.text((4, 6 + 14 * k), line, font=tfont, fill=_INK)
     return np.asarray(im)
 
 
 def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
                      ebpg: np.ndarray | None = None, chance: float | None = None) -> np.ndarray:
-    """This epoch's ybROAD curve (ROAD per layer, best layer marked), with
-    the EBPG per layer dashed on a 0..1 axis when given, and ``chance`` (the
-    ROAD of a random map) as a dashed reference line. ``(H, W, 3)`` uint8."""
+    """This epoch's ybROAD curve (ROAD per layer, best layer marked and
+    named), with the EBPG per layer dashed on a 0..1 axis when given and
+    ``chance`` (the ROAD of a random map) as a dashed red reference line.
+    Columns are 16..6 px (every k-th name under thin ones), names lose the
+    prefix they all share. ``(H, W, 3)`` uint8."""
     from PIL import Image, ImageDraw
 
     road = np.asarray(road, dtype=np.float64).reshape(-1)
-    L = len(names)
+    labels = short_names(names)
+    L = len(labels)
     cw = max(6, min(16, 800 // max(L, 1)))
-    fs = 10
-    strip = _label_strip(names, cw, fs, rotate=True)                   # (h, L*cw)
-    left, right, top, ph = 56, 50 if ebpg is not None else 16, 24, 150
-    pw = cw * L
-    width, height = left + pw + right, top + ph + 6 + strip.shape[0] + 4
-    canvas = np.full((height, width, 3), 255, np.uint8)
-    canvas[top + ph + 6: top + ph + 6 + strip.shape[0], left:left + pw] = strip[:, :pw]
-    im = Image.fromarray(canvas)
-    d = ImageDraw.Draw(im)
-    font = mono_font(fs)
+    fs = label_size(cw)
+    strip = _label_strip(labels, cw, fs, rotate=True)                  # (h, L*cw + 2fs)
+    font, tfont = mono_font(10), mono_font(11)
+    top, ph = 40, 150
     finite = road[np.isfinite(road)]
+    best = int(np.nanargmax(road)) if finite.size else -1
     chance = None if chance is None or not math.isfinite(float(chance)) else float(chance)
     if chance is not None:
         finite = np.append(finite, chance)  # keep the line inside the axes
@@ -161,7 +204,24 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
     if hi - lo < 1e-12:
         hi = lo + 1.0
     pad = 0.08 * (hi - lo)
+    # ticks at the lowest, zero and the highest score; an end close to zero is left out
+    ticks = [(0.0, "+0")] + [(val, f"{val:+.3g}") for val in (lo, hi)
+                             if abs(val) / (hi - lo) * ph / 1.16 > 12]
     lo, hi = lo - pad, hi + pad
+    left = int(max(font.getlength(t) for _, t in ticks)) + 12
+    right = max(fs + 2, int(font.getlength("1")) + 12 if ebpg is not None else 16)
+    pw = cw * L
+    legend = [("ROAD", _ROAD, False)] + ([("EBPG (right axis)", _EBPG, True)]
+                                          if ebpg is not None else []) \
+        + ([("chance", _CHANCE, True)] if chance is not None else [])
+    best_text = f"best: {labels[best]} ({road[best]:+.3g})" if best >= 0 else ""
+    legend_w = sum(26 + font.getlength(t) + 12 for t, _, _ in legend) + font.getlength(best_text)
+    width = max(left + pw + right, int(legend_w) + 12, min(900, int(tfont.getlength(title)) + 10))
+    height = top + ph + 6 + strip.shape[0] + 4
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    canvas[top + ph + 6: top + ph + 6 + strip.shape[0], left - fs:left + pw + fs] = strip
+    im = Image.fromarray(canvas)
+    d = ImageDraw.Draw(im)
 
     def y_of(val: float, a: float = lo, b: float = hi) -> float:
         return top + ph - (val - a) / (b - a) * ph
@@ -169,39 +229,48 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
     def x_of(i: int) -> float:
         return left + i * cw + cw / 2
 
+    def dashed(xa: float, ya: float, xb: float, yb: float, fill: Any = _EBPG) -> None:
+        for k in range(0, 10, 2):
+            f0, f1 = k / 10, (k + 1) / 10
+            d.line([(xa + (xb - xa) * f0, ya + (yb - ya) * f0),
+                    (xa + (xb - xa) * f1, ya + (yb - ya) * f1)], fill=fill, width=2)
+
     d.rectangle([left, top, left + pw, top + ph], outline=_INK)
     d.line([(left, y_of(0.0)), (left + pw, y_of(0.0))], fill=_GRID)
-    for val in (lo + pad, 0.0, hi - pad):
-        d.text((left - 4, y_of(val)), f"{val:+.3g}", font=font, fill=_INK, anchor="rm")
-    d.text((4, top + ph / 2 + 14), "ROAD", font=font, fill=(31, 119, 180))
+    for val, text in ticks:
+        d.text((left - 4, y_of(val)), text, font=font, fill=_INK, anchor="rm")
+    x = 4.0                                                      # legend row
+    for text, color, dash in legend:
+        if dash:
+            dashed(x, 29, x + 20, 29, color)
+        else:
+            d.line([(x, 29), (x + 20, 29)], fill=color, width=2)
+        d.text((x + 26, 29), text, font=font, fill=color, anchor="lm")
+        x += 26 + font.getlength(text) + 12
+    if best_text:
+        d.text((x, 29), fit_text(best_text, font, width - x - 4), font=font, fill=_INK,
+               anchor="lm")
     if ebpg is not None:
         eb = np.asarray(ebpg, dtype=np.float64).reshape(-1)
         pts = [(x_of(i), y_of(float(e), 0.0, 1.0)) for i, e in enumerate(eb) if np.isfinite(e)]
         for (xa, ya), (xb, yb) in zip(pts[:-1], pts[1:]):
-            for k in range(0, 10, 2):  # dashed
-                f0, f1 = k / 10, (k + 1) / 10
-                d.line([(xa + (xb - xa) * f0, ya + (yb - ya) * f0),
-                        (xa + (xb - xa) * f1, ya + (yb - ya) * f1)], fill=(148, 103, 189), width=2)
+            dashed(xa, ya, xb, yb)
         for val in (0.0, 1.0):
             d.text((left + pw + 4, y_of(val, 0.0, 1.0)), f"{val:.0f}", font=font,
-                   fill=(148, 103, 189), anchor="lm")
-        d.text((left + pw + 4, top + ph / 2), "EBPG", font=font, fill=(148, 103, 189),
-               anchor="lm")
+                   fill=_EBPG, anchor="lm")
     if chance is not None:
         yc = y_of(chance)
         for x in range(left, left + pw, 8):
-            d.line([(x, yc), (min(x + 4, left + pw), yc)], fill=(214, 39, 40), width=1)
-        d.text((left + 3, yc - 1), "chance", font=font, fill=(214, 39, 40), anchor="lb")
+            d.line([(x, yc), (min(x + 4, left + pw), yc)], fill=_CHANCE, width=1)
     pts = [(x_of(i), y_of(float(r))) for i, r in enumerate(road) if np.isfinite(r)]
     if len(pts) > 1:
-        d.line(pts, fill=(31, 119, 180), width=2)
+        d.line(pts, fill=_ROAD, width=2)
     for x, y in pts:
-        d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(31, 119, 180))
-    if np.isfinite(road).any():
-        b = int(np.nanargmax(road))
-        x, y = x_of(b), y_of(float(road[b]))
+        d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=_ROAD)
+    if best >= 0:
+        x, y = x_of(best), y_of(float(road[best]))
         d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=(245, 197, 24), outline=(0, 0, 0))
-    d.text((4, 6), fit_text(title, mono_font(11), im.width - 8), font=mono_font(11), fill=_INK)
+    d.text((4, 6), fit_text(title, tfont, im.width - 8), font=tfont, fill=_INK)
     return np.asarray(im)
 
 
@@ -221,13 +290,41 @@ def _to_rgb(fig) -> np.ndarray:
     return rgb
 
 
-def trajectories_image(series: Sequence[Any]) -> np.ndarray:
-    """Best layer per epoch, one line per series (relative depth 0..1 when
-    the series have different layer counts)."""
+def fit_figure(fig: Any, pad: float = 0.1) -> Any:
+    """Resize ``fig`` to the box of everything it draws plus ``pad`` inches
+    (what ``bbox_inches="tight"`` does when saving), moving the axes with
+    it, so that no label, legend or title is cut at an edge. Returns ``fig``."""
+    fig.canvas.draw()
+    box = fig.get_tightbbox(fig.canvas.get_renderer())            # inches
+    w, h = fig.get_size_inches()
+    nw, nh = box.width + 2 * pad, box.height + 2 * pad
+    for ax in fig.axes:
+        p = ax.get_position()
+        ax.set_position(((p.x0 * w - box.x0 + pad) / nw, (p.y0 * h - box.y0 + pad) / nh,
+                         p.width * w / nw, p.height * h / nh))
+    fig.set_size_inches(nw, nh)
+    return fig
+
+
+def _cut(text: str, n: int) -> str:
+    """``text`` cut in the middle to at most ``n`` characters."""
+    return text if len(text) <= n else text[:(n - 1) // 2 + (n - 1) % 2] + "…" + text[-((n - 1) // 2):]
+
+
+def trajectories_figure(series: Sequence[Any]) -> Any:
+    """The matplotlib figure of `trajectories_image`, laid out to fit."""
     counts = {len(s.names) for s in series}
     relative = len(counts) > 1
-    fig = _figure(8.0, 4.6)
-    ax = fig.add_axes((0.09, 0.12, 0.62, 0.8))
+    names = [] if relative or not series else short_names(series[0].names)
+    L = len(names)
+    step = max(1, math.ceil(L / 60))                     # y labels: at most ~60
+    n_ticks = math.ceil(L / step)
+    fig = _figure(7.0, max(3.6, 0.14 * n_ticks + 1.0))
+    ax = fig.add_axes((0.3, 0.1, 0.5, 0.8))
+    # the legend names only what differs between the series; the rest goes in the title
+    keys = ("run", "method", "probe")
+    same = [k for k in keys if len({str(getattr(s, k)) for s in series}) == 1]
+    varying = [k for k in keys if k not in same] or ["probe"]
     n = len(series)
     for k, s in enumerate(series):
         best = s.best_layers().astype(np.float64)
@@ -235,35 +332,42 @@ def trajectories_image(series: Sequence[Any]) -> np.ndarray:
         y = best / max(len(s.names) - 1, 1) if relative else best
         # a small offset per line so that equal trajectories stay visible
         y = y + (k - (n - 1) / 2) * (0.012 if relative else 0.06) * (n > 1)
-        ax.plot(s.epochs, y, marker="o", markersize=3, linewidth=1.2,
-                drawstyle="steps-post", label=f"{s.run} · {s.method} · {s.probe}")
+        ax.plot(s.epochs, y, marker="o", markersize=3, linewidth=1.2, drawstyle="steps-post",
+                label=_cut(" · ".join(str(getattr(s, k)) for k in varying), 48))
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch", fontsize=8)
-    ax.set_ylabel("best layer (relative depth)" if relative else "best layer index",
-                  fontsize=8)
-    if not relative and series:
-        names = series[0].names
-        if len(names) <= 40:
-            ax.set_yticks(range(len(names)))
-            ax.set_yticklabels(names, fontsize=6, family="monospace")
+    ax.set_ylabel("best layer (relative depth)" if relative else "best layer", fontsize=8)
+    if L:
+        digits = len(str(L - 1))
+        ax.set_yticks(range(0, L, step))
+        ax.set_yticklabels([f"{_cut(names[i], _NAME_CHARS)} {i:>{digits}}"
+                            for i in range(0, L, step)], fontsize=7, family="monospace")
+        ax.set_ylim(-0.5, L - 0.5)
     ax.tick_params(labelsize=7)
-    ax.set_title("best ybROAD layer per epoch", fontsize=9)
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _to_rgb(fig)
+    sub = " · ".join(str(getattr(series[0], k)) for k in same) if series else ""
+    ax.set_title("best ybROAD layer per epoch" + (f"\n{_cut(sub, 80)}" if sub else ""),
+                 fontsize=9)
+    if n > 1 or not same:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fit_figure(fig)
+
+
+def trajectories_image(series: Sequence[Any]) -> np.ndarray:
+    """Best layer per epoch, one line per series (relative depth 0..1 when
+    the series have different layer counts; else layer names on the y axis,
+    every k-th past 60 layers). ``(H, W, 3)`` uint8."""
+    return _to_rgb(trajectories_figure(series))
 
 
 def save_png(path: Path, rgb: np.ndarray) -> Path:
-    """Write an ``(H, W, 3)`` uint8 image as PNG: complete under ``path`` or
-    not there (temporary name, sync, rename)."""
     from PIL import Image
 
-    from ..core.files import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(rgb).save(tmp, format="PNG")
+    tmp.replace(path)
     return path
 
 

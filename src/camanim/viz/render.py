@@ -13,8 +13,8 @@ strip of the depth through the network::
     |   image + CAM        |   image + CAM        |
     +----------------------+----------------------+
     | 12/53  layer2.0.conv1                       |   caption band
-    | Conv2d · 128×28×28 · 147k params  ~~~/\~~o~ |
-    | gradcam · target: tabby                     |
+    | Conv2d · 128×28×28 · 147k params            |
+    | gradcam · local · target: tabby  ~~~/\~~o~  |
     +=====================------------------------+   progress strip
 
 Every frame of one call has the same, even, size (H.264 needs even sides).
@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 
 from ..errors import CAManimError
 from ..core.guard import one_torch_thread
-from .fonts import fit_text, sans_font
+from .fonts import fit_text, join_fit, sans_font, short_names
 from ..core.images import IMAGENET_MEAN, IMAGENET_STD
 from ..core.layers import LayerInfo
 from ..core.maps import NORMALIZATIONS, LayerMaps
@@ -339,7 +339,7 @@ class FrameRenderer:
         self.lut = colormap_lut(colormap).astype(np.float32) * self.alpha
         self.grid = bool(grid)
         self.class_names = list(class_names) if class_names is not None else None
-        self.title = title
+        self.title, self.labels = title, short_names(maps.names)
         B = maps.batch_size
         disp = display_images(images, mean, std, denormalize)
         if disp.shape[0] != B:
@@ -358,7 +358,10 @@ class FrameRenderer:
                               strip=_even(max(4, ph // 48)), font=font)
         self.font = sans_font(font)
         self.font_big = sans_font(font + 2)
-        self.line = line
+        self.line = line  # the curve takes 30% of the width, less if method · norm needs it
+        kept = [maps.method or "CAM"] + (list(self.norms) if len(self.norms) == 1 else [])
+        need = self.font.getlength(" · ".join(kept)) + 3 * self._pad
+        self._curve_w = int(max(0, min(0.3 * self.layout.width, self.layout.width - need)))
         # Backgrounds at panel size, pre-scaled by (1 - alpha), 0..255.
         t = torch.from_numpy(disp).permute(0, 3, 1, 2)
         if tuple(t.shape[-2:]) != (ph, pw):
@@ -415,10 +418,8 @@ class FrameRenderer:
     def _curve_box(self) -> tuple[int, int, int, int]:
         """``(x0, y0, x1, y1)`` of the ybROAD curve inside the band: right of
         caption rows 2-3, so rows 0-1 (name, type, shape) keep full width."""
-        lay = self.layout
-        pad = max(4, lay.font // 2)
-        w = int(lay.width * 0.3)
-        return lay.width - pad - w, self._row_y(2), lay.width - pad, lay.band - pad // 2
+        lay, pad = self.layout, self._pad
+        return lay.width - pad - self._curve_w, self._row_y(2), lay.width - pad, lay.band - pad // 2
 
     def _curve_point(self, i: int, v: float, lo: float, hi: float) -> tuple[float, float]:
         x0, y0, x1, y1 = self._curve_box()
@@ -461,13 +462,12 @@ class FrameRenderer:
                 d.line(pts, fill=_CURVE, width=max(1, lay.font // 10))
             elif pts:
                 d.point(pts, fill=_CURVE)
-        bits = []
-        if len(imgs) == 1 and self._target_text(imgs[0]):
-            bits.append(f"target: {self._target_text(imgs[0])}")
+        # method and normalization first and whole; target, then title, shortened first
         norm = self.norms[0] if len(self.norms) == 1 else ""  # else the panels are labelled
-        bits += [b for b in (self.maps.method, norm, self.title) if b]
+        target = self._target_text(imgs[0]) if len(imgs) == 1 else ""
+        bits = [self.maps.method or "CAM", norm, target and f"target: {target}", self.title]
         d.text((self._pad, lay.grid_h + self._row_y(2)),
-               fit_text(" · ".join(bits), self.font, self._text_width(imgs), tail=True),
+               join_fit(bits, self.font, self._text_width(imgs), keep=1 + bool(norm)),
                font=self.font, fill=_DIM)
         strip_y = lay.grid_h + lay.band
         d.rectangle([0, strip_y, lay.width, lay.height], fill=(55, 55, 55))
@@ -497,8 +497,7 @@ class FrameRenderer:
                 frame[y:y + lay.ph, x:x + lay.pw] = _blend(self.backgrounds[b], cam[b], self.lut)
         band = frame[lay.grid_h:lay.grid_h + lay.band]
         frame[lay.grid_h:lay.grid_h + lay.band] = self._draw_band(band, i, imgs)
-        L = len(self.maps)
-        filled = int(round(lay.width * (i + 1) / L))
+        filled = int(round(lay.width * (i + 1) / len(self.maps)))
         frame[lay.grid_h + lay.band:, :filled] = _ACCENT
         return frame
 
@@ -509,7 +508,7 @@ class FrameRenderer:
         im = Image.fromarray(band)
         d = ImageDraw.Draw(im)
         pad, text_w = self._pad, self._text_width(imgs)
-        d.text((pad, self._row_y(0)), fit_text(f"{i + 1}/{len(self.maps)}  {self.maps.names[i]}",
+        d.text((pad, self._row_y(0)), fit_text(f"{i + 1}/{len(self.maps)}  {self.labels[i]}",
                                            self.font_big, lay.width - 2 * pad),
                font=self.font_big, fill=_FG)
         d.text((pad, self._row_y(1)),
