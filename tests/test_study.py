@@ -27,7 +27,7 @@ def write_run(path: Path, scores: dict[str, list[list[float]]], method: str = "g
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
+        w.writerow(CSV_COLUMNS[:11])  # the columns these rows have (an older file)
         for probe, per_epoch in scores.items():
             for k, row in enumerate(per_epoch):
                 e = epochs[k] if epochs else k
