@@ -169,7 +169,7 @@ def test_smoke_end_to_end(tmp_path, capsys, one_thread):
     rows = list(csv.DictReader((run / "ybroad.csv").open()))
     assert len(rows) == 2 * 4 and {r["epoch"] for r in rows} == {"0"}
     assert all(r["ebpg"] != "" for r in rows)                       # masks came with the probes
-    assert len(list((run / "heatmaps").glob("*.png"))) == 2
+    assert len(list((run / "heatmaps").glob("*.png"))) == 2 * 2   # ybROAD + map change per probe
     explain = run / "explain"
     assert list(explain.glob("malignant_*_local.mp4")) and list(explain.glob("*_contact_sheet.png"))
     assert list(explain.glob("*_ybroad.csv"))
