@@ -175,7 +175,7 @@ def run(args: argparse.Namespace, convergence: bool, chance: bool) -> dict:
     plain = [timer.seconds[e] for e in range(2, epochs, 2)]  # epoch 0 is the warm-up
     with_cb = [timer.seconds[e] for e in cam_epochs]
     phases = {k: round(statistics.median(t.get(k, 0.0) for t in timings), 3)
-              for k in ("cam", "road", "chance", "ebpg", "convergence", "to_cpu", "csv", "log",
+              for k in ("cam", "road", "chance", "ebpg", "convergence", "csv", "log",
                         "queue_wait", "blocking", "media")}
     return {
         "benchmark": "callback_epoch_overhead",

@@ -220,3 +220,24 @@ def test_frames_stream_lazily():
     first = next(gen)
     assert first.ndim == 3
     gen.close()
+
+
+def test_quantized_maps_equal_the_float_path_exactly():
+    """Frames are drawn from uint8 colour-map indices made where the maps are
+    (`iter_maps(quantize=True)`): the same indices the float path gives."""
+    from camanim.viz.render import _blend, iter_maps
+
+    g = torch.Generator().manual_seed(3)
+    raw = [torch.rand(2, s, s, generator=g) * 7 for s in (4, 7, 16)]
+    infos = [LayerInfo(name=f"l{i}", module_name=f"l{i}", call=1, order=i, type="Conv2d",
+                       output_shape=(2, 8, s, s), params=0, params_total=0, depth=1,
+                       layout="nchw") for i, s in enumerate((4, 7, 16))]
+    maps = LayerMaps(names=[i.name for i in infos], raw=raw, input_size=(24, 20), layers=infos)
+    lut = np.random.default_rng(0).uniform(0, 255, (256, 3)).astype(np.float32)
+    bg = np.zeros((24, 20, 3), np.float32)
+    for norm in ("local", "global"):
+        for f, q in zip(iter_maps(maps, norm, (24, 20)), iter_maps(maps, norm, (24, 20), quantize=True)):
+            assert q.dtype == np.uint8 and q.shape == f.shape
+            want = (np.clip(f, 0, 1) * 255.0 + 0.5).astype(np.uint8)
+            assert np.array_equal(q, want)
+            assert np.array_equal(_blend(bg, q[0], lut), _blend(bg, f[0], lut))

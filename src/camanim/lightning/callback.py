@@ -252,7 +252,7 @@ class CAManimCallback(Callback):
         self._queue: MediaQueue | None = None
         self._keep = np.ones(len(self._probes.names), dtype=bool)  # probes with finite logits
         #: seconds per phase of the last epoch's work on this rank: cam, road,
-        #: ebpg, to_cpu, csv, log, blocking (the training loop waited: all of
+        #: ebpg, csv, log, blocking (the training loop waited: all of
         #: the above plus any wait for the media queue) and, once the
         #: epoch's pictures are done, media (background)
         self.last_timing: dict[str, float] = {}
@@ -469,9 +469,8 @@ class CAManimCallback(Callback):
                 ebpg = energy_pointing_game(maps, pick(self._probes.masks, keep))
                 timing["ebpg"] = time.perf_counter() - t
             self._conv.measure_maps(maps, timing, rank == 0)
-            t = time.perf_counter()
-            maps.to("cpu")
-            timing["to_cpu"] = time.perf_counter() - t
+            # on an accelerator the maps stay there: the frames are upsampled,
+            # normalized and colour-quantized on it, and only uint8 crosses
         return maps, [share], ebpg
 
     def _write(self, trainer: Any, epoch: int, maps: LayerMaps, road: np.ndarray | None,

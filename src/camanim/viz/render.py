@@ -173,26 +173,33 @@ def overlay(image: np.ndarray, cam: np.ndarray, colormap: str | np.ndarray = "je
 
 
 def _blend(background: np.ndarray, cam: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    """``background + lut[cam]`` as uint8; both terms already carry their
-    blend weights (``(H, W, 3)`` and ``(256, 3)`` float32, 0..255 scale)."""
-    idx = (np.clip(cam, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    """``background + lut[cam]`` as uint8 (``cam``: floats in [0, 1] or uint8
+    indices); both terms carry their blend weights (0..255 scale)."""
+    idx = cam if cam.dtype == np.uint8 else (np.clip(cam, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     out = background + lut[idx]
     out += 0.5
     return out.astype(np.uint8)
 
 
-def iter_maps(maps: LayerMaps, normalization: str, size: tuple[int, int]) -> Iterator[np.ndarray]:
+def iter_maps(maps: LayerMaps, normalization: str, size: tuple[int, int],
+              quantize: bool = False) -> Iterator[np.ndarray]:
     """Yield each layer's normalized map upsampled to ``size``: ``(B, H, W)``
-    float32 numpy, one layer at a time (memory stays flat)."""
+    float32 numpy, one layer at a time (memory stays flat). ``quantize``: the
+    uint8 colour-map indices instead (``round(clip(map, 0, 1) * 255)``), made
+    where the maps are, so that only uint8 crosses from an accelerator."""
     stream = maps.iter_upsampled(normalization, size)
-    on_cpu = bool(maps.raw) and maps.raw[0].device.type == "cpu"
+    on_cpu = not maps.raw or maps.raw[0].device.type == "cpu"
     while True:
         with one_torch_thread(on_cpu):
             try:
                 up = next(stream)
             except StopIteration:
                 return
-            arr = up.detach().float().cpu().numpy()
+            if quantize:
+                up = (up.float().clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
+                arr = up.cpu().numpy()
+            else:
+                arr = up.detach().float().cpu().numpy()
         yield arr
 
 
@@ -389,7 +396,7 @@ class FrameRenderer:
     def iter_layers(self) -> Iterator[list[np.ndarray]]:
         """Yield, per layer, `n_outputs` frames ``(H, W, 3)`` uint8."""
         size = (self.layout.ph, self.layout.pw)
-        streams = [iter_maps(self.maps, n, size) for n in self.norms]
+        streams = [iter_maps(self.maps, n, size, quantize=True) for n in self.norms]
         for i, cams in enumerate(zip(*streams)):  # each cam (B, ph, pw)
             yield [self._frame(i, cams, out) for out in range(self.n_outputs)]
 
