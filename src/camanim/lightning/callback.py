@@ -94,9 +94,7 @@ _STATE_FORMAT = "camanim.CAManimCallback/1"
 class CAManimCallback(Callback):
     r"""Log CAManim videos and epoch-wise ybROAD of fixed probe images.
 
-    ``Trainer(callbacks=[CAManimCallback((val_set, [0, 7, 42]))],
-    logger=TensorBoardLogger("runs")).fit(model, data)``, then
-    ``tensorboard --logdir runs --samples_per_plugin images=100``.
+    ``Trainer(callbacks=[CAManimCallback((val_set, [0, 7]))], logger=TensorBoardLogger("runs"))``.
 
     The work runs at ``on_train_epoch_end`` (in Lightning 2.x after that
     epoch's validation), never during the sanity check or outside ``fit``,
@@ -330,6 +328,11 @@ class CAManimCallback(Callback):
             # decided from the schedule alone: every DDP rank takes this branch
             self._run_synced(trainer, pl_module, epoch)
         self._sanity(trainer, pl_module, "end")
+        if trainer.is_global_zero and self._dir is not None and len(self._history):
+            try:  # a CSV append that failed at the last epoch gets its retry now
+                self._history.write_csv(self._dir, -1, str(self._anim.method.name))
+            except CAManimError as e:
+                self._fail(self._history.epochs[-1], e)
         self._report_media_errors(drain=True)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -363,11 +366,9 @@ class CAManimCallback(Callback):
         self._history.load_state_dict(state_dict.get("history", []))
         self._conv.load_state_dict(state_dict.get("convergence"))
 
-    def __getstate__(self) -> dict[str, Any]:
-        # picklable for ddp_spawn: no threads, no engine holding the model
+    def __getstate__(self) -> dict[str, Any]:  # ddp_spawn: no threads, no engine
         return {**self.__dict__, "_queue": None, "_anim": None, "_anim_model": None}
 
-    # ------------------------------------------------------------ history access
     @property
     def epochs_done(self) -> list[int]:
         """Epochs with results so far (this run and restored ones), sorted."""

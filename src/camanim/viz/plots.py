@@ -362,12 +362,15 @@ def trajectories_image(series: Sequence[Any]) -> np.ndarray:
 
 
 def save_png(path: Path, rgb: np.ndarray) -> Path:
+    """Write an ``(H, W, 3)`` uint8 image as PNG: complete under ``path`` or
+    not there (temporary name, sync, rename)."""
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(rgb).save(tmp, format="PNG")
-    tmp.replace(path)
+    from ..core.files import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG")
     return path
 
 
