@@ -33,7 +33,8 @@ except ImportError:  # run as a script: python examples/finetune_bus/train.py
 # Defaults chosen so that the offline run (synthetic set, random init,
 # ResNet-50) trains in ~2.5 minutes on an idle 2-core CPU (measured: 133 s,
 # ~20 s per epoch); with the CAManim callback (4 probes x 16 layers, ybROAD
-# every epoch) and the final `camanim explain` the whole run took 4 min 19 s.
+# every epoch) and the final `camanim explain` the whole run took 4 min 19 s (torch 2.15.0,
+# 2 threads, idle); with --threads 1 and torch 2.14.1, beside another run, 17.5 min.
 DEFAULTS = dict(image_size=128, epochs=6, batch_size=16, limit=None, lr_none=1e-3, lr_imagenet=1e-4)
 
 PAPER = ("paper settings (BC-ResNet50): --data-dir /path/to/Dataset_BUSI_with_GT "
