@@ -105,6 +105,7 @@ def run(args: argparse.Namespace, convergence: bool, chance: bool) -> dict:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from camanim.lightning.callback import CAManimCallback
+    from camanim.lightning.media import events_bytes
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace, convergence: bool, chance: bool) -> dict:
         wall = time.perf_counter() - t
         n_layers = len(cb._history[cb.epochs_done[-1]]["names"])
         files = sum(1 for _ in Path(tmp).rglob("*") if _.is_file())
-        gif_bytes = sum(p.stat().st_size for p in Path(tmp).rglob("events.out.tfevents.*"))
+        gif_bytes = events_bytes(tmp)
 
     plain = [timer.seconds[e] for e in range(2, epochs, 2)]  # epoch 0 is the warm-up
     with_cb = [timer.seconds[e] for e in cam_epochs]

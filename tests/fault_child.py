@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 torch.set_num_threads(1)
 
@@ -24,24 +23,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 from camanim.lightning.callback import CAManimCallback  # noqa: E402
+from lit_models import TinyLitNet  # noqa: E402
 
 
-class Net(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.f = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-                               nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(),
-                               nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
-
-    def forward(self, x):
-        return self.f(x)
-
-    def training_step(self, batch, _):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+def Net() -> TinyLitNet:  # noqa: N802 - the name the script always used
+    return TinyLitNet(n_conv=3, lr=0.05)
 
 
 def main() -> None:

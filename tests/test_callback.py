@@ -32,14 +32,7 @@ from helpers import no_hooks
 N_LAYERS = 4  # Conv2d layers of Net
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine OpenMP contention makes
-    these tiny models 10x slower with 2."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 class Net(L.LightningModule):

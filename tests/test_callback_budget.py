@@ -25,15 +25,10 @@ from camanim.lightning.callback import CAManimCallback
 from camanim.lightning.distributed import layer_share, merge_shares
 from camanim.lightning.media import MediaQueue
 
-from test_callback import N_LAYERS, _fit, data, loader, read_csv, trainer, Net
+from test_callback import N_LAYERS, Net, data, loader, read_csv, trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # ------------------------------------------------------------------ the queue
@@ -295,23 +290,12 @@ from torch import nn
 import lightning as L
 import camanim.metrics.road as road
 from test_callback import data, loader
+from lit_models import TinyLitNet
 from camanim.lightning.callback import CAManimCallback
 
-class Plain(L.LightningModule):
+def Plain():
     # no BatchNorm, lr 0: every rank and the one-process run explain the same weights
-    def __init__(self):
-        super().__init__()
-        self.f = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-                               nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(),
-                               nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                               nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
-    def forward(self, x):
-        return self.f(x)
-    def training_step(self, batch, _):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
+    return TinyLitNet(n_conv=4, lr=0.0)
 
 scored = []
 real = road.ybroad

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import kendalltau
-from torch import nn
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -29,12 +28,7 @@ from camanim.viz.plots import curve_image, heatmap_image
 from test_callback import N_LAYERS, Net, data, loader, quick, read_csv, trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -10,23 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 import camanim
 from camanim import cli
 from camanim.core.images import load_image, to_model_input
 
-TINY = f"{__file__}:tiny_cnn"
-
-
-def tiny_cnn(num_classes: int = 5) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
-
+from test_cli import TINY, tiny_cnn
 
 @pytest.fixture()
 def image(tmp_path) -> Path:

@@ -25,7 +25,7 @@ from camanim import CAManimError
 from camanim.cli import main as cli_main
 from camanim.core.files import atomic_path, remove_stale, write_text
 from camanim.lightning.callback import CAManimCallback
-from camanim.runs.history import CSV_COLUMNS, History, repair_csv
+from camanim.runs.history import History, repair_csv
 from camanim.runs.study import read_ybroad_csv
 from camanim.viz.plots import save_png
 from camanim.viz.video import iter_video, write_frames
@@ -33,12 +33,7 @@ from camanim.viz.video import iter_video, write_frames
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def leftovers(root: Path) -> list[Path]:

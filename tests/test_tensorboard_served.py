@@ -20,12 +20,12 @@ import urllib.request
 import pytest
 import torch
 from PIL import Image, ImageSequence
-from torch import nn
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lit_models import TinyLitNet
 import camanim
 
 program = pytest.importorskip("tensorboard.program")
@@ -61,23 +61,8 @@ def text_tag_prefix(p: str) -> str:
 
 # ---------------------------------------------------------------- a tiny run
 
-class Net(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.f = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
-
-    def forward(self, x):
-        return self.f(x)
-
-    def training_step(self, batch, _):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+def Net() -> TinyLitNet:  # noqa: N802
+    return TinyLitNet(n_conv=3, lr=0.1)
 
 
 class _Steps(Callback):

@@ -330,7 +330,7 @@ class CAManimCallback(Callback):
         self._sanity(trainer, pl_module, "end")
         if trainer.is_global_zero and self._dir is not None and len(self._history):
             try:  # a CSV append that failed at the last epoch gets its retry now
-                self._history.write_csv(self._dir, -1, str(self._anim.method.name))
+                self._history.write_csv(self._dir, None, str(self._anim.method.name))
             except CAManimError as e:
                 self._fail(self._history.epochs[-1], e)
         self._report_media_errors(drain=True)

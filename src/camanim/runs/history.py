@@ -196,9 +196,11 @@ class History:
             return True
         return False
 
-    def write_csv(self, out_dir: Path, epoch: int, method: str) -> None:
+    def write_csv(self, out_dir: Path, epoch: int | None, method: str) -> None:
         """Append the rows of every record the CSV lacks (this epoch, epochs
         whose append failed before, restored epochs a new folder lacks).
+        ``epoch``: the epoch just done (a resumed run that finds it already
+        written is told so once); ``None`` for a retry of earlier ones.
 
         All or nothing: the rows go out in one write and are synced; a
         failed write is cut back off and raises, and its epochs count as not
