@@ -78,3 +78,17 @@ def test_imputation_float32_solve_makes_no_float64_outside_the_coarse_inverse(ac
     out = imputation.impute(img, keep)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref.double(), atol=1e-5, rtol=0)
+
+
+def test_map_change_ranks_make_no_float64_on_the_accelerator_branch(monkeypatch):
+    import camanim.metrics.convergence as convergence
+
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.rand(3, 400, generator=g), torch.rand(3, 400, generator=g)
+    a[:, :50] = 0.0                                     # ties
+    ref = convergence.spearman(a, b)
+    monkeypatch.setattr(convergence, "exact_dtype", lambda device: torch.float32)
+    with NoFloat64() as watch:
+        got = convergence.spearman(a, b)
+    assert watch.seen == [] and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=0)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import CAManimError
-from ..core.maps import LayerMaps
+from ..core.maps import LayerMaps, exact_dtype
 
 CHANCE_NAMES = ("random", "blob")
 DEFAULT_SETTLE_THRESHOLD = 0.1   # a Spearman correlation of 0.9 with the previous epoch's map
@@ -46,7 +46,7 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
         x: ``(N, n)`` tensor.
 
     Returns:
-        ``(N, n)`` float64 ranks 1..n (ties share the mean of their ranks,
+        ``(N, n)`` ranks 1..n (float64 on the CPU, float32 elsewhere) (ties share the mean of their ranks,
         as ``scipy.stats.rankdata(method="average")``).
     """
     n_rows, n = x.shape
@@ -54,8 +54,9 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
     first = torch.ones_like(s, dtype=torch.bool)
     first[:, 1:] = s[:, 1:] != s[:, :-1]
     group = first.flatten().cumsum(0) - 1          # a new group starts every row too
-    pos = torch.arange(n, device=x.device, dtype=torch.float64).repeat(n_rows)
-    count = torch.bincount(group).to(torch.float64)
+    acc = exact_dtype(x.device)                  # float64 on the CPU only (MPS has none)
+    pos = torch.arange(n, device=x.device, dtype=acc).repeat(n_rows)
+    count = torch.bincount(group).to(acc)
     total = torch.bincount(group, weights=pos)
     ranked = (total / count + 1)[group].reshape(n_rows, n)
     return torch.empty_like(ranked).scatter_(1, order, ranked)
@@ -81,7 +82,8 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ``(N,)`` float64; NaN where either row is constant (the correlation
         is undefined: a constant map orders no pixel before another).
     """
-    return _pearson_rows(average_ranks(a.double()), average_ranks(b.double()))
+    acc = exact_dtype(a.device)
+    return _pearson_rows(average_ranks(a.to(acc)), average_ranks(b.to(acc)))
 
 
 def _as_maps(x: Any, what: str) -> torch.Tensor:
