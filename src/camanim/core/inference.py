@@ -1,0 +1,104 @@
+"""A faster stand-in for a model that only runs eval-mode forwards.
+
+ybROAD runs thousands of inference forwards of one set of weights (8 per
+layer, image and trial). On the CPU those forwards are most of its time, and
+two rewrites make them cheaper without changing what is computed:
+
+* every BatchNorm that directly follows a convolution is folded into that
+  convolution (eval mode: the BatchNorm is an affine map of the running
+  statistics), which removes one pass over every activation;
+* the folded weights are stored channels-last, and the inputs are passed
+  channels-last, which is oneDNN's native layout on the CPU.
+
+`folded_model` builds that stand-in from ``torch.fx`` (a traced copy of the
+graph; the model's own modules, parameters and buffers are never changed:
+the folded convolutions are new modules with new tensors). It returns
+``None`` whenever it cannot promise the same function: a model that
+``torch.fx`` cannot trace, any forward hook anywhere (the traced graph would
+skip hooks on container modules), parametrized convolutions, a model in
+training mode, half precision, or nothing to fold. The caller still checks
+the stand-in's outputs against the model's on real inputs
+(`outputs_agree`) before using it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["folded_model", "outputs_agree"]
+
+_FOLD_DTYPES = (torch.float32, torch.float64)
+
+
+def _has_forward_hooks(model: nn.Module) -> bool:
+    from torch.nn.modules import module as nn_module
+
+    if any(getattr(nn_module, name, None) for name in ("_global_forward_hooks",
+                                                      "_global_forward_pre_hooks")):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def folded_model(model: nn.Module) -> nn.Module | None:
+    """An eval-mode copy of ``model``'s graph with Conv2d -> BatchNorm pairs
+    folded into single channels-last Conv2d modules, or ``None``.
+
+    The copy computes the same function up to float rounding (folding
+    reorders one multiply-add per weight). It shares every module it does
+    not fold with ``model``; weights are read now, so build it again after
+    the model trains. Feed it channels-last inputs for the speed-up.
+    """
+    import torch.fx as fx
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if any(m.training for m in model.modules()) or _has_forward_hooks(model):
+        return None
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - any tracing failure: run the model as it is
+        return None
+    modules = dict(gm.named_modules())
+    folded = 0
+    for node in list(gm.graph.nodes):
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or len(node.args) != 1 \
+                or node.kwargs:
+            continue
+        prev = node.args[0]
+        conv = modules.get(prev.target) if isinstance(prev, fx.Node) and prev.op == "call_module" \
+            else None
+        if type(conv) is not nn.Conv2d or len(prev.users) != 1 \
+                or parametrize.is_parametrized(conv) or conv.weight.dtype not in _FOLD_DTYPES \
+                or bn.running_mean is None or bn.running_var is None \
+                or bn.running_mean.dtype != conv.weight.dtype:
+            continue
+        with torch.no_grad():
+            fused = fuse_conv_bn_eval(conv, bn)
+            fused.weight = nn.Parameter(fused.weight.detach().contiguous(
+                memory_format=torch.channels_last), requires_grad=False)
+            fused.bias = nn.Parameter(fused.bias.detach(), requires_grad=False)
+        name = f"camanim_folded_{folded}"
+        gm.add_submodule(name, fused)       # a new top-level name: no shared parent is edited
+        prev.target = name
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+        folded += 1
+    if not folded:
+        return None
+    gm.graph.lint()
+    gm.recompile()
+    return gm.eval()
+
+
+def outputs_agree(fast: torch.Tensor, reference: torch.Tensor, rtol: float = 1e-4) -> bool:
+    """True when ``fast`` has ``reference``'s shape and dtype and every entry is
+    within ``rtol * max(1, max|reference|)`` of it (float rounding of a
+    folded model is ~1e-6 of that scale; a wrong graph is far off)."""
+    if not isinstance(fast, torch.Tensor) or fast.shape != reference.shape \
+            or fast.dtype != reference.dtype:
+        return False
+    ref = reference.detach().to(fast.device)
+    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+    return bool(((fast.detach() - ref).abs() <= rtol * scale).all())
