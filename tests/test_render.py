@@ -225,7 +225,7 @@ def test_frames_stream_lazily():
 def test_quantized_maps_equal_the_float_path_exactly():
     """Frames are drawn from uint8 colour-map indices made where the maps are
     (`iter_maps(quantize=True)`): the same indices the float path gives."""
-    from camanim.viz.render import _blend, iter_maps
+    from camanim.viz.overlay import blend, iter_maps
 
     g = torch.Generator().manual_seed(3)
     raw = [torch.rand(2, s, s, generator=g) * 7 for s in (4, 7, 16)]
@@ -240,4 +240,49 @@ def test_quantized_maps_equal_the_float_path_exactly():
             assert q.dtype == np.uint8 and q.shape == f.shape
             want = (np.clip(f, 0, 1) * 255.0 + 0.5).astype(np.uint8)
             assert np.array_equal(q, want)
-            assert np.array_equal(_blend(bg, q[0], lut), _blend(bg, f[0], lut))
+            want_panel = (bg + lut[want[0]] + 0.5).astype(np.uint8)
+            got = blend(torch.from_numpy(bg), torch.from_numpy(q[0]), torch.from_numpy(lut))
+            assert np.array_equal(got.numpy(), want_panel)
+
+
+def test_overlay_panels_made_where_the_maps_are_equal_the_numpy_blend():
+    """`iter_maps(overlay_on=...)`: upsampling, colour lookup and blend as
+    tensor ops on the maps' device give exactly the numpy overlay
+    ``uint8(background + lut[round(clip(map) * 255)] + 0.5)`` (reference:
+    that formula in numpy on the float maps; exact equality)."""
+    from camanim.viz.overlay import iter_maps
+
+    g = torch.Generator().manual_seed(4)
+    raw = [torch.rand(3, s, s + 1, generator=g) * 5 - 1 for s in (3, 9)]
+    infos = [LayerInfo(name=f"l{i}", module_name=f"l{i}", call=1, order=i, type="Conv2d",
+                       output_shape=(3, 8, s, s + 1), params=0, params_total=0, depth=1,
+                       layout="nchw") for i, s in enumerate((3, 9))]
+    maps = LayerMaps(names=[i.name for i in infos], raw=raw, input_size=(18, 22), layers=infos)
+    rng = np.random.default_rng(1)
+    lut = (rng.uniform(0, 255, (256, 3)) * 0.4).astype(np.float32)
+    bg = (rng.uniform(0, 1, (3, 18, 22, 3)) * 255 * 0.6).astype(np.float32)
+    for norm in ("local", "global", "none"):
+        floats = list(iter_maps(maps, norm, (18, 22)))
+        panels = list(iter_maps(maps, norm, (18, 22), overlay_on=(bg, lut)))
+        assert len(panels) == len(floats) == 2
+        for f, p in zip(floats, panels):
+            idx = (np.clip(f, 0, 1) * 255.0 + 0.5).astype(np.uint8)
+            assert p.dtype == np.uint8 and p.shape == (3, 18, 22, 3)
+            assert np.array_equal(p, (bg + lut[idx] + 0.5).astype(np.uint8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_overlay_panels_on_cuda_equal_the_cpu_ones():
+    from camanim.viz.overlay import iter_maps
+
+    g = torch.Generator().manual_seed(5)
+    raw = [torch.rand(2, 7, 7, generator=g)]
+    infos = [LayerInfo(name="l0", module_name="l0", call=1, order=0, type="Conv2d",
+                       output_shape=(2, 8, 7, 7), params=0, params_total=0, depth=1, layout="nchw")]
+    cpu = LayerMaps(names=["l0"], raw=raw, input_size=(32, 32), layers=infos)
+    gpu = LayerMaps(names=["l0"], raw=[r.cuda() for r in raw], input_size=(32, 32), layers=infos)
+    lut = np.linspace(0, 100, 768, dtype=np.float32).reshape(256, 3)
+    bg = np.full((2, 32, 32, 3), 60.0, np.float32)
+    a = next(iter_maps(cpu, "local", (32, 32), overlay_on=(bg, lut)))
+    b = next(iter_maps(gpu, "local", (32, 32), overlay_on=(bg, lut)))
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1   # bilinear rounding may differ by one step

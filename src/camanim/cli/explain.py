@@ -37,7 +37,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise CAManimError(f"--alpha must be within 0..1, got {args.alpha}")
     if args.hold_last < 0:
         raise CAManimError(f"--hold-last must be >= 0, got {args.hold_last}")
-    from ..viz.render import colormap_lut
+    from ..viz.overlay import colormap_lut
 
     colormap_lut(args.colormap)  # fail before the heavy work
     paths = [Path(p) for p in args.images]

@@ -471,7 +471,7 @@ class CAManimCallback(Callback):
                 timing["ebpg"] = time.perf_counter() - t
             self._conv.measure_maps(maps, timing, rank == 0)
             # on an accelerator the maps stay there: the frames are upsampled,
-            # normalized and colour-quantized on it, and only uint8 crosses
+            # normalized, colour-mapped and blended on it, and only uint8 crosses
         return maps, [share], ebpg
 
     def _write(self, trainer: Any, epoch: int, maps: LayerMaps, road: np.ndarray | None,

@@ -25,7 +25,8 @@ from ..core.files import save_figure, write_text
 from ..core.maps import LayerMaps
 from .fonts import sans_font, short_names
 from .plots import fit_figure
-from .render import colormap_lut, display_images, iter_maps, overlay, road_scores
+from .overlay import colormap_lut, display_images, iter_maps, overlay
+from .render import road_scores
 
 __all__ = ["percentile_layers", "contact_sheet", "plot_params", "run_summary",
            "format_summary", "write_summary"]

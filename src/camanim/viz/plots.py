@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .fonts import fit_text, mono_font, short_names
-from .render import colormap_lut
+from .overlay import colormap_lut
 
 __all__ = ["heatmap_image", "curve_image", "trajectories_image", "trajectories_figure",
            "fit_figure", "label_size", "save_png"]
