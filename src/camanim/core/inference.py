@@ -10,9 +10,9 @@ two rewrites make them cheaper without changing what is computed:
 * the folded weights are stored channels-last, and the inputs are passed
   channels-last, which is oneDNN's native layout on the CPU.
 
-`folded_model` builds that stand-in from ``torch.fx`` (a traced copy of the
-graph; the model's own modules, parameters and buffers are never changed:
-the folded convolutions are new modules with new tensors). It returns
+`folded_model` builds that stand-in from ``torch.fx`` (the traced graph,
+interpreted; the model's own modules, parameters and buffers are never
+changed: the folded convolutions are new modules with new tensors). It returns
 ``None`` whenever it cannot promise the same function: a model that
 ``torch.fx`` cannot trace, any forward hook anywhere (the traced graph would
 skip hooks on container modules), parametrized convolutions, a model in
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["folded_model", "outputs_agree"]
+__all__ = ["folded_model", "FoldedModel", "outputs_agree"]
 
 _FOLD_DTYPES = (torch.float32, torch.float64)
 
@@ -40,14 +40,44 @@ def _has_forward_hooks(model: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-def folded_model(model: nn.Module) -> nn.Module | None:
-    """An eval-mode copy of ``model``'s graph with Conv2d -> BatchNorm pairs
-    folded into single channels-last Conv2d modules, or ``None``.
+class FoldedModel:
+    """``model``'s traced graph, run by a ``torch.fx.Interpreter`` with the
+    folded convolutions in place of the Conv2d -> BatchNorm pairs.
 
-    The copy computes the same function up to float rounding (folding
-    reorders one multiply-add per weight). It shares every module it does
-    not fold with ``model``; weights are read now, so build it again after
-    the model trains. Feed it channels-last inputs for the speed-up.
+    No code is generated (a ``GraphModule`` would add its source to
+    ``linecache`` on every build, a small leak per callback epoch); every
+    module that is not folded is the model's own.
+
+    Attributes:
+        graph: the ``torch.fx.Graph`` that runs (folded BatchNorm nodes removed).
+        fused: qualified conv name -> its new folded, channels-last Conv2d.
+    """
+
+    def __init__(self, model: nn.Module, graph: "torch.fx.Graph", fused: dict[str, nn.Module]) -> None:
+        import torch.fx as fx
+
+        class Run(fx.Interpreter):
+            def call_module(self, target, args, kwargs):  # noqa: ANN001, ANN202
+                mod = fused.get(target)
+                return mod(*args, **kwargs) if mod is not None else super().call_module(target, args, kwargs)
+
+        self.graph, self.fused = graph, fused
+        self._run = Run(model, garbage_collect_values=True, graph=graph)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._run.run(x)
+        finally:
+            self._run.env = {}      # drop the last run's activations
+
+
+def folded_model(model: nn.Module) -> FoldedModel | None:
+    """``model``'s graph with its Conv2d -> BatchNorm pairs folded into single
+    channels-last Conv2d modules, or ``None``.
+
+    It computes the same function up to float rounding (folding reorders one
+    multiply-add per weight). Weights are read now: build it again after the
+    model trains. Feed it channels-last inputs for the speed-up.
     """
     import torch.fx as fx
     from torch.nn.utils import parametrize
@@ -56,12 +86,12 @@ def folded_model(model: nn.Module) -> nn.Module | None:
     if any(m.training for m in model.modules()) or _has_forward_hooks(model):
         return None
     try:
-        gm = fx.symbolic_trace(model)
+        graph = fx.Tracer().trace(model)
     except Exception:  # noqa: BLE001 - any tracing failure: run the model as it is
         return None
-    modules = dict(gm.named_modules())
-    folded = 0
-    for node in list(gm.graph.nodes):
+    modules = dict(model.named_modules())
+    fused: dict[str, nn.Module] = {}
+    for node in list(graph.nodes):
         bn = modules.get(node.target) if node.op == "call_module" else None
         if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or len(node.args) != 1 \
                 or node.kwargs:
@@ -69,27 +99,25 @@ def folded_model(model: nn.Module) -> nn.Module | None:
         prev = node.args[0]
         conv = modules.get(prev.target) if isinstance(prev, fx.Node) and prev.op == "call_module" \
             else None
-        if type(conv) is not nn.Conv2d or len(prev.users) != 1 \
+        if type(conv) is not nn.Conv2d or len(prev.users) != 1 or prev.target in fused \
                 or parametrize.is_parametrized(conv) or conv.weight.dtype not in _FOLD_DTYPES \
                 or bn.running_mean is None or bn.running_var is None \
                 or bn.running_mean.dtype != conv.weight.dtype:
             continue
+        if sum(1 for n in graph.nodes if n.op == "call_module" and n.target == prev.target) != 1:
+            continue                        # a conv called twice: fold only single-use ones
         with torch.no_grad():
-            fused = fuse_conv_bn_eval(conv, bn)
-            fused.weight = nn.Parameter(fused.weight.detach().contiguous(
+            conv_f = fuse_conv_bn_eval(conv, bn)
+            conv_f.weight = nn.Parameter(conv_f.weight.detach().contiguous(
                 memory_format=torch.channels_last), requires_grad=False)
-            fused.bias = nn.Parameter(fused.bias.detach(), requires_grad=False)
-        name = f"camanim_folded_{folded}"
-        gm.add_submodule(name, fused)       # a new top-level name: no shared parent is edited
-        prev.target = name
+            conv_f.bias = nn.Parameter(conv_f.bias.detach(), requires_grad=False)
+        fused[prev.target] = conv_f
         node.replace_all_uses_with(prev)
-        gm.graph.erase_node(node)
-        folded += 1
-    if not folded:
+        graph.erase_node(node)
+    if not fused:
         return None
-    gm.graph.lint()
-    gm.recompile()
-    return gm.eval()
+    graph.lint()
+    return FoldedModel(model, graph, fused)
 
 
 def outputs_agree(fast: torch.Tensor, reference: torch.Tensor, rtol: float = 1e-4) -> bool:
