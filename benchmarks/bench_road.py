@@ -17,8 +17,9 @@ Usage:
     python benchmarks/bench_road.py --device cuda --threads 2
     python benchmarks/bench_road.py --solve-dtype float32   # the accelerators' solver path on the CPU
 
-On CUDA/MPS the imputation solves in float32 (``solve_dtype``); the JSON
-says which dtype each part used.
+The imputation solves float32 images in float32 (``solve_dtype``); the
+JSON says which dtype each part used and whether ybROAD's forwards ran
+through the BatchNorm-folded stand-in (``--no-fold``: the model itself).
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", choices=("end-to-end", "imputation"), default=None,
                     help="run one of the two comparisons")
     ap.add_argument("--solve-dtype", choices=("auto", "float32", "float64"), default="auto",
-                    help="dtype of the imputation-alone solve (auto: float64 on CPU, float32 elsewhere)")
+                    help="dtype of the imputation-alone solve (auto: solve_dtype of the device and "
+                         "the float32 images: float32)")
+    ap.add_argument("--no-fold", action="store_true",
+                    help="ybroad(fold=False): run the model itself, not the BatchNorm-folded stand-in")
     args = ap.parse_args(argv)
 
     import torchvision
@@ -88,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    sdt = solve_dtype(device) if args.solve_dtype == "auto" else getattr(torch, args.solve_dtype)
+    sdt = (solve_dtype(device, torch.float32) if args.solve_dtype == "auto"
+           else getattr(torch, args.solve_dtype))
     torch.manual_seed(args.seed)
     model = torchvision.models.resnet50(weights=None).to(device).eval()
     x = torch.randn(1, 3, args.size, args.size, device=device)
@@ -119,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         sub = maps.select(list(range(g, min(g + args.group, len(maps)))))
         _sync(device)
         t = time.perf_counter()
-        res = ybroad(model, x, sub, targets=[target], noise=0.0, progress=False)
+        res = ybroad(model, x, sub, targets=[target], noise=0.0, progress=False,
+                     fold=not args.no_fold)
         _sync(device)
         ours_s += time.perf_counter() - t
         ours_scores.append(res.scores[:, 0])
@@ -167,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         "end_to_end": None if not len(ref_scores) else {
             "ours_s": round(ours_s, 3), "reference_s": round(ref_s, 3),
             "speedup": round(ref_s / ours_s, 2),
-            "solve_dtype": str(solve_dtype(device)).replace("torch.", ""),
+            "solve_dtype": str(solve_dtype(device, x.dtype)).replace("torch.", ""),
+            "folded_model": extra.get("folded"),
             "forward_batch_size": extra.get("batch_size"),
             "layers_per_solve": extra.get("layers_per_solve"),
             "max_abs_score_diff": float(np.abs(ours_scores - ref_scores).max()),
