@@ -23,6 +23,8 @@ the stand-in's outputs against the model's on real inputs
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -86,7 +88,9 @@ def folded_model(model: nn.Module) -> FoldedModel | None:
     if any(m.training for m in model.modules()) or _has_forward_hooks(model):
         return None
     try:
-        graph = fx.Tracer().trace(model)
+        with warnings.catch_warnings():     # a trace that warns is still only an attempt
+            warnings.simplefilter("ignore")
+            graph = fx.Tracer().trace(model)
     except Exception:  # noqa: BLE001 - any tracing failure: run the model as it is
         return None
     modules = dict(model.named_modules())
