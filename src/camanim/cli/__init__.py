@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..core.images import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CAManimError
-from .common import FORMATS, Parser, model_args
+from .common import FORMATS, Parser, input_args, model_args
 from .explain import cmd_explain
 from .layers import cmd_layers
 
@@ -39,32 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Write a CAManim video per image and normalization, a "
                         "contact sheet of every 10th-percentile layer, a run summary (JSON) and "
                         "with --road the ybROAD CSV, plot and summary.")
-    ex.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
-    model_args(ex)
-    ex.add_argument("--weights", default="none", metavar="DEFAULT|none|NAME",
-                    help="torchvision weights: none (random init, the offline default), DEFAULT, "
-                         "or a weights name like IMAGENET1K_V2")
-    ex.add_argument("--checkpoint", type=Path, default=None, metavar="FILE",
-                    help="a state dict or Lightning checkpoint to load into the model")
+    input_args(ex)
     ex.add_argument("--method", default="gradcam", help="CAM method (default gradcam)")
     ex.add_argument("--layers", default=None, metavar="SEL",
                     help="conv, all, blocks, or comma-separated layer names (default: the "
                          "method's own, conv; blocks for sise and ada-sise)")
     ex.add_argument("--max-layers", type=int, default=None, metavar="N",
                     help="keep at most N evenly spaced layers")
-    ex.add_argument("--target", default="auto", metavar="auto|INT|NAME",
-                    help="class to explain: auto (predicted), an index, or a class name")
-    ex.add_argument("--classes", default=None, metavar="A,B,...|FILE",
-                    help="class names (comma-separated or a file, one per line); default: the "
-                         "torchvision weights' categories when the class count matches")
     ex.add_argument("--norm", default="local,global", metavar="local,global,both",
                     help="normalizations, one video each; 'both' = side by side (default local,global)")
     ex.add_argument("--size", default="224", metavar="224|HxW|none",
                     help="model input size; none keeps the original resolution (default 224)")
-    ex.add_argument("--mean", default=",".join(map(str, IMAGENET_MEAN)), metavar="M,M,M",
-                    help="input normalization mean (default ImageNet)")
-    ex.add_argument("--std", default=",".join(map(str, IMAGENET_STD)), metavar="S,S,S",
-                    help="input normalization std (default ImageNet)")
     ex.add_argument("--out", type=Path, default=Path("camanim_out"), metavar="DIR",
                     help="output folder (default camanim_out)")
     ex.add_argument("--format", default="mp4", choices=FORMATS,

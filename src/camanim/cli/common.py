@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..core.images import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CAManimError
 
 NORMS = ("local", "global", "both")
@@ -21,6 +22,27 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def input_args(p: argparse.ArgumentParser) -> None:
+    """What ``explain`` and ``sanity`` share: the images, the model and its
+    weights, the target class and names, the input normalization."""
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    model_args(p)
+    p.add_argument("--weights", default="none", metavar="DEFAULT|none|NAME",
+                   help="torchvision weights: none (random init, the offline default), DEFAULT, "
+                        "or a weights name like IMAGENET1K_V2")
+    p.add_argument("--checkpoint", type=Path, default=None, metavar="FILE",
+                   help="a state dict or Lightning checkpoint to load into the model")
+    p.add_argument("--target", default="auto", metavar="auto|INT|NAME",
+                   help="class to explain: auto (predicted), an index, or a class name")
+    p.add_argument("--classes", default=None, metavar="A,B,...|FILE",
+                   help="class names (comma-separated or a file, one per line); default: the "
+                        "torchvision weights' categories when the class count matches")
+    p.add_argument("--mean", default=",".join(map(str, IMAGENET_MEAN)), metavar="M,M,M",
+                   help="input normalization mean (default ImageNet)")
+    p.add_argument("--std", default=",".join(map(str, IMAGENET_STD)), metavar="S,S,S",
+                   help="input normalization std (default ImageNet)")
 
 
 def model_args(p: argparse.ArgumentParser) -> None:

@@ -19,10 +19,10 @@ import torch
 
 from ..errors import CAManimError
 from ..core.files import atomic_path, os_cause, write_text
-from .common import (float_list, layer_selector, model_args, parse_class_names, prepare_out,
+from .common import (float_list, input_args, layer_selector, parse_class_names, prepare_out,
                      target_index, torch_device)
 from .models import build_model, import_callable, in_channels, n_outputs
-from ..core.images import IMAGENET_MEAN, IMAGENET_STD, load_image, parse_size, to_model_input
+from ..core.images import load_image, parse_size, to_model_input
 
 FAIL_ON = ("never", "method", "layer")
 
@@ -36,12 +36,7 @@ def add_sanity_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "the map stays to the trained model's map (Spearman, SSIM, HOG). Maps that do "
                     "not change do not explain the model and are flagged. Runs on a copy of the "
                     "model. Writes sanity.txt, sanity.json, sanity.csv and sanity.png to --out.")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
-    model_args(p)
-    p.add_argument("--weights", default="none", metavar="DEFAULT|none|NAME",
-                   help="torchvision weights: none (random init), DEFAULT, or a weights name")
-    p.add_argument("--checkpoint", type=Path, default=None, metavar="FILE",
-                   help="a state dict or Lightning checkpoint to load into the model")
+    input_args(p)
     p.add_argument("--method", default="gradcam", metavar="NAME|module:Class",
                    help="CAM method name (default gradcam) or a pytorch_grad_cam BaseCAM subclass "
                         "as 'package.module:Class' / 'file.py:Class'")
@@ -52,9 +47,6 @@ def add_sanity_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--blocks", default="children", metavar="children|leaves|A,B,...",
                    help="what one randomization step covers: the model's top-level children "
                         "(default), every module with parameters (leaves), or module names, top first")
-    p.add_argument("--target", default="auto", metavar="auto|INT|NAME",
-                   help="class to explain: auto (predicted), an index, or a class name")
-    p.add_argument("--classes", default=None, metavar="A,B,...|FILE", help="class names")
     p.add_argument("--threshold", type=float, default=0.9,
                    help="flag a layer whose mean Spearman after full randomization is above this "
                         "(default 0.9)")
@@ -62,10 +54,6 @@ def add_sanity_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="exit with status 1 when the method (mean over layers) or any layer is "
                         "flagged (default never)")
     p.add_argument("--size", default="224", metavar="224|HxW", help="model input size (default 224)")
-    p.add_argument("--mean", default=",".join(map(str, IMAGENET_MEAN)), metavar="M,M,M",
-                   help="input normalization mean (default ImageNet)")
-    p.add_argument("--std", default=",".join(map(str, IMAGENET_STD)), metavar="S,S,S",
-                   help="input normalization std (default ImageNet)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random weights drawn by the check (and of random init)")
     p.add_argument("--out", type=Path, default=Path("camanim_sanity"), metavar="DIR",
