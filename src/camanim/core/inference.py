@@ -24,6 +24,7 @@ the stand-in's outputs against the model's on real inputs
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import torch
 from torch import nn
@@ -94,6 +95,7 @@ def folded_model(model: nn.Module) -> FoldedModel | None:
     except Exception:  # noqa: BLE001 - any tracing failure: run the model as it is
         return None
     modules = dict(model.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     fused: dict[str, nn.Module] = {}
     for node in list(graph.nodes):
         bn = modules.get(node.target) if node.op == "call_module" else None
@@ -103,13 +105,12 @@ def folded_model(model: nn.Module) -> FoldedModel | None:
         prev = node.args[0]
         conv = modules.get(prev.target) if isinstance(prev, fx.Node) and prev.op == "call_module" \
             else None
-        if type(conv) is not nn.Conv2d or len(prev.users) != 1 or prev.target in fused \
+        # a conv called twice (calls > 1) would be folded at every call: single-use ones only
+        if type(conv) is not nn.Conv2d or len(prev.users) != 1 or calls[prev.target] != 1 \
                 or parametrize.is_parametrized(conv) or conv.weight.dtype not in _FOLD_DTYPES \
                 or bn.running_mean is None or bn.running_var is None \
                 or bn.running_mean.dtype != conv.weight.dtype:
             continue
-        if sum(1 for n in graph.nodes if n.op == "call_module" and n.target == prev.target) != 1:
-            continue                        # a conv called twice: fold only single-use ones
         with torch.no_grad():
             conv_f = fuse_conv_bn_eval(conv, bn)
             conv_f.weight = nn.Parameter(conv_f.weight.detach().contiguous(
