@@ -177,3 +177,20 @@ def test_chance_road_reproducible_and_wired_like_ybroad():
     other = chance_road(model, x, [1, 4], map_seed=99, **kw)
     assert not np.array_equal(other.scores[0], r1.scores[0])
     np.testing.assert_array_equal(other.scores[1], r1.scores[1])
+
+
+def test_chance_road_without_targets_scores_the_predicted_class():
+    """targets=None means the predicted class (it used to fail: the chance
+    maps carried no targets and ybroad took them for class-less callables)."""
+    torch.manual_seed(0)
+    model = TinyCNN(classes=4).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(x)
+    pred = logits.argmax(-1)
+    none = chance_road(model, x, None, noise=0.0)
+    given = chance_road(model, x, pred, noise=0.0)
+    reused = chance_road(model, x, None, noise=0.0, logits=logits)
+    assert none.targets == pred.tolist()
+    assert np.array_equal(none.scores, given.scores)
+    assert np.array_equal(reused.scores, given.scores)

@@ -495,3 +495,23 @@ def test_single_output_model_with_softmax_score_is_a_clear_error():
         camanim.ybroad(model, x, maps, progress=False)
     res = camanim.ybroad(model, x, maps, score="logit", noise=0.0, progress=False)
     assert np.isfinite(res.scores).all()
+
+
+def test_maps_logits_are_used_without_being_passed():
+    """Maps from the engine carry the CAM pass's logits (`LayerMaps.logits`):
+    ybroad uses them (no clean forward) and scores as if they were passed."""
+    model, x = sharp_model(seed=2), images(b=2, h=32, w=32, seed=3)
+    maps = camanim.CAManim(model, "gradcam", layers="conv", progress=False)(x, [0, 4])
+    assert maps.logits is not None
+    rows = []
+    handle = model.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    try:
+        own = ybroad(model, x, maps, noise=0.0, progress=False)
+        n_own = sum(rows)
+        rows.clear()
+        maps.logits = None
+        clean = ybroad(model, x, maps, noise=0.0, progress=False)
+    finally:
+        handle.remove()
+    assert sum(rows) == n_own + 2                 # only the clean forward of the 2 images is spared
+    assert np.allclose(own.scores, clean.scores, atol=1e-12, rtol=0)

@@ -12,7 +12,6 @@ import torch
 
 from ..core.images import load_image, parse_size, to_model_input
 from ..errors import CAManimError
-from ..core.files import atomic_path
 from .common import (float_list, layer_selector, norm_list, parse_class_names, prepare_out, stems,
                      target_index, torch_device)
 from .models import build_model, in_channels, n_outputs
@@ -77,15 +76,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         maps = anim(x, None if target is None else [target])
         cam_s = time.perf_counter() - t0
-        with torch.no_grad():
-            probs = torch.softmax(model(x).float(), dim=-1)[0] if n_out else None
+        if n_out:
+            with torch.no_grad():
+                logits = maps.logits if maps.logits is not None else model(x)
+            probs = torch.softmax(logits.float(), dim=-1)[0]
+        else:
+            probs = None
         road = None
         if road_fn is not None:
             road = road_fn(model, x, maps, targets=maps.targets, seed=args.seed, progress=not quiet)
-            written += [_atomic(out / f"{stem}_ybroad.csv", road.to_csv),
-                        _atomic(out / f"{stem}_ybroad.png", lambda p: road.plot(
-                            p, title=f"ybROAD · {stem} · {label}")),
-                        _atomic(out / f"{stem}_ybroad.json", road.to_json)]
+            # each writer is atomic itself (temporary name, then rename)
+            road.to_json(out / f"{stem}_ybroad.json")
+            written += [road.to_csv(out / f"{stem}_ybroad.csv"),
+                        road.plot(out / f"{stem}_ybroad.png", title=f"ybROAD · {stem} · {label}"),
+                        out / f"{stem}_ybroad.json"]
         render = dict(fps=args.fps, road=road, hold_last=args.hold_last, colormap=args.colormap,
                       alpha=args.alpha, class_names=classes, title=label, progress=not quiet)
         for norm in norms:
@@ -134,9 +138,4 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _atomic(path: Path, write: Any) -> Path:
-    """``write(tmp)`` to a temporary name, then rename to ``path``."""
-    with atomic_path(path) as tmp:
-        write(tmp)
-    return path
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import CAManimError
-from ..core.files import atomic_path, os_cause, write_text
+from ..core.files import os_cause, write_text
 from .common import (float_list, input_args, layer_selector, parse_class_names, prepare_out,
                      target_index, torch_device)
 from .models import build_model, import_callable, in_channels, n_outputs
@@ -124,14 +124,12 @@ def _run(args: argparse.Namespace) -> int:
                           max_layers=args.max_layers, progress=not args.quiet)
     table = report.table()
     write_text(out / "sanity.txt", table + "\n")
-    for name, write in (("sanity.json", report.to_json), ("sanity.csv", report.to_csv)):
-        with atomic_path(out / name) as tmp:
-            write(tmp)
+    report.to_json(out / "sanity.json")     # each writer is atomic itself
+    report.to_csv(out / "sanity.csv")
     if not args.no_plot:
-        with atomic_path(out / "sanity.png") as tmp:
-            report.plot(tmp, title=f"Randomization sanity check: {report.method} on "
-                        f"{args.model} ({'FLAGGED' if report.method_flagged else 'passed'}; red = "
-                        f"flagged layer)")
+        report.plot(out / "sanity.png", title=f"Randomization sanity check: {report.method} on "
+                    f"{args.model} ({'FLAGGED' if report.method_flagged else 'passed'}; red = "
+                    f"flagged layer)")
     if not args.quiet:
         print(table)
         print(f"\nwrote sanity.txt, sanity.json, sanity.csv{'' if args.no_plot else ', sanity.png'} "

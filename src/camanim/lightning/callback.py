@@ -348,7 +348,6 @@ class CAManimCallback(Callback):
         if self._queue is not None:
             self._queue.close()
             self._queue = None
-            self._report_media_errors()
         if stage == "fit":  # keep no reference to the model after fit
             self._anim = self._anim_model = None
 
@@ -463,7 +462,8 @@ class CAManimCallback(Callback):
                 t = time.perf_counter()
                 share = score_share(model, x, maps, road_targets, kw, rank, world)
                 timing["road"] = time.perf_counter() - t
-                self._conv.measure_chance(model, x, road_targets, kw, timing, rank == 0)
+                self._conv.measure_chance(model, x, road_targets, kw, timing, rank == 0,
+                                          logits=maps.logits)
             ebpg = None
             if self._probes.masks is not None and rank == 0:
                 t = time.perf_counter()

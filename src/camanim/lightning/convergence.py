@@ -143,12 +143,13 @@ class Convergence:
             timing["convergence"] = _now() - t
 
     def measure_chance(self, model: torch.nn.Module, x: torch.Tensor, targets: Any,
-                       road_kw: dict[str, Any], timing: dict[str, float], here: bool = True) -> None:
-        """After the layers' ybROAD, with its targets and keyword arguments
-        (``here``: on rank zero)."""
+                       road_kw: dict[str, Any], timing: dict[str, float], here: bool = True,
+                       logits: torch.Tensor | None = None) -> None:
+        """After the layers' ybROAD, with its targets, keyword arguments and
+        the CAM pass's logits (``here``: on rank zero)."""
         if self.chance and here:
             t = _now()
-            res = chance_road(model, x, targets, **road_kw)
+            res = chance_road(model, x, targets, logits=logits, **road_kw)
             self._pending["chance"] = np.asarray(res.scores, dtype=np.float64)   # (2, B)
             timing["chance"] = _now() - t
 

@@ -31,9 +31,9 @@ def score_share(model: Any, x: Any, maps: Any, targets: Any, road_kw: dict[str, 
 
     idx = layer_share(len(maps), rank, world)
     sub = maps.select(idx) if world > 1 else maps
-    # the CAM pass's logits spare a clean forward; layer_ids keep each layer's
-    # noise equal to a one-process run's
-    res = (ybroad(model, x, sub, targets=targets, logits=maps.logits, layer_ids=idx, **road_kw)
+    # layer_ids keep each layer's noise equal to a one-process run's (the
+    # maps' logits spare the clean forward)
+    res = (ybroad(model, x, sub, targets=targets, layer_ids=idx, **road_kw)
            if idx else None)
     return idx, None if res is None else np.asarray(res.scores, np.float64)
 

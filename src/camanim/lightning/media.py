@@ -62,10 +62,8 @@ class MediaQueue:
         self._pending: deque[tuple[int, Future]] = deque()
         self._errors: list[tuple[int, BaseException]] = []
         self._lock = threading.Lock()
-        #: seconds the training thread waited in `submit` / `drain`, and
-        #: seconds the background jobs ran, since the last `take_timing`
+        #: seconds the training thread waited in `submit` / `drain`
         self.waited_s = 0.0
-        self.background_s = 0.0
 
     # ---------------------------------------------------------------- pools
     def pool(self) -> ThreadPoolExecutor:
@@ -101,15 +99,11 @@ class MediaQueue:
         self._pending.append((epoch, self._epochs().submit(self._run, epoch, job)))
 
     def _run(self, epoch: int, job: Callable[[], None]) -> None:
-        t = time.perf_counter()
         try:
             job()
         except BaseException as e:  # noqa: BLE001 - handed back by errors()
             with self._lock:
                 self._errors.append((epoch, e))
-        finally:
-            with self._lock:
-                self.background_s += time.perf_counter() - t
 
     def _reap(self) -> None:
         while self._pending and self._pending[0][1].done():
@@ -136,12 +130,6 @@ class MediaQueue:
             fut.exception()
         self.waited_s += time.perf_counter() - t
 
-    def take_timing(self) -> tuple[float, float]:
-        """``(waited_s, background_s)`` since the last call, reset."""
-        with self._lock:
-            out = (self.waited_s, self.background_s)
-            self.waited_s = self.background_s = 0.0
-        return out
 
     def close(self) -> None:
         """Drain, then stop the threads."""

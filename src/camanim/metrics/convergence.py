@@ -326,7 +326,7 @@ def chance_road(model: torch.nn.Module, images: torch.Tensor, targets: Any = Non
                 percentiles: Sequence[float] | None = None, noise: float = 0.01, seed: int = 0,
                 *, map_seed: int | None = None, cells: int | None = 7, blob_sigma: float = 0.25,
                 batch_size: int | None = None, score: str = "softmax", trials: int = 1,
-                progress: bool = False) -> Any:
+                progress: bool = False, logits: torch.Tensor | None = None) -> Any:
     """ROAD of the two chance maps (`chance_maps`), scored like the layers.
 
     Call it with the same targets, percentiles, noise, seed and score as
@@ -339,7 +339,9 @@ def chance_road(model: torch.nn.Module, images: torch.Tensor, targets: Any = Non
         targets: the classes the layers' maps explain (pass ``maps.targets``
             so that the baseline scores the same class); ``None`` = predicted.
         percentiles: default ``camanim.metrics.road.DEFAULT_PERCENTILES``.
-        noise, seed, batch_size, score, trials, progress: as for ``ybroad``.
+        noise, seed, batch_size, score, trials, progress, logits: as for
+            ``ybroad`` (pass the layers' ``maps.logits`` to spare a clean
+            forward).
         map_seed: seed of the random map (default ``seed``).
         cells, blob_sigma: see `chance_maps`.
 
@@ -347,18 +349,24 @@ def chance_road(model: torch.nn.Module, images: torch.Tensor, targets: Any = Non
         `camanim.metrics.road.YbRoad` with ``scores`` of shape ``(2, B)``: row 0 the
         random map, row 1 the blob.
     """
+    from ..core.guard import eval_mode
     from .road import DEFAULT_PERCENTILES, ybroad
 
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise CAManimError("images must be a (B, C, H, W) tensor (the images the layers' maps explain)")
     b, _, h, w = images.shape
+    if targets is None:                     # the predicted class, as the docstring says
+        if logits is None:
+            with eval_mode(model), torch.no_grad():
+                logits = model(images)
+        targets = torch.as_tensor(logits).detach().argmax(-1).cpu()
     maps = chance_maps((b, h, w), seed if map_seed is None else map_seed, cells=cells,
                        blob_sigma=blob_sigma)
     lm = _chance_layer_maps(maps, targets)
     return ybroad(model, images, lm, targets=targets,
                   percentiles=DEFAULT_PERCENTILES if percentiles is None else percentiles,
                   noise=noise, seed=seed, batch_size=batch_size, score=score, trials=trials,
-                  progress=progress)
+                  progress=progress, logits=logits)
 
 
 __all__ = ["CHANCE_NAMES", "DEFAULT_SETTLE_THRESHOLD", "average_ranks", "chance_maps", "chance_road",

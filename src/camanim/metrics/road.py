@@ -334,8 +334,9 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
             share of it (`LayerMaps.select`; the callback's DDP ranks), so
             that their noise equals a whole run's. Default ``0..L-1``.
         logits: ``(B, K)`` outputs of the model (in eval mode) on
-            ``images``, e.g. from the pass that computed the maps: the
-            clean forward is then skipped.
+            ``images``: the clean forward is then skipped. Default: the
+            maps' own (`LayerMaps.logits`, from the pass that computed
+            them), else one clean forward.
         fold: on the CPU, score the perturbed images with a copy of the
             model's graph whose Conv2d -> BatchNorm pairs are folded into
             channels-last convolutions (`camanim.core.inference`; ~20-30%
@@ -376,8 +377,13 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
             "these maps were computed for target callables without a class index "
             "(maps.targets is None), so ybroad cannot tell which class they explain; pass the "
             "same callables (or the class indices) as ybroad(..., targets=...)")
+    if logits is None and isinstance(maps, LayerMaps):
+        logits = maps.logits                  # the CAM pass's outputs spare a clean forward
     if logits is not None:
         logits = _check_logits(logits, b, x.device)
+    ids = list(range(n_layers)) if layer_ids is None else [int(i) for i in layer_ids]
+    if len(ids) != n_layers:
+        raise CAManimError(f"layer_ids has {len(ids)} entries for {n_layers} layers")
     acc = work_dtype(x.dtype)
     # half-precision models: impute from the float32 images, not the rounded input
     x_acc = x if acc == x.dtype else images.detach().to(device=x.device, dtype=acc)
@@ -396,9 +402,6 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
         scorer = _Scorer(calls, classes, kind)
         clean = scorer(logits, torch.arange(b))                              # (B,) CPU
         runner, channels_last = _runner(model, x, logits, bs, fold)
-        ids = list(range(n_layers)) if layer_ids is None else [int(i) for i in layer_ids]
-        if len(ids) != n_layers:
-            raise CAManimError(f"layer_ids has {len(ids)} entries for {n_layers} layers")
         n_trials = int(trials) if noise else 1   # without noise every trial is the same
         pert = torch.full((n_trials, n_layers, 2 * n_p, b), float("nan"), dtype=torch.float64)
         queue = _ForwardQueue(runner, scorer, pert, bs, b, x.dtype, channels_last)
@@ -417,7 +420,8 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
                 if not group:
                     break
                 keep = torch.cat(group)
-                filled = impute(x_acc.repeat(len(group) * 2 * n_p, 1, 1, 1), keep)
+                filled = impute(x_acc.repeat(len(group) * 2 * n_p, 1, 1, 1), keep,
+                                chunk=layers_per_solve * per_layer, dtype=sdt)
                 for t in range(n_trials):
                     for g in range(len(group)):
                         rows = slice(g * per_layer, (g + 1) * per_layer)

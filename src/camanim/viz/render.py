@@ -36,13 +36,13 @@ from PIL import Image, ImageDraw
 from ..errors import CAManimError
 from ..core.guard import one_torch_thread
 from .fonts import fit_text, join_fit, sans_font, short_names
-from .overlay import blend, colormap_lut, colour_indices, display_images, iter_maps, overlay
+from .overlay import colormap_lut, display_images, iter_maps, overlay
 from ..core.images import IMAGENET_MEAN, IMAGENET_STD
 from ..core.layers import LayerInfo
 from ..core.maps import NORMALIZATIONS, LayerMaps
 
 __all__ = ["render_frames", "FrameRenderer", "colormap_lut", "display_images", "iter_maps",
-           "overlay", "blend", "colour_indices", "panel_size", "road_scores", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "overlay", "panel_size", "road_scores", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 # Frame panels are upscaled to at least this width so captions stay legible,
 # and downscaled to at most this long side to keep videos light.

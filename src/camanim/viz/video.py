@@ -387,21 +387,23 @@ def encode_gif(frames: Iterable[np.ndarray], fps: float = 8, colors: int = 256,
         raise CAManimError(f"colors must be within 2..256, got {colors}")
     sink = _GifSink(None, _check_fps(fps))
     shape = None
-    checked = []
+    held = []   # RGB frames are kept only until the shared palette is known
     for frame in frames:
         frame = _check_frame(frame, "gif", shape)
         shape = frame.shape
-        checked.append(frame)
+        if shared_palette:
+            held.append(frame)
+        else:
+            sink.write(frame, colors=int(colors), palette=None)
     if shape is None:
         raise CAManimError("no frames to encode")
-    palette = None
     if shared_palette:
-        sample = np.concatenate(checked[::max(1, len(checked) // 12)], axis=0)
+        sample = np.concatenate(held[::max(1, len(held) // 12)], axis=0)
         palette = Image.fromarray(sample).quantize(colors=int(colors),
                                                    method=Image.Quantize.FASTOCTREE,
                                                    dither=Image.Dither.NONE)
-    for frame in checked:
-        sink.write(frame, colors=int(colors), palette=palette)
+        for frame in held:
+            sink.write(frame, colors=int(colors), palette=palette)
     buf = io.BytesIO()
     sink.save(buf)
     return buf.getvalue()
