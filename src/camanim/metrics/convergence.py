@@ -62,7 +62,7 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(ranked).scatter_(1, order, ranked)
 
 
-def _pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of matching rows of ``(N, n)`` float64 tensors;
     NaN where a row is constant."""
     a = a - a.mean(dim=1, keepdim=True)
@@ -83,7 +83,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         is undefined: a constant map orders no pixel before another).
     """
     acc = exact_dtype(a.device)
-    return _pearson_rows(average_ranks(a.to(acc)), average_ranks(b.to(acc)))
+    return pearson_rows(average_ranks(a.to(acc)), average_ranks(b.to(acc)))
 
 
 def _as_maps(x: Any, what: str) -> torch.Tensor:
@@ -140,7 +140,7 @@ def rank_change(prev_ranks: torch.Tensor, cur_ranks: torch.Tensor) -> np.ndarray
                            "from rank_maps: compare the same layers, images and input size")
     out = np.empty(tuple(prev_ranks.shape[:2]), dtype=np.float64)
     for i in range(prev_ranks.shape[0]):
-        r = _pearson_rows(prev_ranks[i].double(), cur_ranks[i].to(prev_ranks.device).double())
+        r = pearson_rows(prev_ranks[i].double(), cur_ranks[i].to(prev_ranks.device).double())
         out[i] = (1.0 - r).cpu().numpy()
     return out
 
@@ -370,4 +370,4 @@ def chance_road(model: torch.nn.Module, images: torch.Tensor, targets: Any = Non
 
 
 __all__ = ["CHANCE_NAMES", "DEFAULT_SETTLE_THRESHOLD", "average_ranks", "chance_maps", "chance_road",
-           "kendall_tau", "map_change", "rank_change", "rank_maps", "settle_epochs", "share_below", "spearman"]
+           "kendall_tau", "map_change", "pearson_rows", "rank_change", "rank_maps", "settle_epochs", "share_below", "spearman"]

@@ -67,7 +67,8 @@ from ..engine import CAManim
 from ..core.guard import eval_mode
 from ..core.files import atomic_path, save_figure, write_json
 from ..errors import CAManimError
-from .convergence import spearman
+from ..core.maps import exact_dtype
+from .convergence import average_ranks, pearson_rows
 
 METRICS = ("spearman", "ssim", "hog")
 DEFAULT_THRESHOLD = 0.9
@@ -353,7 +354,12 @@ def hog(maps: torch.Tensor, cell: int = 8, bins: int = 9, block: int = 2,
 def hog_similarity(a: torch.Tensor, b: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """Pearson correlation of the `hog` descriptors of matching ``(N, H, W)``
     maps: ``(N,)`` float64, NaN where a descriptor is constant (a flat map)."""
-    da, db = hog(a, **kwargs), hog(b, **kwargs)
+    return _descriptor_corr(hog(a, **kwargs), hog(b, **kwargs))
+
+
+def _descriptor_corr(da: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
+    """Row-wise Pearson correlation of ``(N, D)`` HOG descriptors (NaN below
+    a 1e-20 spread: a flat map's descriptor is zero up to rounding)."""
     da = da - da.mean(1, keepdim=True)
     db = db - db.mean(1, keepdim=True)
     den = (da.square().sum(1) * db.square().sum(1)).sqrt()
@@ -501,6 +507,11 @@ def sanity_check(model: nn.Module, images: torch.Tensor, method: Any = "gradcam"
     keep_targets = targets if orig.targets is None else orig.targets
     ref = orig.upsample("local")                                 # (L, B, H, W)
     n_layers, b = ref.shape[:2]
+    # the trained model's side of every comparison, computed once (ranks are
+    # whole or half numbers: exact in float32, see rank_maps)
+    ref_ranks = [average_ranks(ref[i].reshape(b, -1).to(exact_dtype(ref.device))).float()
+                 for i in range(n_layers)]
+    ref_hogs = [hog(ref[i]) for i in range(n_layers)]
     from ..core.inputs import check_images
 
     x = check_images(images, work)
@@ -518,10 +529,12 @@ def sanity_check(model: nn.Module, images: torch.Tensor, method: Any = "gradcam"
                                f"({len(maps.names)} vs {len(orig.names)}); pass layers as a list "
                                "of names")
         for i, cur in enumerate(maps.iter_upsampled("local")):
-            r, c = ref[i].to(cur.device), cur
-            sims["spearman"][k, i] = spearman(r.reshape(b, -1), c.reshape(b, -1)).cpu().numpy()
-            sims["ssim"][k, i] = ssim(r, c).cpu().numpy()
-            sims["hog"][k, i] = hog_similarity(r, c).cpu().numpy()
+            acc = exact_dtype(cur.device)
+            cur_ranks = average_ranks(cur.reshape(b, -1).to(acc))
+            sims["spearman"][k, i] = pearson_rows(ref_ranks[i].to(cur.device, acc),
+                                                  cur_ranks).cpu().numpy()
+            sims["ssim"][k, i] = ssim(ref[i].to(cur.device), cur).cpu().numpy()
+            sims["hog"][k, i] = _descriptor_corr(ref_hogs[i].to(cur.device), hog(cur)).cpu().numpy()
     tg = [int(t) for t in orig.targets] if orig.targets is not None else [None] * b
     return SanityReport(method=orig.method, layers=list(orig.names),
                         blocks=[label for label, _ in plan], targets=tg,
