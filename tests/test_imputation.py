@@ -18,8 +18,8 @@ from pytorch_grad_cam.metrics.road import NoisyLinearImputer, neighbors_weights
 
 from camanim import CAManimError
 import camanim.metrics.imputation as imputation
-from camanim.metrics.imputation import (FineOperator, Grid, Multigrid, add_noise, direct_solve, galerkin,
-                                        impute, prolong_add, restrict, solve_dtype, work_dtype)
+from camanim.metrics.imputation import add_noise, direct_solve, impute, solve_dtype, work_dtype
+from camanim.metrics.multigrid import FineOperator, Grid, Multigrid, galerkin, prolong_add, restrict
 from camanim.metrics.road import road_masks
 
 

@@ -59,13 +59,10 @@ import torch
 
 from ..core.maps import exact_dtype
 from ..errors import CAManimError
-from .multigrid import (MAX_ITER, NEIGHBOUR_WEIGHTS_12,
-                        OFFSETS, TOL, WORK_BYTES_CPU, WORK_BYTES_OTHER, FineOperator, Grid,
-                        Multigrid, galerkin, prolong_add, quantum, restrict, solve_pcg,
-                        split)
+from .multigrid import (MAX_ITER, NEIGHBOUR_WEIGHTS_12, OFFSETS, TOL, WORK_BYTES_CPU,
+                        WORK_BYTES_OTHER, FineOperator, Grid, quantum, solve_pcg, split)
 
-__all__ = ["impute", "add_noise", "direct_solve", "masks_per_solve", "solve_dtype", "work_dtype",
-           "FineOperator", "Grid", "Multigrid", "galerkin", "prolong_add", "restrict"]
+__all__ = ["impute", "add_noise", "direct_solve", "masks_per_solve", "solve_dtype", "work_dtype"]
 
 
 # Systems with at most this many unknown pixels that conjugate gradients
@@ -230,15 +227,13 @@ def _pcg_system(img: torch.Tensor, u: torch.Tensor, grid: Grid, scale: torch.Ten
     split rhs and residual (`split`). Returns (padded x, converged)."""
     op = FineOperator(u, grid)
     if img.dtype == torch.float64:
-        x, ok, _ = solve_pcg(op, op.rhs(grid.pad(img)), tol_n, max_iter=max_iter)
-        return x, ok
+        return solve_pcg(op, op.rhs(grid.pad(img)), tol_n, max_iter=max_iter)
     q = quantum(scale).to(img.dtype).reshape(-1, 1, 1)
     img_hi, img_lo = split(img, q[..., None])
     b_hi, b_lo = op.rhs(grid.pad(img_hi)), op.rhs(grid.pad(img_lo))
     b = b_hi + b_lo
-    x, ok, _ = solve_pcg(op, b, tol_n, max_iter=max_iter,
-                         residual=lambda x, out: op.residual_split(b_hi, b_lo, q, x, out))
-    return x, ok
+    return solve_pcg(op, b, tol_n, max_iter=max_iter,
+                     residual=lambda x, out: op.residual_split(b_hi, b_lo, q, x, out))
 
 
 def _fallback(img: torch.Tensor, u: torch.Tensor, grid: Grid, scale: torch.Tensor,

@@ -18,11 +18,8 @@ import torch.nn.functional as F
 # (dy, dx) of the 3x3 neighbourhood in row-major order; index 4 is the pixel.
 OFFSETS: tuple[tuple[int, int], ...] = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 CENTER = 4
-# Neighbour weights, as the reference's ``neighbors_weights``.
-NEIGHBOUR_WEIGHTS = ((1 / 12, 1 / 6, 1 / 12),
-                     (1 / 6, 0.0, 1 / 6),
-                     (1 / 12, 1 / 6, 1 / 12))
-# 12 x the weights: the integer coefficients of the scaled system.
+# 12 x the reference's ``neighbors_weights`` (1/6 direct, 1/12 diagonal):
+# the integer coefficients of the scaled system.
 NEIGHBOUR_WEIGHTS_12 = ((1.0, 2.0, 1.0),
                         (2.0, 0.0, 2.0),
                         (1.0, 2.0, 1.0))
@@ -43,11 +40,9 @@ WORK_BYTES_CPU = 48 * 2 ** 20
 WORK_BYTES_OTHER = 512 * 2 ** 20   # MPS and other devices without a free-memory query
 
 
-def neighbour_kernel(dtype: torch.dtype, device: torch.device | str, scaled: bool = False
-                     ) -> torch.Tensor:
-    """The ``(1, 1, 3, 3)`` neighbour-weight kernel (``scaled``: times 12)."""
-    w = NEIGHBOUR_WEIGHTS_12 if scaled else NEIGHBOUR_WEIGHTS
-    return torch.tensor(w, dtype=dtype, device=device)[None, None]
+def neighbour_kernel(dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """The ``(1, 1, 3, 3)`` neighbour-weight kernel, times 12."""
+    return torch.tensor(NEIGHBOUR_WEIGHTS_12, dtype=dtype, device=device)[None, None]
 
 
 def quantum(scale: torch.Tensor) -> torch.Tensor:
@@ -164,7 +159,7 @@ class FineOperator:
         self.grid = grid
         dtype, dev = unknown.dtype, unknown.device
         ones = torch.ones((1, 1, grid.h, grid.w), dtype=dtype, device=dev)
-        t = F.conv2d(ones, neighbour_kernel(dtype, dev, scaled=True), padding=1)  # 12 S: 5, 8, 12
+        t = F.conv2d(ones, neighbour_kernel(dtype, dev), padding=1)  # 12 S: 5, 8, 12
         self.u = grid.pad(unknown)                       # (N, 1, P)
         self.s = grid.pad(t)                             # (1, 1, P)
         self.diag = grid.pad(t + 4)                      # (1, 1, P)
@@ -484,9 +479,9 @@ def _dot(a: torch.Tensor, b: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
 
 
 def solve_pcg(op: FineOperator, b: torch.Tensor, tol: float | torch.Tensor,
-              max_iter: int = MAX_ITER, precond: Multigrid | None = None,
+              max_iter: int = MAX_ITER,
               residual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, int]:
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multigrid-preconditioned conjugate gradients for ``A x = b``.
 
     Mixed precision: the iteration runs in the preconditioner's dtype
@@ -508,10 +503,10 @@ def solve_pcg(op: FineOperator, b: torch.Tensor, tol: float | torch.Tensor,
             the split, exact form).
 
     Returns:
-        (solution ``(N, C, P)`` in ``b``'s dtype, ``(N,)`` bool converged,
-        iterations used). Unconverged systems are the caller's to handle.
+        (solution ``(N, C, P)`` in ``b``'s dtype, ``(N,)`` bool converged).
+        Unconverged systems are the caller's to handle.
     """
-    mg = precond if precond is not None else Multigrid(op)
+    mg = Multigrid(op)
     if residual is None:
         def residual(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             return op.residual(b, x, out=out)
@@ -576,6 +571,6 @@ def solve_pcg(op: FineOperator, b: torch.Tensor, tol: float | torch.Tensor,
         dx.zero_()
         e = torch.where(done, e, rel_error(mg(residual(x, r_true).to(mg.dtype))))
     converged = (e <= 1.0).reshape(n, -1).all(1)      # NaN counts as unconverged
-    return x, converged, it
+    return x, converged
 
 
