@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .plots import heatmap_image
+from .plots import agg_figure, figure_rgb, heatmap_image
 
 __all__ = ["CHANGE_CMAP", "convergence_image", "not_above_chance", "chance_tau_image"]
 
@@ -51,12 +51,9 @@ def chance_tau_image(series: Sequence[tuple[str, Sequence[int], np.ndarray, np.n
     """Two panels over epochs: share of layers above the random-map chance
     and Kendall tau of the per-layer ybROAD ranking against the previous
     epoch; ``series`` holds ``(label, epochs, above (E,), tau (E,))``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(9.0, 3.8), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = agg_figure(9.0, 3.8)
     axes = fig.subplots(1, 2)
     for label, epochs, above, tau in series:
         line, = axes[0].plot(epochs, above, marker="o", markersize=3, linewidth=1.2, label=label)
@@ -74,5 +71,4 @@ def chance_tau_image(series: Sequence[tuple[str, Sequence[int], np.ndarray, np.n
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=6, loc="best", frameon=False)
     fig.tight_layout()
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    return figure_rgb(fig)

@@ -20,6 +20,7 @@ from .fonts import fit_text, mono_font, short_names
 from .overlay import colormap_lut
 
 __all__ = ["heatmap_image", "curve_image", "trajectories_image", "trajectories_figure",
+           "agg_figure", "figure_rgb",
            "fit_figure", "label_size", "save_png"]
 
 _BG = (255, 255, 255)
@@ -274,7 +275,8 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
     return np.asarray(im)
 
 
-def _figure(width: float, height: float):
+def agg_figure(width: float, height: float) -> Any:
+    """A matplotlib ``Figure`` of ``width`` x ``height`` inches on an Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -283,7 +285,8 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _to_rgb(fig) -> np.ndarray:
+def figure_rgb(fig: Any) -> np.ndarray:
+    """Draw ``fig`` and return its pixels, ``(H, W, 3)`` uint8 (the figure is cleared)."""
     fig.canvas.draw()
     rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     fig.clear()
@@ -319,7 +322,7 @@ def trajectories_figure(series: Sequence[Any]) -> Any:
     L = len(names)
     step = max(1, math.ceil(L / 60))                     # y labels: at most ~60
     n_ticks = math.ceil(L / step)
-    fig = _figure(7.0, max(3.6, 0.14 * n_ticks + 1.0))
+    fig = agg_figure(7.0, max(3.6, 0.14 * n_ticks + 1.0))
     ax = fig.add_axes((0.3, 0.1, 0.5, 0.8))
     # the legend names only what differs between the series; the rest goes in the title
     keys = ("run", "method", "probe")
@@ -358,7 +361,7 @@ def trajectories_image(series: Sequence[Any]) -> np.ndarray:
     """Best layer per epoch, one line per series (relative depth 0..1 when
     the series have different layer counts; else layer names on the y axis,
     every k-th past 60 layers). ``(H, W, 3)`` uint8."""
-    return _to_rgb(trajectories_figure(series))
+    return figure_rgb(trajectories_figure(series))
 
 
 def save_png(path: Path, rgb: np.ndarray) -> Path:
