@@ -62,7 +62,8 @@ from ..errors import CAManimError
 from .multigrid import (MAX_ITER, NEIGHBOUR_WEIGHTS_12, OFFSETS, TOL, WORK_BYTES_CPU,
                         WORK_BYTES_OTHER, FineOperator, Grid, quantum, solve_pcg, split)
 
-__all__ = ["impute", "add_noise", "direct_solve", "masks_per_solve", "solve_dtype", "work_dtype"]
+__all__ = ["impute", "add_noise", "direct_solve", "masks_per_solve", "solve_dtype", "work_dtype",
+           "cuda_free_bytes"]
 
 
 # Systems with at most this many unknown pixels that conjugate gradients
@@ -97,6 +98,13 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def cuda_free_bytes(device: torch.device) -> int:
+    """Bytes a CUDA device can still hand out: free, plus what torch has
+    cached but not allocated (ours to reuse)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
 def masks_per_solve(channels: int, h: int, w: int, device: torch.device | str,
                     dtype: torch.dtype | None = None) -> int:
     """Masks `impute` solves together for ``(C, h, w)`` images on ``device``:
@@ -108,9 +116,7 @@ def masks_per_solve(channels: int, h: int, w: int, device: torch.device | str,
     # solution dtype: x, b, true residual, image; float32: ~10 vectors, 9 coarse coefs
     per_mask = grid.numel * (size * channels * 4 + 4 * channels * 10 + 4 * 9)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        budget = free // 4
+        budget = cuda_free_bytes(device) // 4
     elif device.type == "cpu":
         budget = WORK_BYTES_CPU
     else:

@@ -39,7 +39,7 @@ from ..core.guard import eval_mode
 from ..core.inference import folded_model, outputs_agree
 from ..core.maps import LayerMaps
 from ..errors import CAManimError
-from .imputation import add_noise, impute, masks_per_solve, solve_dtype, work_dtype
+from .imputation import add_noise, cuda_free_bytes, impute, masks_per_solve, solve_dtype, work_dtype
 from .road_result import DEFAULT_PERCENTILES, PERCENTILE_CONVENTION, RoadSummary, YbRoad
 
 __all__ = ["ybroad", "road_masks", "percentile_thresholds", "YbRoad", "RoadSummary",
@@ -204,10 +204,7 @@ def _device_memory(device: torch.device) -> tuple[Callable[[], int], int] | None
     user's peak-memory statistics are never reset."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        free, _ = torch.cuda.mem_get_info(device)
-        # memory torch has cached but not handed out is ours to reuse
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return (lambda: torch.cuda.memory_allocated(device)), int(free)
+        return (lambda: torch.cuda.memory_allocated(device)), cuda_free_bytes(device)
     if device.type == "mps" and hasattr(torch, "mps"):
         try:
             free = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
