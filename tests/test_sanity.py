@@ -19,7 +19,7 @@ from torch import nn
 
 from camanim import CAManimError
 from camanim.metrics.sanity import SanityReport, find_blocks, hog, hog_similarity, sanity_check, ssim
-from camanim.cli.sanity import main as sanity_main
+from camanim.cli import main as sanity_main
 
 
 @pytest.fixture

@@ -11,14 +11,13 @@ Wire it with ``add_sanity_parser(subparsers)``; it dispatches to
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import CAManimError
-from ..core.files import os_cause, write_text
+from ..core.files import write_text
 from .common import (float_list, input_args, layer_selector, parse_class_names, prepare_out,
                      target_index, torch_device)
 from .models import build_model, import_callable, in_channels, n_outputs
@@ -87,19 +86,7 @@ def _blocks(text: str) -> Any:
 
 
 def run_sanity(args: argparse.Namespace) -> int:
-    """Run ``camanim sanity``; returns the exit status (2 on bad input)."""
-    try:
-        return _run(args)
-    except CAManimError as e:
-        print(f"camanim sanity: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a write that failed mid-run (a full disk)
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"camanim sanity: error: {where}{os_cause(e)}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
+    """Run ``camanim sanity`` (errors are reported by `camanim.cli.main`)."""
     from ..metrics.sanity import sanity_check
 
     size = parse_size(args.size)
@@ -140,19 +127,3 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``camanim sanity`` on its own (until the main command wires it)."""
-    from .common import Parser
-
-    parser = Parser(prog="camanim")
-    add_sanity_parser(parser.add_subparsers(dest="command", required=True))
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else 2)
-    return run_sanity(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
