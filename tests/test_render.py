@@ -213,13 +213,23 @@ def test_panel_size_rules():
     assert panel_size((10, 10), (51, 77)) == (52, 76)
 
 
-def test_frames_stream_lazily():
-    # render_frames is a generator: the first frame comes before the rest exist
+def test_frames_stream_lazily(monkeypatch):
+    """render_frames is a generator all the way down: after k frames are
+    taken, k layers have been upsampled, blended and drawn, not all 50."""
+    import camanim.viz.overlay as overlay_mod
+
+    drawn, blended = [], []
+    real_frame, real_blend = FrameRenderer._frame, overlay_mod.blend
+    monkeypatch.setattr(FrameRenderer, "_frame",
+                        lambda self, i, *a: drawn.append(i) or real_frame(self, i, *a))
+    monkeypatch.setattr(overlay_mod, "blend", lambda *a: blended.append(1) or real_blend(*a))
     maps = make_maps(L=50, H=16, W=16)
     gen = render_frames(make_images(1, 16, 16), maps, size=32)
-    first = next(gen)
-    assert first.ndim == 3
+    for k in (1, 2, 3):
+        assert next(gen).ndim == 3
+        assert drawn == list(range(k)) and len(blended) == k
     gen.close()
+    assert len(drawn) == 3
 
 
 def test_quantized_maps_equal_the_float_path_exactly():
