@@ -132,7 +132,7 @@ def test_wrong_layout_raises_clear_error(tmp_path, busi):
     bad = tmp_path / "bad"
     (bad / "normal").mkdir(parents=True)
     (bad / "tumours").mkdir()
-    with pytest.raises(bd.BUSILayoutError) as e:
+    with pytest.raises(bd.BUSILayoutError, match="malignant/") as e:
         bd.scan_busi(bad)
     assert "malignant/" in str(e.value) and "tumours/" in str(e.value) and "Dataset_BUSI_with_GT" in str(e.value)
     # benign is only required with --include-benign
@@ -223,7 +223,7 @@ def test_split_json_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="not in the data set"):
         bd.BUSDataModule(image_size=32, split_file=tmp_path / "bad.json").setup()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"split file .*missing\.json does not exist"):
         bd.load_split(tmp_path / "missing.json")
 
 

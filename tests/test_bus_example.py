@@ -51,13 +51,17 @@ def test_help_explains_every_flag():
     assert "--image-size 224" in text and "--weights imagenet" in text
 
 
-def test_args_validation_and_lr_default():
+def test_args_validation_and_lr_default(capsys):
     assert train.parse_args([]).lr == pytest.approx(1e-3)
     assert train.parse_args(["--weights", "imagenet"]).lr == pytest.approx(1e-4)
     assert train.parse_args(["--weights", "imagenet", "--lr", "0.01"]).lr == pytest.approx(0.01)
-    for bad in (["--image-size", "16"], ["--limit", "3"], ["--epochs", "0"], ["--arch", "vgg16"]):
-        with pytest.raises(SystemExit):
+    for bad, why in ((["--image-size", "16"], "--image-size must be at least 32"),
+                     (["--limit", "3"], "--limit must be at least 6"),
+                     (["--epochs", "0"], "--epochs must be at least 1"),
+                     (["--arch", "vgg16"], "invalid choice: 'vgg16'")):
+        with pytest.raises(SystemExit, match="^2$"):       # argparse's usage-error status
             train.parse_args(bad)
+        assert why in capsys.readouterr().err
 
 
 def test_callbacks_checkpoint_and_camanim(tmp_path):
@@ -90,13 +94,13 @@ class _FakeWeights:
 def test_imagenet_weights_missing_says_how_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setattr(bm, "imagenet_weights", lambda arch: _FakeWeights())
-    with pytest.raises(bm.WeightsUnavailable) as e:
+    with pytest.raises(bm.WeightsUnavailable, match="--weights none") as e:
         bm.build_backbone("resnet18", 2, "imagenet")
     msg = str(e.value)
     assert "--weights none" in msg and "TORCH_HOME" in msg
     assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in msg
     # the script stops with that message instead of a traceback
-    with pytest.raises(SystemExit) as se:
+    with pytest.raises(SystemExit, match="--weights none") as se:
         train.main(TINY + ["--weights", "imagenet", "--out", str(tmp_path / "runs")])
     assert "--weights none" in str(se.value.code)
 
@@ -119,13 +123,13 @@ def test_imagenet_weights_read_from_torch_cache(tmp_path, monkeypatch):
     # the same file passed as a path
     net2 = bm.build_backbone("resnet18", 2, str(path))
     assert torch.equal(net2.conv1.weight, ref.conv1.weight) and net2.fc.out_features == 2
-    with pytest.raises(bm.WeightsUnavailable):
+    with pytest.raises(bm.WeightsUnavailable, match=r"nope\.pth: no such file"):
         bm.build_backbone("resnet18", 2, str(tmp_path / "nope.pth"))
 
 
 def test_busi_layout_error_stops_the_script(tmp_path):
     (tmp_path / "wrong").mkdir()
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit, match="Dataset_BUSI_with_GT") as e:
         train.main(TINY + ["--data-dir", str(tmp_path / "wrong"), "--out", str(tmp_path / "runs")])
     assert "Dataset_BUSI_with_GT" in str(e.value.code)
 

@@ -260,7 +260,7 @@ def test_load_image_errors(tmp_path):
 def test_sizes_and_model_input():
     assert parse_size("224") == (224, 224) and parse_size("320x256") == (320, 256)
     assert parse_size("none") is None and parse_size(None) is None
-    with pytest.raises(CAManimError):
+    with pytest.raises(CAManimError, match="bad image size '0'"):
         parse_size("0")
     rgb = np.full((30, 40, 3), 0.5, np.float32)
     x = to_model_input(rgb, (16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))

@@ -157,7 +157,7 @@ def test_no_hook_left_when_the_forward_raises(tiny_input):
     tiny = TinyCNN().double().eval()
     anim = camanim.CAManim(tiny, "gradcam", "conv")
     anim(tiny_input)
-    with pytest.raises(camanim.CAManimError):
+    with pytest.raises(camanim.CAManimError, match="target class 99 is out of range"):
         anim(tiny_input, targets=[0, 99])
     assert no_hooks(tiny)
 
@@ -320,7 +320,7 @@ def test_basecam_adapter_on_bfloat16(tiny_input):
     ("integrated-gradcam", {"mu": 0.5, "stepz": 3}, "steps, baseline, mean, std"),
 ])
 def test_unknown_method_options_are_an_error_at_construction(tiny, method, options, valid):
-    with pytest.raises(camanim.CAManimError) as err:
+    with pytest.raises(camanim.CAManimError, match="unknown option") as err:
         camanim.CAManim(tiny, method, **options)          # no images needed to fail
     msg = str(err.value)
     assert repr(method) in msg and valid in msg

@@ -102,11 +102,11 @@ def test_full_disk_leaves_no_truncated_file(small_disk):
     out = small_disk / "o"
     with pytest.raises(CAManimError, match=r"could not write .*clip\.mp4: ffmpeg"):
         write_frames(out / "clip.mp4", frames(n=8, h=256, w=256))
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device"):
         save_png(out / "heat.png", frames(1, 512, 512)[0])
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device"):
         write_text(out / "summary.json", "x" * 400_000)
-    with pytest.raises(CAManimError):
+    with pytest.raises(CAManimError, match=r"could not write .*clip\.gif"):
         write_frames(out / "clip.gif", frames(n=4, h=256, w=256))
     left = sorted(p.name for p in out.iterdir()) if out.exists() else []
     assert left == [], left       # nothing under a final name, no temporary file
@@ -129,7 +129,7 @@ def test_stale_temporaries_removed_at_start(tmp_path):
 
 
 def test_atomic_path_cleans_up_on_error(tmp_path):
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="writer died"):
         with atomic_path(tmp_path / "a.json") as tmp:
             tmp.write_text("half")
             raise RuntimeError("writer died")

@@ -21,9 +21,9 @@ def test_percentile_layers():
     assert percentile_layers(4) == [0, 1, 2, 3]          # fewer layers: each once
     assert percentile_layers(1) == [0]
     assert percentile_layers(101, (0, 50, 100)) == [0, 50, 100]
-    with pytest.raises(CAManimError):
+    with pytest.raises(CAManimError, match=r"percentiles must be within 0\.\.100, got \[120\]"):
         percentile_layers(10, (0, 120))
-    with pytest.raises(CAManimError):
+    with pytest.raises(CAManimError, match="no layers to pick from"):
         percentile_layers(0)
 
 

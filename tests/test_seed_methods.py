@@ -153,7 +153,7 @@ def test_fusion_follows_the_formula_on_hand_made_maps():
     # skipping image 1's first layer changes its result (the flag is used)
     all_valid = fuse(torch.tensor(maps)).numpy()
     assert not np.allclose(all_valid[1], fuse(torch.tensor(maps), torch.tensor(valid)).numpy()[1])
-    with pytest.raises(CAManimError):
+    with pytest.raises(CAManimError, match=r"min-max scaled to \[0, 1\]"):
         fuse(torch.tensor(maps) * 3)
 
 
@@ -400,17 +400,28 @@ def test_methods_work_under_inference_mode(tiny, tiny_input, method):
 
 
 # -------------------------------------------------------------- bad input
-@pytest.mark.parametrize("method,options", [
-    ("sise", {"mu": -0.1}), ("sise", {"mu": 1.5}), ("sise", {"mu": "high"}),
-    ("sise", {"score": "probability"}), ("sise", {"mask_norm": "mean"}),
-    ("sise", {"fusion": "otsu"}), ("sise", {"temperature": 0}), ("sise", {"bins": 1}),
-    ("sise", {"steps": 5}), ("ada-sise", {"mu": 0.3}),
-    ("integrated-gradcam", {"steps": 0}), ("integrated-gradcam", {"steps": 2.5}),
-    ("integrated-gradcam", {"path": "left"}), ("integrated-gradcam", {"baseline": "white"}),
-    ("integrated-gradcam", {"baseline": torch.zeros(4, 5, 5)}),
-    ("integrated-gradcam", {"mean": (0.5, 0.5)}), ("integrated-gradcam", {"std": (0, 1, 1)}),
-    ("integrated-gradcam", {"subtract_baseline": "yes"}), ("integrated-gradcam", {"mu": 0.5}),
+@pytest.mark.parametrize("method,options,match", [
+    ("sise", {"mu": -0.1}, r"mu must be in \[0, 1\]"),
+    ("sise", {"mu": 1.5}, r"mu must be in \[0, 1\]"),
+    ("sise", {"mu": "high"}, "mu must be a number"),
+    ("sise", {"score": "probability"}, "score='probability' is not one of"),
+    ("sise", {"mask_norm": "mean"}, "mask_norm='mean' is not one of"),
+    ("sise", {"fusion": "otsu"}, "fusion='otsu' is not one of"),
+    ("sise", {"temperature": 0}, "temperature must be a positive number"),
+    ("sise", {"bins": 1}, "bins must be an int >= 2"),
+    ("sise", {"steps": 5}, "steps= belongs to method='integrated-gradcam'"),
+    ("ada-sise", {"mu": 0.3}, "unknown option.* mu for method 'ada-sise'"),
+    ("integrated-gradcam", {"steps": 0}, "steps must be an int >= 1"),
+    ("integrated-gradcam", {"steps": 2.5}, "steps must be an int >= 1"),
+    ("integrated-gradcam", {"path": "left"}, "path must be 'paper'"),
+    ("integrated-gradcam", {"baseline": "white"}, "baseline must be None"),
+    ("integrated-gradcam", {"baseline": torch.zeros(4, 5, 5)},
+     r"baseline of shape \(4, 5, 5\) does not fit"),
+    ("integrated-gradcam", {"mean": (0.5, 0.5)}, "mean has 2 values"),
+    ("integrated-gradcam", {"std": (0, 1, 1)}, "std must be positive"),
+    ("integrated-gradcam", {"subtract_baseline": "yes"}, "subtract_baseline must be"),
+    ("integrated-gradcam", {"mu": 0.5}, "unknown option.* mu for method 'integrated-gradcam'"),
 ])
-def test_bad_options_raise_camanim_error(tiny, tiny_input, method, options):
-    with pytest.raises(CAManimError):
+def test_bad_options_raise_camanim_error(tiny, tiny_input, method, options, match):
+    with pytest.raises(CAManimError, match=match):
         camanim.CAManim(tiny, method, progress=False, **options)(tiny_input)

@@ -252,5 +252,5 @@ def test_server_stops(run):
     tb.close()
     tb.threads[0].join(10)
     assert not tb.threads[0].is_alive(), "TensorBoard's server thread still runs"
-    with pytest.raises(urllib.error.URLError):
+    with pytest.raises(urllib.error.URLError, match="urlopen error"):
         urllib.request.urlopen(tb.url + "/data/runs", timeout=5)

@@ -123,7 +123,7 @@ def test_failure_leaves_no_file(tmp_path, monkeypatch):
     good = write_video(tmp_path / "x.mp4", imgs, maps)
     size = good.stat().st_size
     monkeypatch.setattr(render_mod.FrameRenderer, "iter_layers", broken)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         write_video(tmp_path / "x.mp4", imgs, maps)
     assert good.stat().st_size == size and len(_mp4_frames(good)[1]) == 4
     assert [p.name for p in tmp_path.iterdir()] == ["x.mp4"]
