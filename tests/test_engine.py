@@ -390,5 +390,7 @@ def test_bfloat16_model_with_perturbation_methods(method):
     got = camanim.CAManim(m16, method, ["conv3"], progress=False)(x, targets=[2])
     ref = camanim.CAManim(m32, method, ["conv3"], progress=False)(x, targets=[2])
     assert got.raw[0].dtype == torch.float32 and torch.isfinite(got.raw[0]).all()
-    # stated tolerance: bf16 model, min-max scaled maps
-    assert float((got.upsample("local") - ref.upsample("local")).abs().max()) < 0.1
+    # stated tolerance: bf16 model, min-max scaled maps in [0, 1]. bfloat16 keeps 8
+    # significant bits (a relative step of 2^-8 = 0.004); measured here: 0.0031
+    # (gradcam++), 6e-8 (scorecam), 0 (ablationcam). 0.02 is ~5 such steps.
+    assert float((got.upsample("local") - ref.upsample("local")).abs().max()) < 0.02

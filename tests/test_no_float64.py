@@ -23,11 +23,12 @@ class NoFloat64(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.seen: list[str] = []
+        self.paused = False          # set while a CPU-only float64 step runs by design
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and not self.paused:
                 self.seen.append(str(func))
         return out
 
@@ -69,13 +70,30 @@ def test_otsu_float32_counts_equal_float64(monkeypatch):
     assert torch.equal(h32.double(), h64) and torch.equal(otsu.otsu_split(h32), s64)
 
 
-def test_imputation_float32_solve_makes_no_float64_outside_the_coarse_inverse(accelerator_policy):
+def test_imputation_float32_solve_makes_no_float64_outside_the_coarse_inverse(
+        accelerator_policy, monkeypatch):
     """impute's accelerator path: float32 solution; the only float64 work is the
-    coarsest level's pseudo-inverse, which runs on the CPU by design."""
+    coarsest level's pseudo-inverse, which runs on the CPU by design (the watch
+    pauses inside it and records every other op)."""
+    import camanim.metrics.multigrid as multigrid
+
     img = torch.rand(2, 3, 24, 20, generator=torch.Generator().manual_seed(2))
     keep = (torch.rand(2, 24, 20, generator=torch.Generator().manual_seed(3)) > 0.4).float()
     ref = imputation.impute(img, keep, dtype=torch.float64)
-    out = imputation.impute(img, keep)
+    real_pinv, inverses = multigrid.pinv, []
+
+    def pinv(a):
+        inverses.append(a.dtype)
+        watch.paused = True
+        try:
+            return real_pinv(a)
+        finally:
+            watch.paused = False
+
+    monkeypatch.setattr(multigrid, "pinv", pinv)
+    with NoFloat64() as watch:
+        out = imputation.impute(img, keep)
+    assert watch.seen == [] and inverses and set(inverses) == {torch.float32}
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref.double(), atol=1e-5, rtol=0)
 
