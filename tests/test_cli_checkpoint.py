@@ -11,10 +11,10 @@ import json
 
 import pytest
 import torch
+from test_cli import TINY, image, tiny_cnn  # noqa: F401 - image is a fixture used below
 
 from camanim import CAManim, LayerMaps, cli
 from camanim.core.images import IMAGENET_MEAN, IMAGENET_STD, load_image, to_model_input
-from test_cli import TINY, image, tiny_cnn  # noqa: F401 - image is a fixture used below
 
 TARGET = 1
 
@@ -54,7 +54,7 @@ def test_explain_maps_are_those_of_the_checkpoint(tmp_path, image, capsys, kind)
     assert json.loads((out / "scan_summary.json").read_text())["weights"] == str(ckpt)
     want, init = python_maps(image, state), python_maps(image, None)
     assert got.names == want.names and len(got) == 3
-    for name, g, w, r in zip(got.names, got.raw, want.raw, init.raw):
+    for name, g, w, r in zip(got.names, got.raw, want.raw, init.raw, strict=True):
         scale = float(w.abs().max())
         assert scale > 0, name
         torch.testing.assert_close(g, w, atol=1e-5 * scale, rtol=0, msg=name)

@@ -16,13 +16,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_road import sharp_model
 
 import camanim
 import camanim.lightning.callback as callback_mod
 from camanim.errors import CAManimError
 from camanim.lightning.callback import CAManimCallback
 from camanim.lightning.distributed import merge_shares, score_share
-from test_road import sharp_model
 
 ROAD = dict(percentiles=(20, 50, 80), noise=0.05, seed=3, progress=False, batch_size=None,
             score="softmax")
@@ -57,9 +57,9 @@ def synced(monkeypatch, maps, own, gathered, rank=0):
     """Run `_run_synced` as rank ``rank`` of 2; return what `_write` got."""
     cb = CAManimCallback(torch.zeros(2, 3, 16, 20), log_videos=False, on_error="raise")
     written = {}
-    monkeypatch.setattr(cb, "_compute", lambda *a: (maps, [own], None))
-    monkeypatch.setattr(cb, "_write", lambda tr, ep, m, road, ebpg, t: written.update(road=road))
-    monkeypatch.setattr(callback_mod, "gather_objects", lambda trainer, obj: gathered)
+    monkeypatch.setattr(cb, "_compute", lambda *_: (maps, [own], None))
+    monkeypatch.setattr(cb, "_write", lambda *args: written.update(road=args[3]))
+    monkeypatch.setattr(callback_mod, "gather_objects", lambda *_: gathered)
     trainer = SimpleNamespace(global_rank=rank, world_size=2, is_global_zero=rank == 0)
     cb._run_synced(trainer, None, 0)
     return written

@@ -13,10 +13,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import TinyCNN, no_hooks
 
 import camanim.core.guard as guard
 from camanim.core.guard import untouched
-from helpers import TinyCNN, no_hooks
 
 
 @pytest.fixture
@@ -112,11 +112,11 @@ def test_grad_objects(model):
 
 
 def test_hooks_added_inside_are_removed_and_older_ones_kept(model):
-    keep = model.conv1.register_forward_hook(lambda *a: None)
+    keep = model.conv1.register_forward_hook(lambda *_: None)
     with untouched(model):
-        model.conv1.register_forward_hook(lambda *a: None)
-        model.fc.register_forward_pre_hook(lambda *a: None)
-        model.conv3.register_full_backward_hook(lambda *a: None)
+        model.conv1.register_forward_hook(lambda *_: None)
+        model.fc.register_forward_pre_hook(lambda *_: None)
+        model.conv3.register_full_backward_hook(lambda *_: None)
     assert list(model.conv1._forward_hooks) == [keep.id]
     keep.remove()
     assert no_hooks(model)

@@ -67,7 +67,7 @@ def test_hog_equals_the_numpy_reference():
     # the similarity is Pearson's r of the descriptors
     a, b = torch.tensor(maps[:2]), torch.tensor(maps[[2, 0]])
     da, db = (np.stack([np_hog(m, 4) for m in t.numpy()]) for t in (a, b))
-    r = [np.corrcoef(p, q)[0, 1] for p, q in zip(da, db)]
+    r = [np.corrcoef(p, q)[0, 1] for p, q in zip(da, db, strict=True)]
     np.testing.assert_allclose(hog_similarity(a, b, cell=4).numpy(), r, atol=1e-12, rtol=0)
 
 
