@@ -83,6 +83,17 @@ def test_cuda_rng_on_a_fake_device(model, monkeypatch):
     assert fake.state.tolist() == [1, 2, 3]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rng_on_a_real_device(model):
+    model.cuda()
+    torch.cuda.manual_seed(3)
+    want = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed(3)
+    with untouched(model):
+        torch.rand(100, device="cuda")
+    assert torch.equal(torch.rand(4, device="cuda"), want)
+
+
 def test_training_modes(model):
     model.train()
     model.bn1.eval()
