@@ -18,13 +18,27 @@ layers a CAM can be drawn for:
 * a callable ``(name, module) -> bool``.
 
 Token outputs ``(B, N, C)`` (vision transformers) are drawn on their patch
-grid when it can be told from ``N`` and the image's aspect ratio: ``N = h*w``
-(a grid alone) or ``N = 1 + h*w`` (a class token first, dropped), with
-``h / w = H / W``. A one-line warning says so; ``reshape_transform=`` (a
-function ``(B, N, C) -> (B, C, h, w)``) overrides it for every token layer.
-Token outputs no grid fits (register tokens, pooled sequences) need
-``reshape_transform=``; they are skipped by ``"all"`` / ``"blocks"`` and an
-error when named.
+grid. What the model states is read first (`read_layout`): timm's
+``num_prefix_tokens`` (class, distillation and register tokens), its patch
+grid (``patch_embed.dynamic_feat_size`` for the input at hand, or
+``patch_embed.grid_size``), ``output_fmt == "NHWC"`` (Swin stages), and
+torchvision's ``class_token`` / ``patch_size`` / ``seq_length``. When the
+model states nothing, the grid is told from ``N`` and the image's aspect
+ratio: ``N = h*w`` or ``N = 1 + h*w`` (a class token first, dropped), with
+``h / w = H / W``. One warning names what was read or guessed;
+``reshape_transform=`` (a function ``(B, N, C) -> (B, C, h, w)``) overrides
+it for every token layer. Token outputs no grid fits, tokens in an unrolled
+(mask-unit) order (timm Hiera) and tensors whose first dimension is not the
+batch (attention windows) are skipped by ``"all"`` / ``"blocks"`` with their
+reason, and an error when named: never drawn scrambled. Token layers whose
+patch tokens get no gradient from the output (the last block of a
+class-token ViT) are drawn and flagged ``zero_gradient``.
+
+On timm models ``"blocks"`` is the model's own feature stages
+(``feature_info``) where they can be drawn: ResNet ``act1, layer1..layer4``,
+ConvNeXt ``stages.0..3``, Swin ``layers.0..3`` (NHWC), ViT every block
+``blocks.0..blocks.{depth-1}`` (one resolution, so the SISE rule would give
+one layer).
 """
 
 from __future__ import annotations
@@ -32,8 +46,9 @@ from __future__ import annotations
 import difflib
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +65,7 @@ VECTOR = "vector"    # (B, F) or (B, C, 1, 1): no spatial extent
 UNKNOWN = "unknown"  # cannot be told (MaxViT windows, tuples, ...)
 SPATIAL = (NCHW, NHWC)
 
-Selector = Union[str, Sequence[str], Callable[[str, nn.Module], bool]]
+Selector = str | Sequence[str] | Callable[[str, nn.Module], bool]
 
 # Pooling layers: their output only carries a map to the next resolution, it
 # is never "the last layer before a downsampling" (see block_layers).
@@ -144,7 +159,7 @@ class LayerInfo:
         return None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LayerInfo":
+    def from_dict(cls, d: dict[str, Any]) -> LayerInfo:
         d = dict(d)
         d["output_shape"] = tuple(d["output_shape"])
         d["aliases"] = tuple(d.get("aliases", ()))
@@ -343,7 +358,7 @@ class _Context:
 
 
 # (layout, reason it cannot be drawn, token grid, where the layout came from)
-_Layout = tuple[str, Optional[str], Optional[tuple[int, int, int]], Optional[str]]
+_Layout = tuple[str, str | None, tuple[int, int, int] | None, str | None]
 
 
 def _token_layout(shape: tuple[int, ...], ctx: _Context) -> _Layout:
@@ -421,8 +436,8 @@ def _layout(module: nn.Module, out: Any, ctx: _Context,
                         "is constant (CAManim paper, Fig. 7)"), None, None
     layout = _map_layout(module, shape, ctx, in_layout)
     if layout == UNKNOWN:
-        return UNKNOWN, (f"4-D output {shape} matches no spatial size seen in "
-                         "this forward (window or patch tensor?): layout cannot be told"), None, None
+        return UNKNOWN, (f"4-D output {shape} matches no spatial size seen in this "
+                         "forward (window or patch tensor?): layout cannot be told"), None, None
     source = "read from the model: output_fmt=NHWC" if layout == NHWC and ctx.model_layout.nhwc \
         else None
     return layout, None, None, source
@@ -572,11 +587,12 @@ def _flag_zero_gradients(model: nn.Module, x: torch.Tensor, infos: list[LayerInf
         if not isinstance(out, torch.Tensor) or not out.requires_grad:
             return
         outs = [hooks.outputs.get(i.name) for i in cands]
-        pairs = [(i, o) for i, o in zip(cands, outs) if o is not None and o.requires_grad]
+        pairs = [(i, o) for i, o in zip(cands, outs, strict=True)
+                 if o is not None and o.requires_grad]
         if not pairs:
             return
         grads = torch.autograd.grad(out.float().sum(), [o for _, o in pairs], allow_unused=True)
-    for (info, _), g in zip(pairs, grads):
+    for (info, _), g in zip(pairs, grads, strict=True):
         prefix = info.token_grid[0]  # type: ignore[index]
         if g is not None and bool((g[:, prefix:] == 0).all()) and bool((g[:, :prefix] != 0).any()):
             info.zero_gradient = True
@@ -687,12 +703,14 @@ def _notice(chosen: list[LayerInfo], reshape_transform: Callable | None) -> None
 def _feature_blocks(model: nn.Module, calls: list[LayerInfo]) -> list[LayerInfo] | None:
     """The calls of the model's own feature stages (timm's ``feature_info``,
     also on a wrapped model), or ``None`` when it has none that ran."""
-    for prefix, module in model.named_modules():
+    prefix, dicts = "", None
+    for name, module in model.named_modules():
         info = getattr(module, "feature_info", None)
-        dicts = info.get_dicts() if hasattr(info, "get_dicts") else info
-        if isinstance(dicts, (list, tuple)) and dicts and all(isinstance(d, dict) for d in dicts):
+        got = info.get_dicts() if hasattr(info, "get_dicts") else info
+        if isinstance(got, (list, tuple)) and got and all(isinstance(d, dict) for d in got):
+            prefix, dicts = name, got
             break
-    else:
+    if dicts is None:
         return None
     first = {i.module_name: i for i in reversed(calls) if i.call == 1}
     found: list[LayerInfo] = []
