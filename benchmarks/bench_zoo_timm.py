@@ -20,43 +20,36 @@ import camanim
 
 # family -> architectures (small variants: the sweep runs on one CPU thread)
 TIMM_ZOO: dict[str, list[str]] = {
-    "ResNet & classic CNNs": [
-        "resnet18", "resnet50", "resnet18d", "resnext26ts", "seresnext26d_32x4d", "densenet121",
-        "dla34", "dpn48b", "cspresnet50", "cspdarknet53", "vgg11", "inception_v3",
-        "legacy_xception", "res2net50_14w_8s", "resnest14d", "hrnet_w18_small", "repvgg_a0",
-        "eca_nfnet_l0", "hgnetv2_b0"],
+    "ViT with registers": [
+        "vit_pwee_patch16_reg1_gap_256", "vit_little_patch16_reg4_gap_256",
+        "vit_medium_patch16_reg4_gap_256", "vit_small_patch14_reg4_dinov2"],
+    "ViT/DeiT/EVA": [
+        "vit_tiny_patch16_224", "vit_small_patch16_224", "deit_tiny_patch16_224",
+        "deit_tiny_distilled_patch16_224", "deit3_small_patch16_224", "eva02_tiny_patch14_224",
+        "flexivit_small", "vit_relpos_small_patch16_224", "cait_xxs24_224",
+        "xcit_nano_12_p16_224", "pit_ti_224", "convit_tiny", "crossvit_tiny_240",
+        "vit_tiny_r_s16_p8_224"],
+    "Swin/SwinV2": ["swin_tiny_patch4_window7_224", "swinv2_cr_tiny_ns_224",
+                    "swinv2_tiny_window8_256", "swin_s3_tiny_224"],
+    "ConvNeXt/V2": ["convnext_atto", "convnext_femto", "convnextv2_atto", "convnextv2_nano"],
+    "MaxViT/CoAtNet": ["maxvit_nano_rw_256", "maxvit_pico_rw_256", "coatnet_nano_rw_224",
+                       "maxxvit_rmlp_nano_rw_256", "coatnext_nano_rw_224"],
+    "EfficientNet/V2": ["efficientnet_b0", "efficientnet_lite0", "tf_efficientnetv2_b0",
+                        "efficientnetv2_rw_t"],
     "RegNet": ["regnetx_002", "regnety_002", "regnetz_b16"],
     "MobileNet & mobile CNNs": [
         "mobilenetv2_050", "mobilenetv3_small_050", "mobilenetv4_conv_small", "mnasnet_small",
         "lcnet_050", "ghostnet_050", "mobileone_s0", "rexnet_100"],
-    "EfficientNet/V2": ["efficientnet_b0", "efficientnet_lite0", "tf_efficientnetv2_b0",
-                        "efficientnetv2_rw_t"],
-    "ViT/DeiT/EVA": [
-        "vit_tiny_patch16_224", "vit_small_patch16_224", "deit_tiny_patch16_224",
-        "deit_tiny_distilled_patch16_224", "deit3_small_patch16_224", "eva02_tiny_patch14_224",
-        "flexivit_small", "vit_relpos_small_patch16_224", "vit_srelpos_small_patch16_224",
-        "cait_xxs24_224", "xcit_nano_12_p16_224", "pit_ti_224", "convit_tiny",
-        "crossvit_tiny_240", "vit_small_r26_s32_224", "vit_tiny_r_s16_p8_224"],
-    "ViT with registers": [
-        "vit_pwee_patch16_reg1_gap_256", "vit_little_patch16_reg4_gap_256",
-        "vit_medium_patch16_reg4_gap_256", "vit_base_patch16_reg4_gap_256",
-        "vit_small_patch14_reg4_dinov2"],
-    "Swin/SwinV2": ["swin_tiny_patch4_window7_224", "swinv2_cr_tiny_ns_224",
-                    "swinv2_tiny_window8_256", "swin_s3_tiny_224"],
-    "ConvNeXt/V2": ["convnext_atto", "convnext_femto", "convnext_tiny", "convnextv2_atto",
-                    "convnextv2_nano"],
-    "MaxViT/CoAtNet": ["maxvit_nano_rw_256", "maxvit_pico_rw_256", "maxvit_tiny_tf_224",
-                       "coatnet_nano_rw_224", "coatnet_0_rw_224", "maxxvit_rmlp_nano_rw_256",
-                       "coatnext_nano_rw_224"],
-    "FastViT": ["fastvit_t8", "fastvit_sa12", "fastvit_mci0"],
-    "LeViT": ["levit_128s", "levit_conv_128s", "levit_256"],
+    "FastViT": ["fastvit_t8", "fastvit_mci0"],
+    "LeViT": ["levit_128s", "levit_conv_128s"],
+    "ResNet & classic CNNs": [
+        "resnet18", "resnet50", "resnext26ts", "densenet121", "dla34", "cspresnet50",
+        "resnest14d", "repvgg_a0", "hgnetv2_b0"],
     "Other hybrids & transformers": [
-        "twins_svt_small", "pvt_v2_b0", "mvitv2_tiny", "efficientformer_l1",
-        "efficientformerv2_s0", "edgenext_xx_small", "mobilevit_xxs", "mobilevitv2_050",
-        "poolformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18",
-        "inception_next_tiny", "hiera_tiny_224", "repvit_m1", "tiny_vit_5m_224",
-        "gcvit_xxtiny", "davit_tiny", "focalnet_tiny_srf", "nextvit_small", "rdnet_tiny",
-        "starnet_s1", "mambaout_femto"],
+        "twins_svt_small", "pvt_v2_b0", "efficientformer_l1", "efficientformerv2_s0",
+        "edgenext_xx_small", "mobilevit_xxs", "mobilevitv2_050", "poolformer_s12",
+        "caformer_s18", "inception_next_tiny", "hiera_tiny_224", "repvit_m1",
+        "tiny_vit_5m_224", "rdnet_tiny", "starnet_s1", "mambaout_femto"],
 }
 FAMILY = {n: f for f, names in TIMM_ZOO.items() for n in names}
 
