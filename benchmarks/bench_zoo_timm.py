@@ -79,8 +79,10 @@ def _layout_facts(table: camanim.core.layers.LayerTable) -> dict:
 
 
 def callback_epoch(model: torch.nn.Module, x: torch.Tensor) -> dict:
-    """One training epoch (2 images, SGD) with ``CAManimCallback`` on "blocks"
-    (at most 4 of them, evenly spaced, to keep the sweep short), ybROAD on."""
+    """One training epoch (2 images, SGD) with ``CAManimCallback`` on "blocks",
+    ybROAD on; light settings keep the sweep short on one CPU thread: at most 2
+    block layers (the first and the last), ROAD at one percentile (50), no
+    chance baseline."""
     import lightning as L
 
     class Lit(L.LightningModule):
@@ -102,8 +104,9 @@ def callback_epoch(model: torch.nn.Module, x: torch.Tensor) -> dict:
                                        batch_size=2)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        cb = camanim.CAManimCallback(x, layers="blocks", max_layers=4, save_dir=tmp,
-                                     log_videos=False, save_videos=False, progress=False)
+        cb = camanim.CAManimCallback(x, layers="blocks", max_layers=2, save_dir=tmp,
+                                     road_percentiles=(50,), chance=False, log_videos=False,
+                                     save_videos=False, progress=False)
         trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, default_root_dir=tmp, callbacks=[cb])
@@ -172,8 +175,8 @@ def markdown_timm(rows: list[dict], meta: dict) -> str:
         "Seconds: the CAManim call (discovery, one forward and backward, every map). "
         "Layout: where token / channels-last layouts came from (read: stated by the model; "
         "guessed: told from the token count). Zero-grad: layers flagged `zero_gradient`. "
-        "Callback: one training epoch with `CAManimCallback(layers=\"blocks\", max_layers=4)`, "
-        "ybROAD on.",
+        "Callback: one training epoch with `CAManimCallback(layers=\"blocks\", max_layers=2, "
+        "road_percentiles=(50,), chance=False)` (ybROAD on, light settings for one CPU thread).",
         "",
         "| family | model | px | params (M) | drawn | skipped (why) | layout | zero-grad | "
         "seconds | blocks | callback |",

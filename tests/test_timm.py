@@ -64,7 +64,8 @@ def test_prefix_tokens_and_grid_are_read_from_the_model(name, kw, prefix, what):
     assert "patch_embed" in msgs[0]
     assert table.names == ["blocks.0", "blocks.1"]          # feature_info: every block
     for info in table.selected:
-        grid = (prefix, 32 // model.patch_embed.patch_size[0], 32 // model.patch_embed.patch_size[0])
+        side = 32 // model.patch_embed.patch_size[0]
+        grid = (prefix, side, side)
         assert info.layout == TOKENS and info.token_grid == grid
         assert info.layout_source.startswith("read from the model")
     # a guessed grid would not fit 1 + 4 (or 1 + 1) prefix tokens: the blocks drew
@@ -211,3 +212,120 @@ def test_hiera_oracle_shows_the_raster_reading_would_be_scrambled():
     assert raster.shape == want.shape and not torch.allclose(raster, want)
     rerolled = model.reroll(t, 0).permute(0, 3, 1, 2)
     torch.testing.assert_close(rerolled, want, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ equivalence
+
+def _tokens(prefix: int, h: int, w: int):
+    """The correct reshape_transform, by hand: drop the prefix, raster grid."""
+    def to_map(t):
+        return t[:, prefix:].reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
+    return to_map
+
+
+def _nhwc(t):
+    return t.permute(0, 3, 1, 2)
+
+
+# model, input size, {layer: the reshape_transform pytorch-grad-cam needs}
+EQUIVALENCE = {
+    # class + 4 register tokens, 4x4 patches; blocks.1.mlp gets no gradient (both zero)
+    "vit_reg": (vit_reg, 32, {name: _tokens(5, 4, 4) for name in (
+        "blocks.0.norm1", "blocks.0.attn", "blocks.0", "blocks.1.norm1", "blocks.1.mlp")}),
+    # NHWC stages; the MLP's (B, h*w, C) tokens in raster order
+    "swin": (swin, 64, {"layers.0.blocks.0.mlp": _tokens(0, 16, 16), "layers.0": _nhwc,
+                        "layers.1": _nhwc, "layers.2.blocks.0.norm1": _nhwc,
+                        "layers.3": _nhwc}),
+    # channels-last inside the blocks (norm, MLP: conv_mlp=False, as in convnext_tiny
+    # and larger), NCHW between them
+    "convnext_atto": (lambda **kw: make("convnext_atto", conv_mlp=False, **kw), 64, {
+        "stages.0.blocks.0.norm": _nhwc, "stages.0.blocks.0.mlp.fc1": _nhwc,
+        "stages.1": None, "stages.2.blocks.0.conv_dw": None, "stages.3": None}),
+    # timm's own small EfficientNet for tests (the B0 code, narrow; float64 depthwise
+    # convolutions are slow on the CPU)
+    "efficientnet": (lambda **kw: make("test_efficientnet", **kw), 64, {
+        "conv_stem": None, "blocks.0": None, "blocks.3.0.conv_pw": None, "blocks.3": None,
+        "bn2": None}),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(EQUIVALENCE))
+def test_gradcam_equals_pytorch_grad_cam_with_a_hand_written_reshape(arch):
+    """Reference: pytorch_grad_cam.GradCAM run on ONE layer at a time, given
+    the correct reshape_transform by hand, on the float64 model (its in-place
+    activations made out-of-place for the reference's capture, see
+    test_equivalence.without_inplace). Tolerance: 1e-4 on the min-max
+    normalized maps. camanim reads every layout itself (no reshape_transform)."""
+    from pytorch_grad_cam import GradCAM
+    from test_equivalence import without_inplace
+
+    build, size, layers = EQUIVALENCE[arch]
+    model = build(dtype=torch.float64)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        maps = camanim.CAManim(model, "gradcam", list(layers), progress=False)(x)
+    assert maps.names == list(layers)
+    ours = maps.upsample("local").numpy()
+    ref_model = without_inplace(model)
+    modules = dict(ref_model.named_modules())
+    targets = [logit_target(int(c)) for c in maps.targets]
+    for k, (name, fn) in enumerate(layers.items()):
+        with GradCAM(ref_model, [modules[name]], reshape_transform=fn) as cam:
+            ref = cam(x, targets)
+        assert np.abs(ours[k] - ref).max() <= 1e-4, name
+
+
+@pytest.mark.parametrize("arch", ["vit_reg", "swin"])
+def test_ybroad_runs_on_timm_models(arch):
+    build, size, layers = EQUIVALENCE[arch]
+    model = build()
+    x = torch.randn(2, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        maps = camanim.CAManim(model, "gradcam", list(layers)[:3], progress=False)(x)
+    road = camanim.ybroad(model, x, maps, percentiles=(20, 80))
+    assert road.names == maps.names and road.scores.shape == (3, 2)
+    assert np.isfinite(road.scores).all()
+
+
+# ------------------------------------------------------------------ CLI and example
+
+def test_cli_explains_a_timm_model(tmp_path, capsys):
+    from PIL import Image
+
+    from camanim import cli
+
+    png = tmp_path / "img.png"
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(png)
+    rc = cli.main(["explain", str(png), "--model", "timm:convnext_atto", "--size", "64",
+                   "--layers", "blocks", "--out", str(tmp_path / "out"), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert any((tmp_path / "out").iterdir())
+    rc = cli.main(["layers", "--model", "timm:vit_tiny_patch16_224", "--size", "32",
+                   "--layers", "blocks"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "blocks.11" in out            # dynamic_img_size: any size, 2x2 grid
+    assert cli.main(["layers", "--model", "timm:convnext_atoo", "--size", "32"]) != 0
+    assert "did you mean timm:convnext_atto" in capsys.readouterr().err
+    assert cli.main(["layers", "--model", "timm:convnext_atto", "--weights", "DEFAULT"]) != 0
+    assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_example_takes_timm_arch():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from finetune_bus import model as bm
+    from finetune_bus import train
+
+    net = bm.build_backbone("timm:convnext_atto", num_classes=3)
+    assert net(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+    with pytest.raises(ValueError, match="random weights"):
+        bm.build_backbone("timm:convnext_atto", weights="imagenet")
+    assert train.parse_args(["--arch", "timm:convnext_atto"]).arch == "timm:convnext_atto"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--arch", "convnext"])
