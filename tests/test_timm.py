@@ -236,11 +236,11 @@ EQUIVALENCE = {
     "swin": (swin, 64, {"layers.0.blocks.0.mlp": _tokens(0, 16, 16), "layers.0": _nhwc,
                         "layers.1": _nhwc, "layers.2.blocks.0.norm1": _nhwc,
                         "layers.3": _nhwc}),
-    # channels-last inside the blocks (norm, MLP: conv_mlp=False, as in convnext_tiny
-    # and larger), NCHW between them
-    "convnext_atto": (lambda **kw: make("convnext_atto", conv_mlp=False, **kw), 64, {
+    # channels-last inside the blocks (norm, MLP: conv_mlp=False as in convnext_tiny and
+    # larger), NCHW between them; timm's narrow ConvNeXt for tests
+    "convnext": (lambda **kw: make("test_convnext", conv_mlp=False, **kw), 32, {
         "stages.0.blocks.0.norm": _nhwc, "stages.0.blocks.0.mlp.fc1": _nhwc,
-        "stages.1": None, "stages.2.blocks.0.conv_dw": None, "stages.3": None}),
+        "stages.1": None, "stages.2.blocks.0.conv_dw": None, "stages.2": None}),
     # timm's own small EfficientNet for tests (the B0 code, narrow; float64 depthwise
     # convolutions are slow on the CPU)
     "efficientnet": (lambda **kw: make("test_efficientnet", **kw), 64, {
