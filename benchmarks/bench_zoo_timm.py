@@ -188,7 +188,8 @@ def markdown_timm(rows: list[dict], meta: dict) -> str:
         res = r.get("callback", "") if r["status"] == "ok" else \
             f"{r['status']}: {r.get('message', '')[:120]}"
         lines.append(
-            f"| {r.get('family', '')} | {r['model']} | {'x'.join(map(str, r.get('size', [])))} | "
+            f"| {r.get('family') or FAMILY.get(r['model'], '')} | {r['model']} | "
+            f"{'x'.join(map(str, r.get('size', [])))} | "
             f"{r.get('params_m', '')} | {r.get('drawn', '')} | {why} | {layout} | "
             f"{len(r.get('zero_gradient', []))} | {r.get('seconds', '')} | "
             f"{len(r.get('blocks', []))} | {str(res).replace('|', '/')} |")

@@ -310,7 +310,8 @@ def test_cli_explains_a_timm_model(tmp_path, capsys):
     assert rc == 0 and "blocks.11" in out            # dynamic_img_size: any size, 2x2 grid
     assert cli.main(["layers", "--model", "timm:convnext_atoo", "--size", "32"]) != 0
     assert "did you mean timm:convnext_atto" in capsys.readouterr().err
-    assert cli.main(["layers", "--model", "timm:convnext_atto", "--weights", "DEFAULT"]) != 0
+    assert cli.main(["explain", str(png), "--model", "timm:convnext_atto", "--weights", "DEFAULT",
+                     "--out", str(tmp_path / "x")]) != 0
     assert "--checkpoint" in capsys.readouterr().err
 
 
