@@ -78,6 +78,33 @@ def _layout_facts(table: camanim.core.layers.LayerTable) -> dict:
             "layouts_drawn": dict(Counter(i.layout for i in table.selected))}
 
 
+def oracle(model: torch.nn.Module, x: torch.Tensor) -> list[str] | str:
+    """Per feature stage (``feature_info``): does the NCHW map camanim reads
+    equal timm's own ``forward_intermediates`` output? ``"equal"``,
+    ``"skipped: <reason>"`` (never drawn), or the mismatch."""
+    from camanim.core.capture import capture
+
+    if not hasattr(model, "forward_intermediates") or not isinstance(
+            getattr(model, "feature_info", None), list):
+        return "no forward_intermediates"
+    with torch.no_grad():
+        want = model.forward_intermediates(x, intermediates_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calls = camanim.list_layers(model, x, "all").calls
+    first = {i.module_name: i for i in reversed(calls) if i.call == 1}
+    out = []
+    for d, w in zip(model.feature_info, want, strict=False):
+        info = first.get(d["module"])
+        if info is None or info.skipped:
+            out.append(f"skipped: {info.skipped[:60]}" if info else "not called")
+            continue
+        a = capture(model, x, [info], gradients=False).activations[0]
+        out.append("equal" if a.shape == w.shape and torch.equal(a, w) else
+                   f"differs: {tuple(a.shape)} vs {tuple(w.shape)}")
+    return out
+
+
 def callback_epoch(model: torch.nn.Module, x: torch.Tensor) -> dict:
     """One training epoch (2 images, SGD) with ``CAManimCallback`` on "blocks",
     ybROAD on; light settings keep the sweep short on one CPU thread: at most 2
@@ -145,6 +172,10 @@ def run_one_timm(name: str) -> dict:
     out["skip_reasons"] = dict(Counter(_key(i.skipped or "") for i in table.skipped))
     out["blocks"] = camanim.list_layers(model, x, "blocks").names
     out.update(_layout_facts(table))
+    try:
+        out["oracle"] = oracle(model, x)
+    except Exception as e:  # noqa: BLE001 - timm's own forward_intermediates may not run
+        out["oracle"] = f"{type(e).__name__}: {str(e)[:200]}"
     out["nonfinite_layers"] = [n for n, r in maps if not torch.isfinite(r).all()]
     out["camanim_warnings"] = sorted({str(w.message)[:400] for w in caught
                                       if "camanim" in str(w.message)})
