@@ -23,6 +23,15 @@ so one hang or crash does not stop the sweep.
     OMP_NUM_THREADS=1 python benchmarks/bench_zoo.py --out zoo.json --markdown zoo_table.md
     python benchmarks/bench_zoo.py --models resnet18 vit_b_16 --size 64
 
+``--source timm`` runs the timm architectures of `TIMM_ZOO` instead (see
+``bench_zoo_timm.py``): each at its own default input size, random weights,
+``layers="all"``; it also reports where token layouts came from (read from
+the model or guessed), the layers flagged ``zero_gradient``, and whether
+``CAManimCallback`` (``layers="blocks"``, ybROAD on) runs one training epoch.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_zoo.py --source timm --jsonl timm.jsonl \
+        --markdown timm_table.md
+
 Prints one JSON object.
 """
 
@@ -45,6 +54,9 @@ import torch
 import torchvision
 
 import camanim
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_zoo_timm import TIMM_ZOO, markdown_timm, run_one_timm  # noqa: E402 - after the path
 
 FALLBACK_SIZES = (75, 96, 128, 160, 224)
 
@@ -134,21 +146,21 @@ def run_one(name: str, size: int) -> dict:
     return out
 
 
-def _child(name: str, size: int, conn) -> None:
+def _child(name: str, size: int, conn, source: str = "torchvision") -> None:
     torch.set_num_threads(1)
     try:
-        conn.send(run_one(name, size))
+        conn.send(run_one_timm(name) if source == "timm" else run_one(name, size))
     except BaseException as e:  # noqa: BLE001
         conn.send({"model": name, "status": "failure", "exception": type(e).__name__,
                    "message": str(e)[:600], "traceback": traceback.format_exc()[-2500:]})
     conn.close()
 
 
-def run_isolated(name: str, size: int, timeout: float) -> dict:
+def run_isolated(name: str, size: int, timeout: float, source: str = "torchvision") -> dict:
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
     t0 = time.perf_counter()
-    p = ctx.Process(target=_child, args=(name, size, child), daemon=True)
+    p = ctx.Process(target=_child, args=(name, size, child, source), daemon=False)
     p.start()
     child.close()
     res = None
@@ -188,7 +200,7 @@ def markdown(result: dict) -> str:
     rows = result["models"]
     counts = Counter(r["status"] for r in rows)
     lines = [
-        f"### `CAManim(model, \"gradcam\", layers=\"all\")` over the torchvision zoo",
+        "### `CAManim(model, \"gradcam\", layers=\"all\")` over the torchvision zoo",
         "",
         f"`python benchmarks/bench_zoo.py --size {meta['size']}`: {len(rows)} models of "
         f"torchvision {meta['torchvision']} (torch {meta['torch']}), random weights, batch 1, "
@@ -233,48 +245,86 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", choices=("torchvision", "timm"), default="torchvision",
+                    help="which zoo (default torchvision)")
     ap.add_argument("--models", nargs="+", help="subset of model names (default: the whole zoo)")
-    ap.add_argument("--size", type=int, default=64, help="input pixels (default 64)")
+    ap.add_argument("--size", type=int, default=64,
+                    help="input pixels, torchvision (default 64; timm: each model's own)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per model")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
+    ap.add_argument("--jsonl", type=Path, help="append one JSON line per model here, as it ends")
     ap.add_argument("--markdown", type=Path, help="write a markdown table here")
     ap.add_argument("--quiet", action="store_true", help="no per-model progress on stderr")
     ap.add_argument("--render", type=Path, metavar="JSON",
-                    help="only write --markdown from a JSON file this script wrote")
+                    help="only write --markdown from a JSON (or JSON lines) file this script wrote")
     args = ap.parse_args()
+    if args.render and not args.markdown:
+        ap.error("--render needs --markdown")
+    return args
+
+
+def _meta(args: argparse.Namespace) -> dict:
+    meta = {"source": args.source, "size": args.size, "threads": 1, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "camanim": camanim.__version__,
+            "machine": f"{platform.machine()}, {platform.processor() or platform.system()}",
+            "python": platform.python_version()}
+    if args.source == "timm":
+        import timm
+
+        meta["timm"] = timm.__version__
+    return meta
+
+
+def _render(result: dict) -> str:
+    if result["meta"].get("source") == "timm":
+        return markdown_timm(result["models"], result["meta"])
+    return markdown(result)
+
+
+def _load(path: Path, args: argparse.Namespace) -> dict:
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        return {"meta": _meta(args), "models": [json.loads(x) for x in text.splitlines() if x]}
+    return json.loads(text)
+
+
+def main() -> None:
+    args = _args()
     if args.render:
-        if not args.markdown:
-            ap.error("--render needs --markdown")
-        args.markdown.write_text(markdown(json.loads(args.render.read_text())))
+        args.markdown.write_text(_render(_load(args.render, args)))
         return
     torch.set_num_threads(1)
-    zoo = torchvision.models.list_models(module=torchvision.models)
+    if args.source == "timm":
+        zoo = [n for names in TIMM_ZOO.values() for n in names]
+    else:
+        zoo = torchvision.models.list_models(module=torchvision.models)
     names = args.models or zoo
     unknown = [n for n in names if n not in zoo]
-    if unknown:
-        ap.error(f"not classification models of torchvision: {unknown}")
+    if unknown and args.source == "torchvision":
+        sys.exit(f"not classification models of torchvision: {unknown}")
     rows = []
     for n in names:
-        r = run_isolated(n, args.size, args.timeout)
+        r = run_isolated(n, args.size, args.timeout, args.source)
         rows.append(r)
         if not args.quiet:
             print(f"{n:28s} {r['status']:12s} drawn={r.get('drawn', '-')} "
                   f"skipped={r.get('skipped', '-')} {r.get('seconds', '-')} s "
-                  f"{(r.get('message') or '')[:100]}", file=sys.stderr, flush=True)
+                  f"{r.get('callback', '')} {(r.get('message') or '')[:100]}",
+                  file=sys.stderr, flush=True)
+        if args.jsonl:
+            with args.jsonl.open("a") as f:
+                f.write(json.dumps(r) + "\n")
         if args.out:  # partial results survive an interrupted sweep
             args.out.write_text(json.dumps({"models": rows}, indent=1))
-    meta = {"size": args.size, "threads": 1, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "camanim": camanim.__version__,
-            "machine": f"{platform.machine()}, {platform.processor() or platform.system()}",
-            "python": platform.python_version()}
-    result = {"meta": meta, "summary": dict(Counter(r["status"] for r in rows)), "models": rows}
+    result = {"meta": _meta(args), "summary": dict(Counter(r["status"] for r in rows)),
+              "models": rows}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     if args.markdown:
-        args.markdown.write_text(markdown(result))
+        args.markdown.write_text(_render(result))
     print(json.dumps(result, indent=1))
 
 

@@ -7,12 +7,11 @@ import warnings
 import pytest
 import torch
 import torchvision
+from helpers import no_hooks
 from torch import nn
 
 import camanim
-from camanim.core.layers import NCHW, NHWC, VECTOR
-
-from helpers import no_hooks
+from camanim.core.layout import NCHW, NHWC, VECTOR
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ paper's BC-ResNet50).  They are read from torch's cache
 only when missing; with no network the run stops and says how to get them.
 ``--weights none`` (the offline default) starts from random weights.
 ``--weights /path/to/file.pth`` loads a torchvision state dict you copied.
+``--arch timm:NAME`` (e.g. ``timm:convnext_tiny``) fine-tunes a timm model
+instead, from random weights (``pretrained=False``: nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -60,15 +62,30 @@ def _how_to_get(arch: str) -> str:
         f"  - or train from random weights: --weights none")
 
 
+def check_arch(arch: str) -> str:
+    """``arch`` if it names a supported network (argparse ``type=``)."""
+    if arch not in ARCHS and not (arch.startswith("timm:") and len(arch) > len("timm:")):
+        raise ValueError(f"--arch must be one of {', '.join(ARCHS)} or timm:NAME, got {arch!r}")
+    return arch
+
+
 def build_backbone(arch: str = "resnet50", num_classes: int = 2, weights: str = "none",
                    download_timeout: float = 30.0) -> nn.Module:
-    """A torchvision ResNet whose ``fc`` is replaced by ``Linear(in, num_classes)``.
+    """A torchvision ResNet whose ``fc`` is replaced by ``Linear(in, num_classes)``,
+    or a timm model (``arch="timm:NAME"``, random weights) with ``num_classes`` outputs.
 
     ``weights``: ``"none"`` (random), ``"imagenet"`` (cached torchvision
     weights, downloaded if missing) or a path to a state-dict file of the
-    ImageNet model (its ``fc`` is replaced after loading)."""
-    if arch not in ARCHS:
-        raise ValueError(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    ImageNet model (its ``fc`` is replaced after loading); timm models take
+    ``"none"`` only."""
+    check_arch(arch)
+    if arch.startswith("timm:"):
+        if weights not in (None, "none"):
+            raise ValueError(f"--weights {weights}: timm models start from random weights here "
+                             "(--weights none); ImageNet weights are for the torchvision ResNets")
+        from camanim.cli.models import timm_model
+
+        return timm_model(arch[len("timm:"):], num_classes)
     net = getattr(torchvision.models, arch)(weights=None)
     if weights == "imagenet":
         cached = weights_cache_path(arch)
@@ -102,7 +119,7 @@ def build_backbone(arch: str = "resnet50", num_classes: int = 2, weights: str = 
 
 
 class BUSClassifier(L.LightningModule):
-    """ResNet classifier for breast ultrasound.
+    """ResNet (or timm) classifier for breast ultrasound.
 
     ``forward(images) -> logits``; the network is ``self.model`` (layer names
     as in torchvision, prefixed ``model.``, e.g. ``model.layer4.2.conv3``).

@@ -41,6 +41,13 @@ PAPER = ("paper settings (BC-ResNet50): --data-dir /path/to/Dataset_BUSI_with_GT
          "--weights imagenet --image-size 224 --epochs 30 --accelerator gpu (the paper does not state its epoch count)")
 
 
+def _arch(text: str) -> str:
+    try:
+        return bus_model.check_arch(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python examples/finetune_bus/train.py",
@@ -82,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader worker processes (0: load in the main process, best on a 2-core CPU; "
                         "4-8 on a GPU machine)")
     m = p.add_argument_group("model and training")
-    m.add_argument("--arch", choices=bus_model.ARCHS, default="resnet50",
-                   help="torchvision ResNet (resnet50 as in the paper; resnet18 for quick runs)")
+    m.add_argument("--arch", type=_arch, default="resnet50", metavar="{%s,timm:NAME}"
+                   % ",".join(bus_model.ARCHS),
+                   help="torchvision ResNet (resnet50 as in the paper; resnet18 for quick runs) "
+                        "or a timm model, e.g. timm:convnext_tiny (random initial weights)")
     m.add_argument("--weights", default="none", metavar="{none,imagenet,PATH}",
                    help="'imagenet': torchvision's ImageNet-1k weights (the paper; read from the torch cache "
                         "$TORCH_HOME/hub/checkpoints, downloaded if missing, else the run stops and says how "

@@ -46,8 +46,10 @@ def input_args(p: argparse.ArgumentParser) -> None:
 
 
 def model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="NAME|module:callable",
-                   help="a torchvision model name (resnet50, densenet161, ...) or an importable "
+    p.add_argument("--model", required=True, metavar="NAME|timm:NAME|module:callable",
+                   help="a torchvision model name (resnet50, densenet161, ...), a timm model "
+                        "(timm:convnext_tiny; random weights, load yours with --checkpoint) or an "
+                        "importable "
                         "'package.module:callable' / 'path/to/file.py:callable' returning an nn.Module")
     p.add_argument("--num-classes", type=int, default=None, metavar="K",
                    help="output classes of a torchvision model (default: 1000; explain: or what --checkpoint holds)")

@@ -1,6 +1,7 @@
-"""Building the model a ``camanim`` subcommand explains: torchvision names or
-``module:callable``, torchvision weights, checkpoints (Lightning or plain
-state dicts, read without pickle)."""
+"""Building the model a ``camanim`` subcommand explains: torchvision names,
+``timm:NAME`` (random weights, nothing downloaded) or ``module:callable``,
+torchvision weights, checkpoints (Lightning or plain state dicts, read
+without pickle)."""
 
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def build_model(spec: str, weights: str = "none", checkpoint: Path | None = None
     """The model named by ``spec`` and the class names known for it.
 
     Args:
-        spec: torchvision model name or ``module:callable`` / ``file.py:callable``.
+        spec: torchvision model name, ``timm:NAME`` or ``module:callable`` /
+            ``file.py:callable``.
         weights: ``none`` (random init), ``DEFAULT`` or a torchvision weights name.
         checkpoint: a state dict or Lightning checkpoint to load.
         num_classes: output classes (torchvision models; passed to a callable).
@@ -91,12 +93,45 @@ def build_model(spec: str, weights: str = "none", checkpoint: Path | None = None
         return _build_model(spec, weights, checkpoint, num_classes, quiet)
 
 
+def timm_model(name: str, num_classes: int | None = None) -> nn.Module:
+    """A timm model with random weights (``pretrained=False``: nothing is
+    downloaded), built for any input size where the architecture allows it
+    (``dynamic_img_size=True``; the same parameters either way)."""
+    try:
+        import timm
+    except ImportError:
+        raise CAManimError(f"--model timm:{name} needs timm: pip install 'camanim[timm]'") from None
+    available = timm.list_models()
+    if name not in available:
+        close = difflib.get_close_matches(name, available, n=3)
+        hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+        raise CAManimError(f"unknown timm model {name!r}{hint} (timm.list_models() lists them)")
+    kw: dict[str, Any] = {} if num_classes is None else {"num_classes": int(num_classes)}
+    try:
+        return timm.create_model(name, pretrained=False, dynamic_img_size=True, **kw)
+    except TypeError:  # an architecture without a dynamic input size
+        pass
+    try:
+        return timm.create_model(name, pretrained=False, **kw)
+    except Exception as e:  # noqa: BLE001 - timm's constructor failed: say which and why
+        raise CAManimError(f"timm could not build {name}: {type(e).__name__}: {e}") from None
+
+
 def _build_model(spec: str, weights: str, checkpoint: Path | None, num_classes: int | None,
                  quiet: bool) -> tuple[nn.Module, list[str] | None]:
     import torchvision
 
     categories: list[str] | None = None
-    if ":" in spec:
+    if spec.startswith("timm:"):
+        if weights.lower() != "none":
+            raise CAManimError("--weights applies to torchvision models; timm models are built "
+                               "with random weights (nothing is downloaded): load trained "
+                               "weights with --checkpoint FILE")
+        model = timm_model(spec[len("timm:"):], num_classes)
+        if checkpoint is None and not quiet:
+            print(f"note: {spec} has random weights: the maps show an untrained network. "
+                  "Pass --checkpoint FILE for a trained one.", file=sys.stderr)
+    elif ":" in spec:
         if weights.lower() != "none":
             raise CAManimError("--weights applies to torchvision models; load a "
                                "module:callable model's weights with --checkpoint")

@@ -18,22 +18,25 @@ layers a CAM can be drawn for:
 * a callable ``(name, module) -> bool``.
 
 Token outputs ``(B, N, C)`` (vision transformers) are drawn on their patch
-grid when it can be told from ``N`` and the image's aspect ratio: ``N = h*w``
-(a grid alone) or ``N = 1 + h*w`` (a class token first, dropped), with
-``h / w = H / W``. A one-line warning says so; ``reshape_transform=`` (a
-function ``(B, N, C) -> (B, C, h, w)``) overrides it for every token layer.
-Token outputs no grid fits (register tokens, pooled sequences) need
-``reshape_transform=``; they are skipped by ``"all"`` / ``"blocks"`` and an
-error when named.
+grid, read from the model where it states it, else told from ``N`` (see
+`camanim.core.layout`); one warning names what was read or guessed, and
+``reshape_transform=`` (``(B, N, C) -> (B, C, h, w)``) overrides it. Outputs
+no grid fits, tokens in an unrolled order (timm Hiera) and window tensors
+are skipped with their reason (an error when named), never drawn scrambled.
+Token layers whose patch tokens get no gradient from the output (the last
+block of a class-token ViT) are drawn and flagged ``zero_gradient``.
+
+On timm models ``"blocks"`` is the model's own ``feature_info`` stages
+(README: what it picks on ResNet, ConvNeXt, ViT and Swin).
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,28 +44,27 @@ from torch import nn
 
 from ..errors import CAManimError
 from .guard import eval_mode
+from .layout import (
+    NCHW,
+    NCHW_TYPES,
+    NHWC,
+    SPATIAL,
+    TOKENS,
+    LayoutContext,
+    downsized,
+    input_layout,
+    output_layout,
+    prefix_words,
+    read_layout,
+)
 
-# Output layouts.
-NCHW = "nchw"        # spatial map, channels first
-NHWC = "nhwc"        # spatial map, channels last (ConvNeXt blocks, Swin)
-TOKENS = "tokens"    # (B, N, C) token sequence (ViT): needs reshape_transform
-VECTOR = "vector"    # (B, F) or (B, C, 1, 1): no spatial extent
-UNKNOWN = "unknown"  # cannot be told (MaxViT windows, tuples, ...)
-SPATIAL = (NCHW, NHWC)
-
-Selector = Union[str, Sequence[str], Callable[[str, nn.Module], bool]]
+Selector = str | Sequence[str] | Callable[[str, nn.Module], bool]
 
 # Pooling layers: their output only carries a map to the next resolution, it
 # is never "the last layer before a downsampling" (see block_layers).
 _POOL_TYPES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
                nn.LPPool2d, nn.FractionalMaxPool2d)
 _POOL_NAMES = frozenset(t.__name__ for t in _POOL_TYPES)
-
-# Modules whose 4-D output is NCHW by construction.
-_NCHW_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.MaxPool2d,
-               nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-               nn.InstanceNorm2d, nn.GroupNorm, nn.Upsample, nn.Dropout2d)
-
 
 @dataclass
 class LayerInfo:
@@ -92,6 +94,14 @@ class LayerInfo:
         token_grid: ``(prefix, h, w)`` for a token output ``(B, prefix + h*w,
             C)`` whose patch grid was told from its length (``prefix``: 1
             class token or 0), else ``None``.
+        layout_source: where a token or channels-last layout came from:
+            ``"read from the model: ..."`` (what was read, e.g.
+            ``num_prefix_tokens``, ``patch_embed.grid_size``, ``output_fmt``),
+            ``"guessed from the token count"``, or ``None``.
+        zero_gradient: the output's patch tokens get no gradient from the
+            model's output (a class-token ViT's last block: the class token
+            reads the patches only through attention, before). Gradient maps
+            of such a layer are zero; it is drawn, and flagged.
     """
 
     name: str
@@ -110,6 +120,8 @@ class LayerInfo:
     merged: bool = False
     stage: int | None = None
     token_grid: tuple[int, int, int] | None = None
+    layout_source: str | None = None
+    zero_gradient: bool = False
 
     @property
     def spatial_size(self) -> tuple[int, int] | None:
@@ -134,7 +146,7 @@ class LayerInfo:
         return None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LayerInfo":
+    def from_dict(cls, d: dict[str, Any]) -> LayerInfo:
         d = dict(d)
         d["output_shape"] = tuple(d["output_shape"])
         d["aliases"] = tuple(d.get("aliases", ()))
@@ -165,6 +177,7 @@ class LayerTable:
         return [info.name for info in self.selected]
 
 
+
 # --------------------------------------------------------------------------
 # discovery
 
@@ -174,96 +187,6 @@ def _module_names(model: nn.Module) -> dict[nn.Module, str]:
         if name and module not in names:
             names[module] = name
     return names
-
-
-def token_grid(n: int, image_size: tuple[int, int]) -> tuple[int, int, int] | None:
-    """``(prefix, h, w)`` with ``n = prefix + h*w``, ``prefix`` 0 or 1 and
-    ``h / w = H / W`` of ``image_size``; ``None`` if no such grid exists or
-    both prefixes fit (ambiguous)."""
-    height, width = (int(v) for v in image_size)
-    g = math.gcd(height, width) or 1
-    ah, aw = height // g, width // g                 # h = k * ah, w = k * aw
-    fits = []
-    for prefix in (0, 1):
-        cells = n - prefix
-        if cells < 1 or cells % (ah * aw):
-            continue
-        k = math.isqrt(cells // (ah * aw))
-        if k * k * ah * aw == cells:
-            fits.append((prefix, k * ah, k * aw))
-    return fits[0] if len(fits) == 1 else None
-
-
-def _downsized(before: tuple[int, int], after: tuple[int, int]) -> bool:
-    """``after`` is a smaller map size with the aspect ratio of ``before``."""
-    return (0 < after[0] < before[0] and 0 < after[1] < before[1]
-            and after[0] * before[1] == after[1] * before[0])
-
-
-def _input_layout(inp: Any, known_sizes: set[tuple[int, int]]
-                  ) -> tuple[str, tuple[int, int]] | None:
-    """``(layout, (h, w))`` of a 4-D input whose layout the known sizes tell."""
-    x = inp[0] if isinstance(inp, tuple) and inp else inp
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        return None
-    nchw, nhwc = tuple(x.shape[2:4]), tuple(x.shape[1:3])
-    if (nchw in known_sizes) == (nhwc in known_sizes):
-        return None
-    return (NCHW, nchw) if nchw in known_sizes else (NHWC, nhwc)  # type: ignore[return-value]
-
-
-def _layout(module: nn.Module, out: Any, known_sizes: set[tuple[int, int]],
-            image_size: tuple[int, int] = (0, 0),
-            in_layout: tuple[str, tuple[int, int]] | None = None,
-            ) -> tuple[str, str | None, tuple[int, int, int] | None]:
-    """Layout of one output, the reason it cannot be drawn (or ``None``), and
-    the token grid of a ``(B, N, C)`` output (or ``None``). ``in_layout``:
-    the module input's layout and size, when known."""
-    if not isinstance(out, torch.Tensor):
-        return UNKNOWN, f"output is a {type(out).__name__}, not a single tensor", None
-    if not out.is_floating_point():
-        return UNKNOWN, f"output has dtype {out.dtype}, not a float map", None
-    shape = tuple(out.shape)
-    if out.dim() == 2:
-        return VECTOR, ("vector output (B, F): it has no spatial extent, a CAM "
-                        "of it only draws lines (CAManim paper, Fig. 7)"), None
-    if out.dim() == 3:
-        grid = token_grid(int(shape[1]), image_size)
-        if grid is not None and grid[1] * grid[2] > 1:
-            return TOKENS, None, grid
-        return TOKENS, (f"token sequence (B, N, C) with N = {shape[1]}: no patch grid "
-                        f"h x w with the image's aspect ratio fits N or N - 1 (class "
-                        "token); pass reshape_transform= to turn it into (B, C, h, w)"), None
-    if out.dim() != 4:
-        return UNKNOWN, f"{out.dim()}-D output {shape}: layout cannot be told", None
-    _, a, b, c = shape
-    if (b, c) == (1, 1) or (a, b) == (1, 1):
-        return VECTOR, ("1x1 spatial output: no spatial extent, a CAM of it "
-                        "is constant (CAManim paper, Fig. 7)"), None
-    if isinstance(module, _NCHW_TYPES):
-        layout = NCHW
-    else:
-        nchw = (b, c) in known_sizes
-        nhwc = (a, b) in known_sizes
-        if nchw and not nhwc:
-            layout = NCHW
-        elif nhwc and not nchw:
-            layout = NHWC
-        elif nchw and nhwc:
-            # (B, h, h, h)-like shapes: only trust NCHW when the module keeps
-            # its input's layout (element-wise or channel-mixing conv).
-            layout = NCHW if isinstance(module, (nn.ReLU, nn.SiLU, nn.GELU, nn.Sequential)) else UNKNOWN
-        elif in_layout is not None and _downsized(in_layout[1], (b, c) if in_layout[0] == NCHW
-                                                 else (a, b)):
-            # a new, smaller size with the input's aspect ratio (Swin's patch
-            # merging, NHWC in and out): keep the input's layout
-            layout = in_layout[0]
-        else:
-            layout = UNKNOWN
-    if layout == UNKNOWN:
-        return UNKNOWN, (f"4-D output {shape} matches no spatial size seen in "
-                         "this forward (window or patch tensor?): layout cannot be told"), None
-    return layout, None, None
 
 
 def _stride_one_resize(module: nn.Module, inp: Any, out: Any) -> tuple[tuple[int, int],
@@ -284,66 +207,99 @@ def _stride_one_resize(module: nn.Module, inp: Any, out: Any) -> tuple[tuple[int
     return (a, b) if a != b else None
 
 
+class _Recorder:
+    """The forward hook of discovery: one record per module call."""
+
+    def __init__(self, model: nn.Module, ctx: LayoutContext) -> None:
+        self.names = _module_names(model)
+        self.children = {m: set(m.children()) for m in self.names}
+        self.parent_of: dict[nn.Module, nn.Module] = {}
+        for m in self.names:
+            for c in self.children[m]:
+                self.parent_of.setdefault(c, m)
+        self.ctx = ctx
+        self.calls: list[dict[str, Any]] = []
+        self.counts: dict[nn.Module, int] = {}
+        self.last_child_call: dict[nn.Module, int] = {}  # parent -> index into calls
+        self.same_stage: list[tuple[tuple[int, int], tuple[int, int]]] = []
+
+    def _learn_size(self, module: nn.Module, out: Any, layout: str,
+                    in_layout: tuple[str, tuple[int, int]] | None) -> None:
+        known = self.ctx.known_sizes
+        if layout == NCHW and isinstance(module, NCHW_TYPES):
+            known.add(tuple(out.shape[2:4]))
+        elif layout in SPATIAL and in_layout is not None:
+            size = tuple(out.shape[2:4]) if layout == NCHW else tuple(out.shape[1:3])
+            if size not in known and downsized(in_layout[1], size):  # type: ignore[arg-type]
+                known.add(size)  # type: ignore[arg-type]
+
+    def hook(self, module: nn.Module, inp: Any, out: Any) -> None:
+        self.counts[module] = k = self.counts.get(module, 0) + 1
+        in_layout = input_layout(inp, self.ctx.known_sizes)
+        if module is self.ctx.model_layout.unroll:
+            self.ctx.unrolled = True  # its own output and every later token output
+        layout, reason, grid, source = output_layout(module, out, self.ctx, in_layout)
+        self._learn_size(module, out, layout, in_layout)
+        pair = _stride_one_resize(module, inp, out)
+        if pair is not None:
+            self.same_stage.append(pair)
+        rec = {
+            "module": module, "module_name": self.names[module], "call": k, "out": out,
+            "version": out._version if isinstance(out, torch.Tensor) else None,
+            "layout": layout, "skipped": reason, "merged_into": None,
+            "aliases": [], "grid": grid, "source": source,
+        }
+        idx = len(self.calls)
+        # A container whose output is the very tensor of its last child call
+        # is one layer: the container's record absorbs the child's.
+        j = self.last_child_call.get(module) if self.children[module] else None
+        if j is not None and isinstance(out, torch.Tensor) and self.calls[j]["out"] is out:
+            child = self.calls[j]
+            child["merged_into"] = idx
+            rec["aliases"] = child["aliases"] + [_call_name(child)]
+        self.calls.append(rec)
+        p = self.parent_of.get(module)
+        if p is not None:
+            self.last_child_call[p] = idx
+
+    def infos(self) -> list[LayerInfo]:
+        """The records as `LayerInfo` (a repeated call gets ``#k``)."""
+        infos: list[LayerInfo] = []
+        for i, rec in enumerate(self.calls):
+            out, module, mname = rec["out"], rec["module"], rec["module_name"]
+            overwritten = isinstance(out, torch.Tensor) and out._version != rec["version"]
+            infos.append(LayerInfo(
+                name=_call_name(rec), module_name=mname, call=rec["call"], order=i,
+                type=type(module).__name__,
+                output_shape=tuple(out.shape) if isinstance(out, torch.Tensor) else (),
+                params=sum(p.numel() for p in module.parameters(recurse=False)),
+                params_total=sum(p.numel() for p in module.parameters()),
+                depth=mname.count("."), layout=rec["layout"], skipped=rec["skipped"],
+                aliases=tuple(rec["aliases"]), overwritten=bool(overwritten),
+                merged=rec["merged_into"] is not None, token_grid=rec["grid"],
+                layout_source=rec["source"]))
+        return infos
+
+
 def discover(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo]:
     """Record every module call of one forward of ``example_input``.
 
     Runs under ``torch.no_grad()`` in eval mode; every submodule's train/eval
     mode is restored and every hook removed, also when the forward raises.
+    Token layouts the model states itself (`read_layout`) are read, not
+    guessed; token layers whose patch tokens get no gradient from the output
+    (the last block of a class-token ViT) are flagged ``zero_gradient``.
     """
-    names = _module_names(model)
-    children = {m: set(c for c in m.children()) for m in names}
-    parent_of: dict[nn.Module, nn.Module] = {}
-    for m in names:
-        for c in children[m]:
-            parent_of.setdefault(c, m)
-
-    calls: list[dict[str, Any]] = []
-    counts: dict[nn.Module, int] = {}
-    last_child_call: dict[nn.Module, int] = {}  # parent -> index into calls
     image_size = tuple(int(v) for v in example_input.shape[-2:])
-    known_sizes = {image_size}
-    same_stage: list[tuple[tuple[int, int], tuple[int, int]]] = []
-
-    def hook(module: nn.Module, inp: Any, out: Any) -> None:
-        counts[module] = counts.get(module, 0) + 1
-        k = counts[module]
-        mname = names[module]
-        in_layout = _input_layout(inp, known_sizes)
-        layout, reason, grid = _layout(module, out, known_sizes, image_size,  # type: ignore[arg-type]
-                                       in_layout)
-        if layout == NCHW and isinstance(module, _NCHW_TYPES):
-            known_sizes.add(tuple(out.shape[2:4]))
-        elif layout in SPATIAL and in_layout is not None:
-            size = tuple(out.shape[2:4]) if layout == NCHW else tuple(out.shape[1:3])
-            if size not in known_sizes and _downsized(in_layout[1], size):  # type: ignore[arg-type]
-                known_sizes.add(size)  # type: ignore[arg-type]
-        pair = _stride_one_resize(module, inp, out)
-        if pair is not None:
-            same_stage.append(pair)
-        rec = {
-            "module": module, "module_name": mname, "call": k, "out": out,
-            "version": out._version if isinstance(out, torch.Tensor) else None,
-            "layout": layout, "skipped": reason, "merged_into": None,
-            "aliases": [], "grid": grid,
-        }
-        idx = len(calls)
-        # A container whose output is the very tensor of its last child call
-        # is one layer: the container's record absorbs the child's.
-        if children[module]:
-            j = last_child_call.get(module)
-            if j is not None and isinstance(out, torch.Tensor) and calls[j]["out"] is out:
-                child = calls[j]
-                child["merged_into"] = idx
-                rec["aliases"] = child["aliases"] + [_call_name(child)]
-        calls.append(rec)
-        p = parent_of.get(module)
-        if p is not None:
-            last_child_call[p] = idx
-
+    ml = read_layout(model, image_size)  # type: ignore[arg-type]
+    known = {image_size} | (set(ml.grids()) if ml.nhwc else set())
+    ctx = LayoutContext(image_size=image_size, batch=int(example_input.shape[0]),  # type: ignore[arg-type]
+                   model_layout=ml, known_sizes=known)  # type: ignore[arg-type]
+    rec = _Recorder(model, ctx)
     handles = []
     try:
-        for m in names:
-            handles.append(m.register_forward_hook(hook))
+        for m in rec.names:
+            handles.append(m.register_forward_hook(rec.hook))
         with eval_mode(model), torch.inference_mode(False), torch.no_grad():
             model(example_input.clone())
     except CAManimError:
@@ -355,33 +311,37 @@ def discover(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo]:
     finally:
         for h in handles:
             h.remove()
-
-    # A call counted more than once gets '#k' on every call after the first.
-    infos: list[LayerInfo] = []
-    for i, rec in enumerate(calls):
-        out = rec["out"]
-        overwritten = isinstance(out, torch.Tensor) and out._version != rec["version"]
-        module = rec["module"]
-        mname = rec["module_name"]
-        infos.append(LayerInfo(
-            name=_call_name(rec),
-            module_name=mname,
-            call=rec["call"],
-            order=i,
-            type=type(module).__name__,
-            output_shape=tuple(out.shape) if isinstance(out, torch.Tensor) else (),
-            params=sum(p.numel() for p in module.parameters(recurse=False)),
-            params_total=sum(p.numel() for p in module.parameters()),
-            depth=mname.count("."),
-            layout=rec["layout"],
-            skipped=rec["skipped"],
-            aliases=tuple(rec["aliases"]),
-            overwritten=bool(overwritten),
-            merged=rec["merged_into"] is not None,
-            token_grid=rec["grid"],
-        ))
-    _number_stages(infos, same_stage)
+    infos = rec.infos()
+    _number_stages(infos, rec.same_stage)
+    _flag_zero_gradients(model, example_input, infos)
     return infos
+
+
+def _flag_zero_gradients(model: nn.Module, x: torch.Tensor, infos: list[LayerInfo]) -> None:
+    """Flag token layers (with prefix tokens) whose patch tokens get an exactly
+    zero gradient from the output while their prefix tokens do not: in a
+    class-token ViT, every output after the last block's attention. Costs one
+    forward and backward, only for models with such layers."""
+    cands = [i for i in infos if i.layout == TOKENS and i.token_grid and i.token_grid[0] > 0]
+    if not cands:
+        return
+    from .capture import Hooks  # local import: capture imports layers
+
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad(), \
+            Hooks(model, cands, clone={i.name for i in cands if i.overwritten}) as hooks:
+        out = model(x.detach().clone().requires_grad_(True))
+        if not isinstance(out, torch.Tensor) or not out.requires_grad:
+            return
+        outs = [hooks.outputs.get(i.name) for i in cands]
+        pairs = [(i, o) for i, o in zip(cands, outs, strict=True)
+                 if o is not None and o.requires_grad]
+        if not pairs:
+            return
+        grads = torch.autograd.grad(out.float().sum(), [o for _, o in pairs], allow_unused=True)
+    for (info, _), g in zip(pairs, grads, strict=True):
+        prefix = info.token_grid[0]  # type: ignore[index]
+        if g is not None and bool((g[:, prefix:] == 0).all()) and bool((g[:, :prefix] != 0).any()):
+            info.zero_gradient = True
 
 
 def _number_stages(infos: list[LayerInfo],
@@ -451,53 +411,144 @@ def block_layers(cands: list[LayerInfo], calls: list[LayerInfo]) -> list[LayerIn
     return sorted(chosen, key=lambda i: i.order)
 
 
-def _token_notice(chosen: list[LayerInfo], reshape_transform: Callable | None) -> None:
-    """One warning for all token layers drawn on a grid told from their length."""
-    if reshape_transform is not None:
-        return
-    grids = sorted({i.token_grid for i in chosen if i.layout == TOKENS and i.token_grid})
-    if not grids:
-        return
-    what = "; ".join(f"(B, {p + h * w}, C) drawn as " + ("a class token (dropped) + " if p else "")
-                     + f"a {h}x{w} patch grid" for p, h, w in grids)
-    warnings.warn(f"camanim: token outputs {what}; pass reshape_transform= to read "
-                  "them otherwise.", UserWarning, stacklevel=3)
+def _notice(chosen: list[LayerInfo], reshape_transform: Callable | None) -> None:
+    """One warning: how token layers were laid out (what was read from the
+    model, or guessed from their length) and which layers get no gradient."""
+    parts = []
+    if reshape_transform is None:
+        by_source: dict[str, set[tuple[int, int, int]]] = {}
+        for i in chosen:
+            if i.layout == TOKENS and i.token_grid:
+                by_source.setdefault(i.layout_source or "guessed", set()).add(i.token_grid)
+        for source, grids in by_source.items():
+            what = "; ".join(f"(B, {p + h * w}, C) drawn as {prefix_words(p, source)}"
+                             f"a {h}x{w} patch grid" for p, h, w in sorted(grids))
+            parts.append(f"token outputs {what} ({source})")
+        if parts:
+            parts[-1] += "; pass reshape_transform= to read them otherwise"
+    zero = [i.name for i in chosen if i.zero_gradient]
+    if zero:
+        shown = ", ".join(zero[:3]) + (f" and {len(zero) - 3} more" if len(zero) > 3 else "")
+        parts.append(f"{len(zero)} layer(s) ({shown}) get no gradient from the output: in a "
+                     "class-token ViT the last block's patch tokens never reach the class "
+                     "token, so gradient-based maps there are zero (drawn; flagged "
+                     "zero_gradient in the layer table)")
+    if parts:
+        warnings.warn("camanim: " + ". ".join(parts) + ".", UserWarning, stacklevel=3)
+
+
+def _feature_blocks(model: nn.Module, calls: list[LayerInfo]) -> list[LayerInfo] | None:
+    """The calls of the model's own feature stages (timm's ``feature_info``,
+    also on a wrapped model), or ``None`` when it has none that ran."""
+    prefix, dicts = "", None
+    for name, module in model.named_modules():
+        info = getattr(module, "feature_info", None)
+        got = info.get_dicts() if hasattr(info, "get_dicts") else info
+        if isinstance(got, (list, tuple)) and got and all(isinstance(d, dict) for d in got):
+            prefix, dicts = name, got
+            break
+    if dicts is None:
+        return None
+    first = {i.module_name: i for i in reversed(calls) if i.call == 1}
+    found: list[LayerInfo] = []
+    for d in dicts:
+        name = str(d.get("module", ""))
+        for cand in (name, name.replace("_", ".")):
+            full = f"{prefix}.{cand}" if prefix else cand
+            if full in first and first[full] not in found:
+                found.append(first[full])
+                break
+    return sorted(found, key=lambda i: i.order) or None
+
+
+class _Keeper:
+    """Splits candidate calls into drawable ones and skipped ones."""
+
+    def __init__(self, reshape_transform: Callable | None) -> None:
+        self.reshape_transform = reshape_transform
+        self.skipped: list[LayerInfo] = []
+
+    def __call__(self, cands: list[LayerInfo]) -> list[LayerInfo]:
+        out = []
+        for info in cands:
+            if _drawable(info, self.reshape_transform) is None:
+                out.append(info)
+            elif info not in self.skipped:
+                self.skipped.append(info)
+        return out
+
+
+def _select_builtin(calls: list[LayerInfo], layers: str, model: nn.Module | None,
+                    keep: _Keeper) -> list[LayerInfo]:
+    """``"conv"``, ``"all"`` or ``"blocks"``: the model's own feature stages
+    (timm's ``feature_info``) where it has drawable ones, else the SISE rule."""
+    modules = dict(model.named_modules()) if model is not None else {}
+    merged = {i.name for i in calls if i.merged}
+    if layers == "conv":
+        chosen = keep([i for i in calls if i.type in ("Conv2d",) or
+                       isinstance(modules.get(i.module_name), nn.Conv2d)])
+    else:
+        chosen = keep([i for i in calls if i.name not in merged])
+        if layers == "blocks":
+            stages = keep(_feature_blocks(model, calls) or []) if model is not None else []
+            chosen = stages or block_layers(chosen, calls)
+    if not chosen:
+        kinds = sorted({i.layout for i in calls})
+        raise CAManimError(
+            f"layers={layers!r} matched no drawable layer in this model "
+            f"(layouts seen: {', '.join(kinds)}). A model with no spatial "
+            "layers cannot be explained by a CAM; for token models pass "
+            "reshape_transform=, or name layers explicitly "
+            "(see camanim.list_layers).")
+    return chosen
+
+
+def _select_names(calls: list[LayerInfo], wanted: list[Any],
+                  reshape_transform: Callable | None) -> list[LayerInfo]:
+    """The calls named in ``wanted``, in execution order; a clear error for
+    an unknown or undrawable name."""
+    if not wanted:
+        raise CAManimError("an empty list of layers selects nothing; name at "
+                           "least one layer or use 'conv' / 'all' / 'blocks'")
+    by_name = {i.name: i for i in calls}
+    chosen: list[LayerInfo] = []
+    for w in wanted:
+        if not isinstance(w, str):
+            raise CAManimError(f"layer names must be strings, got {w!r}")
+        if w not in by_name:
+            close = difflib.get_close_matches(w, list(by_name), n=5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise CAManimError(
+                f"no layer named {w!r} in this model{hint} "
+                f"(camanim.list_layers lists all {len(by_name)} layer calls)")
+        info = by_name[w]
+        reason = _drawable(info, reshape_transform)
+        if reason is not None:
+            raise CAManimError(f"layer {info.name!r} cannot be drawn: {reason}")
+        if info not in chosen:
+            chosen.append(info)
+    return sorted(chosen, key=lambda i: i.order)
+
+
+def _spaced(chosen: list[LayerInfo], max_layers: int | None) -> list[LayerInfo]:
+    """At most ``max_layers`` evenly spaced layers of ``chosen``."""
+    if max_layers is None:
+        return chosen
+    if int(max_layers) < 1:
+        raise CAManimError(f"max_layers must be >= 1, got {max_layers}")
+    if len(chosen) <= max_layers:
+        return chosen
+    idx = np.unique(np.round(np.linspace(0, len(chosen) - 1, int(max_layers))).astype(int))
+    return [chosen[i] for i in idx]
 
 
 def select(calls: list[LayerInfo], layers: Selector, model: nn.Module | None = None,
            reshape_transform: Callable | None = None,
            max_layers: int | None = None) -> LayerTable:
     """Pick the drawable calls named by ``layers`` (see module docstring)."""
-    merged = {i.name for i in calls if i.merged}
-    modules = dict(model.named_modules()) if model is not None else {}
-    skipped: list[LayerInfo] = []
-
-    def keep(cands: list[LayerInfo]) -> list[LayerInfo]:
-        out = []
-        for info in cands:
-            reason = _drawable(info, reshape_transform)
-            if reason is None:
-                out.append(info)
-            else:
-                skipped.append(info)
-        return out
-
+    keep = _Keeper(reshape_transform)
     if isinstance(layers, str) and layers in ("conv", "all", "blocks"):
-        if layers == "conv":
-            chosen = keep([i for i in calls if i.type in ("Conv2d",) or
-                           isinstance(modules.get(i.module_name), nn.Conv2d)])
-        else:
-            chosen = keep([i for i in calls if i.name not in merged])
-            if layers == "blocks":
-                chosen = block_layers(chosen, calls)
-        if not chosen:
-            kinds = sorted({i.layout for i in calls})
-            raise CAManimError(
-                f"layers={layers!r} matched no drawable layer in this model "
-                f"(layouts seen: {', '.join(kinds)}). A model with no spatial "
-                "layers cannot be explained by a CAM; for token models pass "
-                "reshape_transform=, or name layers explicitly "
-                "(see camanim.list_layers).")
+        chosen = _select_builtin(calls, layers, model, keep)
     elif layers is None:
         raise CAManimError("layers=None selects nothing here: use 'conv', 'all', 'blocks', a "
                            "list of layer names, or a callable (name, module) -> bool")
@@ -506,43 +557,16 @@ def select(calls: list[LayerInfo], layers: Selector, model: nn.Module | None = N
             f"unknown layer selector {layers!r}: use 'conv', 'all', 'blocks', a list "
             "of layer names, or a callable (name, module) -> bool")
     elif callable(layers):
+        modules = dict(model.named_modules()) if model is not None else {}
         chosen = keep([i for i in calls if layers(i.name, modules.get(i.module_name))])
         if not chosen:
             raise CAManimError("the layer callable selected no drawable layer; "
                                "see camanim.list_layers(model, x) for what exists")
     else:
-        wanted = list(layers)
-        if not wanted:
-            raise CAManimError("an empty list of layers selects nothing; name at "
-                               "least one layer or use 'conv' / 'all' / 'blocks'")
-        by_name = {i.name: i for i in calls}
-        chosen = []
-        for w in wanted:
-            if not isinstance(w, str):
-                raise CAManimError(f"layer names must be strings, got {w!r}")
-            found = [by_name[w]] if w in by_name else []
-            if not found:
-                close = difflib.get_close_matches(w, list(by_name), n=5)
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise CAManimError(
-                    f"no layer named {w!r} in this model{hint} "
-                    f"(camanim.list_layers lists all {len(by_name)} layer calls)")
-            for info in found:
-                reason = _drawable(info, reshape_transform)
-                if reason is not None:
-                    raise CAManimError(f"layer {info.name!r} cannot be drawn: {reason}")
-                if info not in chosen:
-                    chosen.append(info)
-        chosen.sort(key=lambda i: i.order)
-
-    if max_layers is not None:
-        if int(max_layers) < 1:
-            raise CAManimError(f"max_layers must be >= 1, got {max_layers}")
-        if len(chosen) > max_layers:
-            idx = np.unique(np.round(np.linspace(0, len(chosen) - 1, int(max_layers))).astype(int))
-            chosen = [chosen[i] for i in idx]
-    _token_notice(chosen, reshape_transform)
-    return LayerTable(calls=calls, selected=chosen, skipped=skipped)
+        chosen = _select_names(calls, list(layers), reshape_transform)
+    chosen = _spaced(chosen, max_layers)
+    _notice(chosen, reshape_transform)
+    return LayerTable(calls=calls, selected=chosen, skipped=keep.skipped)
 
 
 def list_layers(model: nn.Module, example_input: torch.Tensor, layers: Selector = "all",
