@@ -170,6 +170,8 @@ class CAManimCallback(Callback):
             as settled (0.1). See `camanim.lightning.convergence`.
         sanity: ``"start"``, ``"end"`` or ``"start,end"``: `camanim.sanity_check`
             of the probes at fit start / end (rank zero; default off).
+        viewer: write ``viewer/`` (each layer's map at each epoch, small) for
+            TensorBoard's CAManim tab and ``camanim report`` (docs/VIEWER.md).
 
     Raises:
         CAManimError: at construction, for probes, targets, masks or options
@@ -196,7 +198,8 @@ class CAManimCallback(Callback):
                  progress: bool = False, cam_options: dict | None = None,
                  media_workers: int | None = None, media_queue: int = 1,
                  score: str = "auto", convergence: bool = True, chance: bool = True,
-                 settle_threshold: float = 0.1, sanity: str | Sequence[str] | None = None) -> None:
+                 settle_threshold: float = 0.1, sanity: str | Sequence[str] | None = None,
+                 viewer: bool = True) -> None:
         super().__init__()
         self._probes = load_probes(probes, masks, probe_names)
         channels = self._probes.images.shape[1]
@@ -234,6 +237,7 @@ class CAManimCallback(Callback):
         self.on_error = on_error
         self.run_on_fit_end = bool(on_fit_end)
         self.save_maps = bool(save_maps)
+        self.viewer = bool(viewer)
         self.save_dir = Path(save_dir) if save_dir is not None else None
         workers = check_count("media_workers", media_workers)
         self.media_workers = workers or max(2, min(8, os.cpu_count() or 2))
@@ -509,7 +513,7 @@ class CAManimCallback(Callback):
             render=dict(mean=self.mean, std=self.std, size=self.video_size,
                         class_names=self.class_names),
             tb_size=self.tb_video_size if self.tb_video_size is not None else self.video_size,
-            tb_colors=self.tb_colors, timing=timing,
+            tb_colors=self.tb_colors, timing=timing, viewer=self.viewer,
             **media_fields(self._history, names, record, self._conv.maps))
         if self._queue is None:
             self._queue = MediaQueue(self.media_workers, self.media_queue)
