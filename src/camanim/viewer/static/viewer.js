@@ -180,6 +180,9 @@
     // .......................................................... heatmaps
     function buildHeatmap(box, value, range, stops) {
       box.replaceChildren();
+      const n = Math.max(1, epochs().length), L = Math.max(1, S.index.layers.length);
+      box.style.setProperty("--cw", Math.max(8, Math.min(40, Math.floor(560 / n))) + "px");
+      box.style.setProperty("--ch", Math.max(6, Math.min(22, Math.floor(540 / L))) + "px");
       const names = S.index.layers.map((l) => l.name);
       const [lo, hi] = range;
       names.forEach((name, i) => {
