@@ -424,14 +424,15 @@
         index = await source.index(run);
       } catch (err) {
         say(`run ${run}: the viewer data could not be read (${err.message})`);
-        return;
+        return false;
       }
       if (index.error || !Array.isArray(index.epochs) || !index.epochs.length) {
         say(index.error || `run ${run}: no callback epoch has finished yet`);
-        return;
+        return false;
       }
       S.epoch = index.epochs.length - 1; S.layer = index.layers.length - 1;
       await show(index);
+      return true;
     }
     runSel.addEventListener("change", () => load(runSel.value));
     probeSel.addEventListener("change", () => { S.probe = +probeSel.value; buildHeatmaps(); draw(); });
@@ -469,7 +470,10 @@
       try {
         const got = await source.runs();
         fillRuns(got);
-        if (S.runs.length) { runSel.value = S.runs[0]; await load(S.runs[0]); }
+        for (const r of S.runs) {          // the first run that has data
+          runSel.value = r;
+          if (await load(r)) break;
+        }
       } catch (err) {
         say("could not list the runs: " + err.message);
       }
