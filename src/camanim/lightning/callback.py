@@ -163,15 +163,13 @@ class CAManimCallback(Callback):
         media_queue: epochs whose pictures may still be in the works while
             training goes on (default 1; the training thread waits when the
             queue is full); ``0`` draws everything before training resumes.
-
         convergence, chance, settle_threshold: each layer's map change since
             the previous callback epoch; ROAD of a seeded random map and a
             centred blob (needs ROAD); the change below which a layer counts
             as settled (0.1). See `camanim.lightning.convergence`.
         sanity: ``"start"``, ``"end"`` or ``"start,end"``: `camanim.sanity_check`
             of the probes at fit start / end (rank zero; default off).
-        viewer: write ``viewer/`` (each layer's map at each epoch, small) for
-            TensorBoard's CAManim tab and ``camanim report`` (docs/VIEWER.md).
+        viewer: write ``viewer/`` for TensorBoard's CAManim tab and ``camanim report``.
 
     Raises:
         CAManimError: at construction, for probes, targets, masks or options
@@ -190,7 +188,7 @@ class CAManimCallback(Callback):
                  batch_size: int | None = None, seed: int = 0, on_fit_end: bool = True,
                  masks: Any = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, save_maps: bool = False,
-                 road_noise: float = 0.01, *, save_videos: bool = True,
+                 road_noise: float = 0.01, *, save_videos: bool = True, viewer: bool = True,
                  model: str | Callable[[nn.Module], nn.Module] | None = None,
                  class_names: Sequence[str] | None = None,
                  video_size: int | Sequence[int] | None = None,
@@ -198,8 +196,7 @@ class CAManimCallback(Callback):
                  progress: bool = False, cam_options: dict | None = None,
                  media_workers: int | None = None, media_queue: int = 1,
                  score: str = "auto", convergence: bool = True, chance: bool = True,
-                 settle_threshold: float = 0.1, sanity: str | Sequence[str] | None = None,
-                 viewer: bool = True) -> None:
+                 settle_threshold: float = 0.1, sanity: str | Sequence[str] | None = None) -> None:
         super().__init__()
         self._probes = load_probes(probes, masks, probe_names)
         channels = self._probes.images.shape[1]
@@ -236,8 +233,7 @@ class CAManimCallback(Callback):
             raise CAManimError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
         self.on_error = on_error
         self.run_on_fit_end = bool(on_fit_end)
-        self.save_maps = bool(save_maps)
-        self.viewer = bool(viewer)
+        self.save_maps, self.viewer = bool(save_maps), bool(viewer)
         self.save_dir = Path(save_dir) if save_dir is not None else None
         workers = check_count("media_workers", media_workers)
         self.media_workers = workers or max(2, min(8, os.cpu_count() or 2))
