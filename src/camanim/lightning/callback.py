@@ -41,7 +41,9 @@ Files, in ``save_dir`` (default: the TensorBoard logger's ``log_dir``, else
     * ``heatmaps/<probe>.png``: the latest heatmap (``<probe>_convergence.png``:
       the map-change heatmap);
     * ``sanity_{start,end}.json`` / ``.png`` (``sanity=``);
-    * ``maps/epoch{E:03d}.npz`` (``save_maps=True``, `camanim.LayerMaps`).
+    * ``maps/epoch{E:03d}.npz`` (``save_maps=True``, `camanim.LayerMaps`);
+    * ``viewer/`` (``viewer=True``): every layer's map at every epoch, small,
+      for TensorBoard's CAManim tab and ``camanim report`` (docs/VIEWER.md).
 
 Epochs are numbered from 0, as ``trainer.current_epoch`` and
 ``ModelCheckpoint`` file names count them.
