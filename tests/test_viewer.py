@@ -13,8 +13,8 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
-
 from viewer_run import PROBES, tiny_run
+
 from camanim.core.maps import LayerMaps
 from camanim.errors import CAManimError
 from camanim.viewer.data import read_index, sprite_path, write_viewer_epoch

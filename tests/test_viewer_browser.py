@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 import pytest
-
 from viewer_run import PROBES, tiny_run
+
 from camanim.core.maps import LayerMaps
 from camanim.viewer.data import write_viewer_epoch
 from camanim.viewer.report import write_report
@@ -138,7 +138,8 @@ def canvas(frame, cid: str) -> np.ndarray:
 
 CLICK = """async ([box, col, layer]) => {
     const root = document.querySelector('.camanim');
-    const cell = document.querySelector(`${box} .cm-cell[data-col="${col}"][data-layer="${layer}"]`);
+    const cell = document.querySelector(
+        `${box} .cm-cell[data-col="${col}"][data-layer="${layer}"]`);
     const drawn = new Promise((r) => root.addEventListener('camanim-drawn', (e) => r(e.detail),
                                                            { once: true }));
     const t0 = performance.now();

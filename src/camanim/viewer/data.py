@@ -26,8 +26,9 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -107,11 +108,19 @@ def write_viewer_epoch(out_dir: str | Path, *, epoch: int, step: int, images: An
     docstring); returns the ``index.json`` path.
 
     Args:
-        images, maps: the probes' input images and their maps this epoch.
+        out_dir: the run's output folder.
+        epoch: the callback epoch.
+        step: the trainer's global step.
+        images: the probes' input images ``(B, C, H, W)``.
+        maps: their `LayerMaps` this epoch.
         probes: the probe names, one per image.
-        road: ``(L, B)`` ROAD scores or None; ``chance``: probe -> the
-            random map's ROAD; ``change``: probe -> ``(L,)`` map change.
+        method: the CAM method's name.
+        road: ``(L, B)`` ROAD scores or None.
+        chance: probe -> the random map's ROAD this epoch.
+        change: probe -> ``(L,)`` map change since the previous callback epoch.
         render: the callback's ``mean``, ``std``, ``class_names``, colormap, alpha.
+        norms: the normalizations drawn (local, global, none).
+        panel: long side of a map panel in pixels.
     """
     render = dict(render or {})
     norms = [n for n in norms if n in ("local", "global", "none")] or ["local", "global"]

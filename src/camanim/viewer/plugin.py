@@ -21,8 +21,9 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from werkzeug import wrappers
 
@@ -72,6 +73,7 @@ class CAManimPlugin(_Base):
     plugin_name = "camanim"
 
     def __init__(self, context: Any) -> None:
+        """Serve the runs under ``context.logdir`` (a local folder)."""
         logdir = getattr(context, "logdir", None) or ""
         self._root = Path(logdir).resolve() if logdir and "://" not in logdir else None
         self._runs: tuple[float, list[str]] = (0.0, [])

@@ -13,8 +13,9 @@ import base64
 import html
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -74,7 +75,8 @@ def _resampler(panel: tuple[int, int], frame_size: int | None) -> tuple[np.ndarr
     ph, pw = panel
     nh, nw = (ph, pw) if frame_size is None else panel_size((ph, pw), int(frame_size))
     nh, nw = min(nh, ph), min(nw, pw)
-    return ((np.arange(nh) + 0.5) * ph / nh).astype(int), ((np.arange(nw) + 0.5) * pw / nw).astype(int)
+    rows = ((np.arange(nh) + 0.5) * ph / nh).astype(int)
+    return rows, ((np.arange(nw) + 0.5) * pw / nw).astype(int)
 
 
 def _b64(data: bytes) -> str:
@@ -164,8 +166,10 @@ def write_report(run_dir: str | Path, out: str | Path, *, epochs: Sequence[int] 
     Args:
         run_dir: a run's output folder (or a folder of runs: each becomes a
             choice of the run selector).
-        epochs: epoch numbers to keep; layers: layer names or numbers;
-            probes: probe names (default: all of each).
+        out: the HTML file to write.
+        epochs: epoch numbers to keep (default: all).
+        layers: layer names or numbers to keep (default: all).
+        probes: probe names to keep (default: all).
         frame_size: long side of the map panels (default: as written, 96).
         max_mib: refuse (`CAManimError`, nothing written) a file over this size.
 
