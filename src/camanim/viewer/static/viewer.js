@@ -129,23 +129,35 @@
     const probeName = (k) => S.index.probes[k].name;
 
     // .......................................................... data
+    const MAX_SHEETS = 24;              // decoded sprite sheets kept (least recently used out)
     function sheet(k, epoch) {
       const key = S.run + "\u0000" + epoch + "\u0000" + k;
-      if (!S.sprites.has(key)) {
-        const p = source.sprite(S.run, epoch, k)
-          .then((blob) => createImageBitmap(blob, { colorSpaceConversion: "none",
-                                                    premultiplyAlpha: "none" }))
-          .then((bmp) => {
-            const c = document.createElement("canvas");
-            c.width = bmp.width; c.height = bmp.height;
-            const g = c.getContext("2d", { willReadFrequently: true });
-            g.drawImage(bmp, 0, 0);
-            return g.getImageData(0, 0, bmp.width, bmp.height);
-          });
+      let p = S.sprites.get(key);
+      if (p) {
+        S.sprites.delete(key);            // most recently used goes last
+      } else {
+        p = source.sprite(S.run, epoch, k).then((blob) => createImageBitmap(
+          blob, { colorSpaceConversion: "none", premultiplyAlpha: "none" }));
         p.catch(() => S.sprites.delete(key));
-        S.sprites.set(key, p);
       }
-      return S.sprites.get(key);
+      S.sprites.set(key, p);
+      while (S.sprites.size > MAX_SHEETS) {
+        const [old, q] = S.sprites.entries().next().value;
+        S.sprites.delete(old);
+        q.then((b) => b.close(), () => {});
+      }
+      return p;
+    }
+    const scratch = document.createElement("canvas");
+    /** The colour indices of one layer's row of panels (all norms), as RGBA. */
+    async function layerRow(k, epoch, layer) {
+      const bmp = await sheet(k, epoch);
+      const [ph] = S.index.panel;
+      scratch.width = bmp.width; scratch.height = ph;
+      const g = scratch.getContext("2d", { willReadFrequently: true });
+      g.imageSmoothingEnabled = false;
+      g.drawImage(bmp, 0, layer * ph, bmp.width, ph, 0, 0, bmp.width, ph);
+      return g.getImageData(0, 0, bmp.width, ph);
     }
     function background(k) {
       const key = S.run + "\u0000" + k;
@@ -158,14 +170,13 @@
     }
     /** Panel (k, epoch, layer, norm j) as the callback's blend computes it:
      *  uint8(bg + lut[index] + 0.5) in float32 arithmetic. */
-    async function panel(k, epoch, layer, j) {
-      const [img, bg] = await Promise.all([sheet(k, epoch), background(k)]);
+    function panel(img, bg, j) {
       const [ph, pw] = S.index.panel;
       const lut = S.index.lut;
       const out = new ImageData(pw, ph);
       for (let y = 0; y < ph; y++) {
         for (let x = 0; x < pw; x++) {
-          const idx = img.data[((layer * ph + y) * img.width + j * pw + x) * 4];
+          const idx = img.data[(y * img.width + j * pw + x) * 4];
           const o = (y * pw + x) * 4;
           const b = (y * pw + x) * 3;
           for (let c = 0; c < 3; c++) {
@@ -254,18 +265,20 @@
       el("figcaption", {}, fig, caption);
       const row = el("div", { class: "cm-panels" }, fig);
       const [ph, pw] = S.index.panel;
-      const jobs = S.index.norms.map((norm, j) => {
+      const canvases = S.index.norms.map((norm) => {
         const box = el("div", { class: "cm-panel" }, row);
         const c = el("canvas", { id: id + "-" + norm, width: String(pw), height: String(ph),
                                  "data-epoch": String(epoch), "data-layer": String(layer),
                                  "data-probe": String(k) }, box);
         el("div", { class: "cm-norm" }, box, norm);
-        return panel(k, epoch, layer, j).then((img) => {
-          c.getContext("2d").putImageData(img, 0, 0);
+        return c;
+      });
+      return Promise.all([layerRow(k, epoch, layer), background(k)]).then(([img, bg]) => {
+        canvases.forEach((c, j) => {
+          c.getContext("2d").putImageData(panel(img, bg, j), 0, 0);
           c.dataset.drawn = epoch + "/" + layer;
         });
       });
-      return Promise.all(jobs);
     }
     let drawSeq = 0;
     async function draw() {
@@ -305,6 +318,10 @@
         }
       } catch (err) {
         if (seq === drawSeq) say("could not load the maps: " + err.message);
+      }
+      for (const d of [1, -1]) {          // the next and previous epochs, for sliders and play
+        const n = epochs()[S.epoch + d];
+        if (n && n.probes.includes(pname)) sheet(S.probe, n.epoch).catch(() => {});
       }
     }
     function target(e, k) {
