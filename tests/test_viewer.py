@@ -191,11 +191,12 @@ def test_report_inlines_the_run_and_takes_subsets(run, tmp_path):
 
 def test_report_keeps_markup_in_names_out_of_the_html(run, tmp_path):
     _, out, probes = run
-    folder = xss_run(tmp_path / "x", out, probes)
+    folder = xss_run(tmp_path / XSS, out, probes)          # the run's name too
     text = write_report(folder, tmp_path / "x.html").read_text()
     assert XSS not in text and "<img" not in text
     block = text.split('id="camanim-data">', 1)[1].split("</script>", 1)[0]
-    assert json.loads(block)["data"]["x"]["index"]["probes"][0]["name"] == XSS
+    data = json.loads(block)
+    assert data["runs"] == [XSS] and data["data"][XSS]["index"]["probes"][0]["name"] == XSS
 
 
 def test_cli_report(run, tmp_path, capsys):

@@ -59,11 +59,12 @@ def browser():
 
 @pytest.fixture(scope="module")
 def logdir(tmp_path_factory):
-    """run-a (a callback run), x (markup names), broken (malformed index)."""
+    """run-a (a callback run), a run named with markup (its probe and class
+    names too), broken (a malformed index)."""
     root = tmp_path_factory.mktemp("tab")
     out, probes = tiny_run(root)
     maps = LayerMaps.load(out / "maps" / "epoch001.npz")
-    write_viewer_epoch(root / "x", epoch=0, step=1, images=probes, maps=maps,
+    write_viewer_epoch(root / XSS, epoch=0, step=1, images=probes, maps=maps,
                        probes=[XSS, "dog"], method="gradcam",
                        render={"class_names": [XSS, "b", "c"]})
     (root / "broken" / "viewer").mkdir(parents=True)
@@ -175,7 +176,7 @@ def test_tab_is_listed_and_shows_one_row_per_layer_and_a_column_per_epoch(tab, t
     assert listing["camanim"]["enabled"] and listing["camanim"]["tab_name"] == "CAManim"
     assert page.get_by_text("CAManim", exact=True).count() >= 1
     runs = frame.eval_on_selector_all("#cm-run option", "os => os.map((o) => o.textContent)")
-    assert runs == ["broken", "run-a", "x"]
+    assert runs == [XSS, "broken", "run-a"]
     frame.select_option("#cm-run", "run-a")
     frame.wait_for_function("document.querySelectorAll('#cm-heatmap .cm-row[data-layer]')"
                             ".length === 3")
@@ -192,7 +193,8 @@ def test_click_shows_the_frame_the_callback_rendered(tab, logdir):
     _, frame, _ = tab
     _, out, probes = logdir
     frame.select_option("#cm-run", "run-a")
-    frame.wait_for_function("document.querySelectorAll('#cm-heatmap .cm-row').length > 1")
+    frame.wait_for_function("document.querySelectorAll('#cm-heatmap .cm-row[data-layer=\"0\"]"
+                            " .cm-cell').length === 2")       # run-a's two epochs, not x's one
     times = click_shows_the_callbacks_frame(frame, out, probes)
     print(f"click-to-map ms (TensorBoard tab, cold): {[round(t, 1) for t in times]}")
     frame.evaluate(CLICK, ["#cm-convergence", 1, 2])          # the convergence map clicks too
@@ -241,7 +243,11 @@ def test_sliders_play_and_compare(tab, logdir):
 
 def test_markup_names_show_as_text_and_malformed_runs_as_a_message(tab):
     page, frame, dialogs = tab
-    frame.select_option("#cm-run", "x")
+    frame.select_option("#cm-run", "run-a")
+    frame.wait_for_selector("#cm-main-local[data-drawn]")
+    frame.select_option("#cm-run", XSS)
+    frame.wait_for_function(f"document.getElementById('cm-probe').options[0].textContent"
+                            f" === {XSS!r}")
     frame.wait_for_selector("#cm-main-local[data-drawn]")
     assert frame.eval_on_selector_all("#cm-probe option", "os => os.map((o) => o.textContent)") \
         == [XSS, "dog"]
@@ -286,11 +292,12 @@ def test_report_opens_offline_and_shows_the_callbacks_frames(browser, logdir, tm
         assert page.locator("#cm-heatmap .cm-row[data-layer]").count() == 3
         times = click_shows_the_callbacks_frame(page, out, probes)
         print(f"click-to-map ms (report): {[round(t, 1) for t in times]}")
-        xss = write_report(root / "x", tmp_path / "x.html")
+        xss = write_report(root / XSS, tmp_path / "x.html")
         page.goto(xss.as_uri())
         page.wait_for_selector("#cm-main-local[data-drawn]")
         assert page.eval_on_selector_all("#cm-probe option", "os => os.map((o) => o.textContent)") \
             == [XSS, "dog"]
+        assert page.text_content("#cm-run option") == XSS and XSS in page.title()
         assert page.locator("img").count() == 0 and dialogs == []
     finally:
         page.close()

@@ -100,10 +100,13 @@
     const status = el("span", { id: "cm-status", class: "cm-status", role: "status" }, top);
     const main = el("div", { class: "cm-main" }, root);
     const left = el("div", { class: "cm-left" }, main);
-    el("h3", {}, left, "ybROAD by epoch (columns) and layer (rows)");
-    const heat = el("div", { id: "cm-heatmap", class: "cm-hm" }, left);
-    el("h3", {}, left, "Map change since the previous epoch (1 \u2212 Spearman)");
-    const conv = el("div", { id: "cm-convergence", class: "cm-hm" }, left);
+    const hmBox = (title, id) => {
+      const box = el("div", { class: "cm-hmbox" }, left);
+      el("h3", {}, box, title);
+      return el("div", { id, class: "cm-hm" }, box);
+    };
+    const heat = hmBox("ybROAD by epoch (columns) and layer (rows)", "cm-heatmap");
+    const conv = hmBox("Map change since the previous epoch (1 \u2212 Spearman)", "cm-convergence");
     const right = el("div", { class: "cm-right" }, main);
     const ctl = el("div", { class: "cm-controls" }, right);
     const slider = (label, id) => {
@@ -192,7 +195,7 @@
     function buildHeatmap(box, value, range, stops) {
       box.replaceChildren();
       const n = Math.max(1, epochs().length), L = Math.max(1, S.index.layers.length);
-      box.style.setProperty("--cw", Math.max(8, Math.min(40, Math.floor(560 / n))) + "px");
+      box.style.setProperty("--cw", Math.max(6, Math.min(20, Math.floor(360 / n))) + "px");
       box.style.setProperty("--ch", Math.max(6, Math.min(22, Math.floor(540 / L))) + "px");
       const names = S.index.layers.map((l) => l.name);
       const [lo, hi] = range;
