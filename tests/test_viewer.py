@@ -73,10 +73,13 @@ def test_callback_writes_each_epochs_maps_as_the_frames_show_them(run):
 def test_a_rewritten_epoch_replaces_its_entry(run, tmp_path):
     _, out, probes = run
     maps = LayerMaps.load(out / "maps" / "epoch001.npz")
+    plugin, stamps = CAManimPlugin(Ctx(tmp_path)), []
     for epoch in (3, 3, 2):
         write_viewer_epoch(tmp_path, epoch=epoch, step=epoch, images=probes, maps=maps,
                            probes=list(PROBES), method="gradcam")
+        stamps.append(json.loads(get(plugin, "/runs")[1])["stamps"]["."])
     assert [e["epoch"] for e in read_index(tmp_path / "viewer")["epochs"]] == [2, 3]
+    assert len(set(stamps)) == 3                        # each write is seen by the page
 
 
 # ---------------------------------------------------------------- plugin routes
@@ -88,6 +91,7 @@ def test_plugin_serves_runs_index_maps_and_page(run):
     assert plugin.frontend_metadata().es_module_path == "/index.js"
     status, body, _ = get(plugin, "/runs")
     assert status == 200 and json.loads(body)["runs"] == ["run-a"]
+    assert json.loads(body)["stamps"]["run-a"]        # the page polls this, not the index
     status, body, ctype = get(plugin, "/index", "run=run-a")
     assert status == 200 and ctype.startswith("application/json")
     assert [e["epoch"] for e in json.loads(body)["epochs"]] == [0, 1]

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..core.files import write_bytes, write_json
+from ..core.files import write_bytes, write_text
 from ..core.maps import LayerMaps
 from ..errors import CAManimError
 from ..viz.overlay import iter_maps
@@ -156,7 +156,7 @@ def write_viewer_epoch(out_dir: str | Path, *, epoch: int, step: int, images: An
     index["epochs"] = sorted([e for e in index["epochs"] if e["epoch"] != int(epoch)] + [entry],
                              key=lambda e: e["epoch"])
     path = vdir / "index.json"
-    write_json(path, index)
+    write_text(path, json.dumps(index, separators=(",", ":")))   # compact: polled by the tab
     return path
 
 

@@ -119,6 +119,14 @@ class CAManimPlugin(_Base):
         self._runs = (0.0, [])
         return self.runs()
 
+    def _stamp(self, run: str) -> str:
+        """Changes when the run's ``index.json`` does (the page polls this, not the index)."""
+        try:
+            st = (self._root / run / VIEWER_DIR / "index.json").stat()  # type: ignore[operator]
+        except OSError:
+            return ""
+        return f"{st.st_mtime_ns}-{st.st_size}"
+
     def _inside(self, path: Path) -> bool:
         """Whether ``path``'s real location lies under the logdir."""
         try:
@@ -143,6 +151,7 @@ class CAManimPlugin(_Base):
     @wrappers.Request.application
     def _serve_runs(self, request: Any) -> wrappers.Response:  # noqa: ARG002 - werkzeug app
         body: dict[str, Any] = {"runs": self._fresh_runs()}
+        body["stamps"] = {run: self._stamp(run) for run in body["runs"]}
         if self._root is None:
             body["message"] = ("the CAManim tab reads the files under --logdir (a local folder); "
                                "this TensorBoard has none")

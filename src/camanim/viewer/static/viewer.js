@@ -437,7 +437,7 @@
     }
     async function load(run) {
       stop();
-      S.run = run; S.index = null; S.probe = 0; S.probe2 = -1; S.epoch2 = -1;
+      S.run = run; S.index = null; S.stamp = undefined; S.probe = 0; S.probe2 = -1; S.epoch2 = -1;
       main.hidden = true;
       let index;
       try {
@@ -465,6 +465,9 @@
         const got = await source.runs();
         if (JSON.stringify(got.runs) !== JSON.stringify(S.runs)) fillRuns(got);
         if (!S.run) return;
+        const stamp = (got.stamps || {})[S.run];
+        if (stamp !== undefined && stamp === S.stamp) return;   // index.json unchanged
+        S.stamp = stamp;
         const index = await source.index(S.run);
         if (index.error || !Array.isArray(index.epochs) || !index.epochs.length) return;
         if (!S.index) { S.epoch = index.epochs.length - 1; S.layer = index.layers.length - 1; return show(index); }
