@@ -37,7 +37,7 @@ __all__ = ["MediaQueue", "EpochMedia", "write_epoch_media", "tensorboard_logger"
            "SUBFOLDERS"]
 
 #: the folders under the output folder that the callback writes into
-SUBFOLDERS = ("videos", "heatmaps", "maps")
+SUBFOLDERS = ("videos", "heatmaps", "maps", "viewer", "viewer/maps")
 
 
 def _one_thread() -> None:
@@ -264,9 +264,10 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
 
     TensorBoard: one GIF per probe (local | global side by side, small
     panels), ``ybroad/<probe>/heatmap`` and ``ybroad/<probe>/curve``.
-    Files: full-size MP4s per normalization, ``heatmaps/<probe>.png`` and
-    ``maps/epochNNN.npz``. Independent parts run on ``pool``; one part's
-    failure (a full disk, a codec) stops no other, and after every part has
+    Files: full-size MP4s per normalization, ``heatmaps/<probe>.png``,
+    ``maps/epochNNN.npz`` and the CAManim tab's ``viewer/`` (docs/VIEWER.md).
+    Independent parts run on ``pool``; one part's failure (a full disk, a
+    codec) stops no other, and after every part has
     finished one `CAManimError` names each failed output and its cause.
     """
     from ..viz.plots import curve_image, heatmap_image, save_png
