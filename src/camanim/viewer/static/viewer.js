@@ -66,6 +66,14 @@
   }
   const fmt = (v) => (v === null || v === undefined || !isFinite(v) ? "n/a" : (+v).toFixed(3));
 
+  /** Layer names without the dotted prefix they all share ("model."). */
+  function shortNames(names) {
+    const parts = names.map((n) => n.split("."));
+    let k = 0;
+    while (parts.length > 1 && parts.every((p) => p.length > k + 1 && p[k] === parts[0][k])) k++;
+    return parts.map((p) => p.slice(k).join("."));
+  }
+
   // viridis-like and magma-like ramps: [t, r, g, b]
   const VIRIDIS = [[0, 68, 1, 84], [0.25, 59, 82, 139], [0.5, 33, 145, 140], [0.75, 94, 201, 98], [1, 253, 231, 37]];
   const MAGMA = [[0, 252, 253, 191], [0.33, 252, 137, 97], [0.66, 183, 55, 121], [1, 28, 16, 68]];
@@ -198,10 +206,11 @@
       box.style.setProperty("--cw", Math.max(6, Math.min(20, Math.floor(360 / n))) + "px");
       box.style.setProperty("--ch", Math.max(6, Math.min(22, Math.floor(540 / L))) + "px");
       const names = S.index.layers.map((l) => l.name);
+      const short = shortNames(names);
       const [lo, hi] = range;
       names.forEach((name, i) => {
         const row = el("div", { class: "cm-row", "data-layer": String(i) }, box);
-        el("span", { class: "cm-rowname" }, row, name);
+        el("span", { class: "cm-rowname", title: name }, row, short[i]);
         epochs().forEach((e, c) => {
           const v = value(e, i);
           const cell = el("div", { class: "cm-cell", "data-epoch": String(e.epoch),
@@ -484,7 +493,7 @@
     function fillRuns(got) {
       S.runs = got.runs || [];
       runSel.replaceChildren();
-      S.runs.forEach((r) => el("option", { value: r }, runSel, r));
+      S.runs.forEach((r) => el("option", { value: r }, runSel, r === "." ? "(the logdir)" : r));
       if (S.run && S.runs.includes(S.run)) runSel.value = S.run;
       if (!S.runs.length) say(got.message || "no run has viewer data");
     }
