@@ -130,7 +130,11 @@ if [[ -d "$run/viewer" ]]; then
     shoot "$OUT_DIR/viewer_tab.png" "http://127.0.0.1:$port/#camanim" 1400 1000
     report="$(mktemp -d "${TMPDIR:-/tmp}/camanim_report.XXXXXX")/report.html"
     "$PYTHON" -m camanim report "$run" --out "$report"
-    shoot "$OUT_DIR/viewer_report.png" "file://$report" 1300 900
+    # one layer (two thirds down) at the first and the last epoch, side by side
+    view="$("$PYTHON" -c 'import json, sys; i = json.load(open(sys.argv[1]))
+e = i["epochs"]; print(f"layer={2 * len(i["layers"]) // 3}&compare_epoch={e[0]["epoch"]}")' \
+        "$run/viewer/index.json")"
+    shoot "$OUT_DIR/viewer_report.png" "file://$report#$view" 1300 900
 else
     echo "note: $run has no viewer/ (a run made before the CAManim tab): skipping" \
          "viewer_tab.png and viewer_report.png"

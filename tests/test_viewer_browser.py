@@ -292,6 +292,9 @@ def test_report_opens_offline_and_shows_the_callbacks_frames(browser, logdir, tm
         assert page.locator("#cm-heatmap .cm-row[data-layer]").count() == 3
         times = click_shows_the_callbacks_frame(page, out, probes)
         print(f"click-to-map ms (report): {[round(t, 1) for t in times]}")
+        page.goto(html.as_uri() + "#epoch=1&layer=1&compare_epoch=0")   # a view in the link
+        page.wait_for_selector("#cm-epoch2-local[data-drawn='0/1']")
+        assert page.get_attribute("#cm-main-local", "data-drawn") == "1/1"
         xss = write_report(root / XSS, tmp_path / "x.html")
         page.goto(xss.as_uri())
         page.wait_for_selector("#cm-main-local[data-drawn]")

@@ -468,6 +468,27 @@
     probe2Sel.addEventListener("change", () => { S.probe2 = +probe2Sel.value; draw(); });
     epoch2Sel.addEventListener("change", () => { S.epoch2 = +epoch2Sel.value; draw(); });
 
+    /** A view named in the address (the report): #layer=5&epoch=3&compare_epoch=0&probe=1
+     *  (layer and probe numbers from 0, epoch numbers as trained). */
+    function fromHash() {
+      const h = new URLSearchParams((root.ownerDocument.location.hash || "").slice(1));
+      const num = (k) => (/^[0-9]{1,6}$/.test(h.get(k) || "") ? +h.get(k) : null);
+      const col = (e) => epochs().findIndex((x) => x.epoch === e);
+      const P = S.index.probes.length, L = S.index.layers.length;
+      if (num("probe") !== null && num("probe") < P) S.probe = num("probe");
+      if (num("compare_probe") !== null && num("compare_probe") < P) S.probe2 = num("compare_probe");
+      if (num("layer") !== null && num("layer") < L) S.layer = num("layer");
+      if (num("epoch") !== null && col(num("epoch")) >= 0) S.epoch = col(num("epoch"));
+      if (num("compare_epoch") !== null && col(num("compare_epoch")) >= 0) {
+        S.epoch2 = col(num("compare_epoch"));
+      }
+      return h.toString() ? show(S.index) : null;
+    }
+
+    root.ownerDocument.defaultView.addEventListener("hashchange", () => {
+      if (S.index) fromHash();
+    });
+
     async function refresh() {
       if (document.visibilityState !== "visible") return;
       try {
@@ -504,7 +525,7 @@
         fillRuns(got);
         for (const r of S.runs) {          // the first run that has data
           runSel.value = r;
-          if (await load(r)) break;
+          if (await load(r)) { await fromHash(); break; }
         }
       } catch (err) {
         say("could not list the runs: " + err.message);
