@@ -132,7 +132,7 @@ if [[ -d "$run/viewer" ]]; then
     "$PYTHON" -m camanim report "$run" --out "$report"
     # one layer (two thirds down) at the first and the last epoch, side by side
     view="$("$PYTHON" -c 'import json, sys; i = json.load(open(sys.argv[1]))
-e = i["epochs"]; print(f"layer={2 * len(i["layers"]) // 3}&compare_epoch={e[0]["epoch"]}")' \
+print("layer=%d&compare_epoch=%d" % (2 * len(i["layers"]) // 3, i["epochs"][0]["epoch"]))' \
         "$run/viewer/index.json")"
     shoot "$OUT_DIR/viewer_report.png" "file://$report#$view" 1300 900
 else
