@@ -212,3 +212,53 @@ def test_cli_report(run, tmp_path, capsys):
     assert (tmp_path / "r.html").stat().st_size > 0 and "MiB" in capsys.readouterr().out
     assert main(["report", str(out), "--out", str(tmp_path / "s.html"), "--max-mib", "0.001"]) == 2
     assert "over the limit" in capsys.readouterr().err
+
+
+def test_tensorboard_serves_the_tab_and_refuses_paths_out_of_the_logdir(run):
+    """The same routes through a real TensorBoard server (its middleware, its
+    URL handling), without a browser."""
+    import urllib.error
+    import urllib.request
+
+    from tensorboard import default, program
+
+    root, out, _ = run
+    servers = []
+
+    def make_server(app, flags):
+        servers.append(program.WerkzeugServer(app, flags))
+        return servers[-1]
+
+    tb = program.TensorBoard(plugins=default.get_static_plugins() + [CAManimPlugin],
+                             server_class=make_server)
+    tb.configure(argv=["tensorboard", "--logdir", str(root), "--host", "127.0.0.1", "--port",
+                       "0", "--load_fast", "false", "--reload_interval", "0"])
+    url = tb.launch().rstrip("/")
+
+    def fetch(path):
+        try:
+            with urllib.request.urlopen(url + path, timeout=30) as r:
+                return r.status, r.read(), r.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(), ""
+
+    try:
+        listing = json.loads(fetch("/data/plugins_listing")[1])
+        assert listing["camanim"]["enabled"] and listing["camanim"]["tab_name"] == "CAManim"
+        base = "/data/plugin/camanim"
+        status, body, ctype = fetch(base + "/index.js")
+        assert status == 200 and ctype.startswith("text/javascript") and b"render" in body
+        assert json.loads(fetch(base + "/runs")[1])["runs"] == ["run-a"]
+        status, body, _ = fetch(base + "/sprite?run=run-a&epoch=0&probe=0")
+        assert status == 200 and body == sprite_path(out / "viewer", 0, 0).read_bytes()
+        for bad in ("/sprite?run=..&epoch=0&probe=0", "/sprite?run=%2Fetc&epoch=0&probe=0",
+                    "/index?run=run-a%2F..%2F..", "/background?run=run-a%252F..&probe=0",
+                    "/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd"):
+            status, body, _ = fetch(base + bad)
+            assert status >= 400 and b"root:" not in body, bad
+            if "?" in bad:
+                assert body == b"", bad
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
