@@ -81,10 +81,11 @@ class CAManimPlugin(_Base):
     # ............................................................ TBPlugin
     def get_plugin_apps(self) -> dict[str, Callable]:
         """The routes, relative to ``/data/plugin/camanim``."""
-        apps: dict[str, Callable] = {f"/{name}": self._static for name in STATIC_TYPES}
-        apps.update({"/runs": self._serve_runs, "/index": self._serve_index,
-                     "/sprite": self._serve_sprite, "/background": self._serve_background})
-        return apps
+        handlers: dict[str, Callable[[Any], wrappers.Response]] = {
+            f"/{name}": self._static for name in STATIC_TYPES}
+        handlers.update({"/runs": self._serve_runs, "/index": self._serve_index,
+                         "/sprite": self._serve_sprite, "/background": self._serve_background})
+        return {route: wrappers.Request.application(h) for route, h in handlers.items()}
 
     def is_active(self) -> bool:
         """Active when some run under the logdir has viewer data."""
@@ -141,14 +142,12 @@ class CAManimPlugin(_Base):
         return _respond(path.read_bytes(), content_type)
 
     # ............................................................ routes
-    @wrappers.Request.application
     def _static(self, request: Any) -> wrappers.Response:
         name = request.path.rsplit("/", 1)[-1]
         if name not in STATIC_TYPES:
             return _refuse(404)
         return _respond((STATIC / name).read_bytes(), STATIC_TYPES[name])
 
-    @wrappers.Request.application
     def _serve_runs(self, request: Any) -> wrappers.Response:  # noqa: ARG002 - werkzeug app
         body: dict[str, Any] = {"runs": self._fresh_runs()}
         body["stamps"] = {run: self._stamp(run) for run in body["runs"]}
@@ -160,7 +159,6 @@ class CAManimPlugin(_Base):
                                "after the first CAManimCallback epoch (viewer=True)")
         return _respond(json.dumps(body), "application/json")
 
-    @wrappers.Request.application
     def _serve_index(self, request: Any) -> wrappers.Response:
         vdir = self._viewer_dir(request)
         if isinstance(vdir, int):
@@ -180,14 +178,12 @@ class CAManimPlugin(_Base):
         vals = [request.args.get(k, "") for k in keys]
         return [int(v) for v in vals] if all(_DIGITS.match(v) for v in vals) else None
 
-    @wrappers.Request.application
     def _serve_sprite(self, request: Any) -> wrappers.Response:
         vdir, nums = self._viewer_dir(request), self._numbers(request, "epoch", "probe")
         if isinstance(vdir, int) or nums is None:
             return _refuse(vdir if isinstance(vdir, int) else 400)
         return self._file(sprite_path(vdir, *nums), "image/png")
 
-    @wrappers.Request.application
     def _serve_background(self, request: Any) -> wrappers.Response:
         vdir, nums = self._viewer_dir(request), self._numbers(request, "probe")
         if isinstance(vdir, int) or nums is None:

@@ -101,6 +101,7 @@ def _sheet(path: Path, panel: tuple[int, int], n_norm: int, layers: list[int],
 def _run_data(vdir: Path, epochs: Sequence[int] | None, layers: Sequence[str | int] | None,
               probes: Sequence[str] | None, frame_size: int | None) -> dict:
     index = read_index(vdir)
+    assert index is not None   # strict: a missing or malformed index raised
     kept_e = _pick_epochs(index, epochs)
     kept_l = _pick_layers(index, layers)
     kept_p = _pick_probes(index, probes)
@@ -117,7 +118,7 @@ def _run_data(vdir: Path, epochs: Sequence[int] | None, layers: Sequence[str | i
                 sprites[f"{e['epoch']}_{new}"] = _b64(_sheet(
                     sprite_path(vdir, e["epoch"], k), panel, n_norm, kept_l, ys, xs, n_layers))
 
-    def cut(d: dict) -> dict:
+    def cut(d: dict | None) -> dict:
         return {p: ([v[i] for i in kept_l] if isinstance(v, list) else v)
                 for p, v in (d or {}).items() if p in names}
 
