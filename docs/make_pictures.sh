@@ -11,6 +11,8 @@
 #                           (headless Chromium; skipped, with a note, without it)
 #   ybroad_heatmap.png      the ybROAD heatmap (epoch x layer) of the first probe
 #   frames_strip.png        CAManim frames of early, middle and late layers, last epoch
+#   viewer_tab.png          TensorBoard's CAManim tab (headless Chromium, as above)
+#   viewer_report.png       the run's `camanim report` opened from the file
 #
 # PYTHON picks the interpreter (default: python3), CHROMIUM the browser
 # (default: chromium, or chromium-browser / google-chrome when found).
@@ -106,11 +108,10 @@ for _ in $(seq 60); do
     fi
     sleep 1
 done
-shot="$OUT_DIR/tensorboard_images.png"
-"$browser" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,1700 \
-    --virtual-time-budget=20000 --screenshot="$shot" "http://127.0.0.1:$port/#images" \
-    >/dev/null 2>&1
-"$PYTHON" - "$shot" <<'PY'
+shoot() {  # shoot FILE URL WIDTH HEIGHT: a screenshot, kept light
+    "$browser" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size="$3,$4" \
+        --virtual-time-budget=20000 --screenshot="$1" "$2" >/dev/null 2>&1
+    "$PYTHON" - "$1" <<'PY'
 import sys
 from pathlib import Path
 
@@ -123,3 +124,18 @@ if path.stat().st_size > 300_000:
     img.quantize(256, dither=Image.Dither.NONE).save(path, optimize=True)
 print(f"wrote {path} ({img.width}x{img.height}, {path.stat().st_size // 1024} KB)")
 PY
+}
+shoot "$OUT_DIR/tensorboard_images.png" "http://127.0.0.1:$port/#images" 1400 1700
+if [[ -d "$run/viewer" ]]; then
+    shoot "$OUT_DIR/viewer_tab.png" "http://127.0.0.1:$port/#camanim" 1400 1000
+    report="$(mktemp -d "${TMPDIR:-/tmp}/camanim_report.XXXXXX")/report.html"
+    "$PYTHON" -m camanim report "$run" --out "$report"
+    # one layer (two thirds down) at the first and the last epoch, side by side
+    view="$("$PYTHON" -c 'import json, sys; i = json.load(open(sys.argv[1]))
+print("layer=%d&compare_epoch=%d" % (2 * len(i["layers"]) // 3, i["epochs"][0]["epoch"]))' \
+        "$run/viewer/index.json")"
+    shoot "$OUT_DIR/viewer_report.png" "file://$report#$view" 1300 900
+else
+    echo "note: $run has no viewer/ (a run made before the CAManim tab): skipping" \
+         "viewer_tab.png and viewer_report.png"
+fi

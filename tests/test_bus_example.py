@@ -178,6 +178,10 @@ def test_smoke_end_to_end(tmp_path, capsys, one_thread):
     assert list(explain.glob("malignant_*_local.mp4")) and list(explain.glob("*_contact_sheet.png"))
     assert list(explain.glob("*_ybroad.csv"))
     assert "tensorboard --logdir" in printed and "--samples_per_plugin images=100" in printed
+    # `camanim report` at the end: the viewer of every layer at every epoch, one HTML file
+    assert res["outputs"]["CAManim report"] == str(run / "report.html")
+    assert "CAManimViewer.start" in (run / "report.html").read_text()
+    assert "$ camanim report" in printed and "CAManim tab" in printed
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tags = set()

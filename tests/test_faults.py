@@ -348,8 +348,9 @@ def test_callback_on_a_full_disk_goes_on_and_retries_the_csv(small_disk, tmp_pat
 
     x, _, data = _data()
     save = small_disk / "cam"
+    # viewer=False: its backgrounds (2 x 108 KiB) would not fit this 256 KiB disk
     cb = CAManimCallback(x[:2], save_dir=save, normalization="local", tb_video_size=32,
-                         video_size=256, media_queue=0)
+                         video_size=256, media_queue=0, viewer=False)
     filler = fill(small_disk)
     tb = TensorBoardLogger(str(tmp_path), name="tb", version=0)   # on another disk: writable
     with warnings.catch_warnings(record=True) as caught:

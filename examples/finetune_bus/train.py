@@ -261,6 +261,21 @@ def explain_best(args: argparse.Namespace, datamodule: bus_data.BUSDataModule,
     return out
 
 
+def write_run_report(args: argparse.Namespace) -> Path | None:
+    """``camanim report``: the run's CAManim viewer (every layer's map at every
+    epoch, the ybROAD heatmap) as one HTML file that opens offline."""
+    if args.no_cam:
+        return None
+    from camanim.cli import main as camanim_main
+
+    argv = ["report", str(args.run_dir), "--out", str(args.run_dir / "report.html")]
+    print("\n$ camanim " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    if camanim_main(argv) != 0:
+        print("warning: camanim report failed (see above)")
+        return None
+    return args.run_dir / "report.html"
+
+
 def _checkpoint_callback(callbacks: list):
     from lightning.pytorch.callbacks import ModelCheckpoint
     return next(c for c in callbacks if isinstance(c, ModelCheckpoint))
@@ -353,6 +368,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     dev_type = trainer.strategy.root_device.type
     explained = explain_best(args, dm, best, dev_type if dev_type in ("cuda", "mps") else "cpu")
+    report = write_run_report(args)
     seconds = time.time() - t0
 
     best_score = ckpt.best_model_score
@@ -371,10 +387,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                **camanim_outputs(args, callbacks)}
     if explained is not None:
         outputs["camanim explain"] = str(explained)
+    if report is not None:
+        outputs["CAManim report"] = str(report)
+        outputs["CAManim tab"] = "TensorBoard's CAManim tab (below)"
     for k, v in outputs.items():
         print(f"  {k + ':':16s}{v}")
     print()
-    print("watch it in TensorBoard:")
+    print("watch it in TensorBoard (the CAManim tab: every layer's map at every epoch):")
     print(f"  tensorboard --logdir {shlex.quote(str(args.out))} --samples_per_plugin images=100")
     return {"run_dir": args.run_dir, "best_checkpoint": best, "test": test, "val": val,
             "seconds": seconds, "fit_seconds": t_fit, "outputs": outputs}

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"camanim {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,layers,study,sanity}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,layers,study,sanity,report}")
 
     ex = sub.add_parser("explain", help="CAManim videos, contact sheet and summary for images",
                         description="Write a CAManim video per image and normalization, a "
@@ -75,11 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="conv, all (default), blocks, or comma-separated layer names")
     ly.add_argument("--size", default="224", metavar="224|HxW", help="example input size (default 224)")
     ly.set_defaults(func=cmd_layers)
+    from .report import add_report_parser
     from .sanity import add_sanity_parser
     from .study import add_study_parser
 
     add_study_parser(sub)
     add_sanity_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

@@ -41,7 +41,9 @@ Files, in ``save_dir`` (default: the TensorBoard logger's ``log_dir``, else
     * ``heatmaps/<probe>.png``: the latest heatmap (``<probe>_convergence.png``:
       the map-change heatmap);
     * ``sanity_{start,end}.json`` / ``.png`` (``sanity=``);
-    * ``maps/epoch{E:03d}.npz`` (``save_maps=True``, `camanim.LayerMaps`).
+    * ``maps/epoch{E:03d}.npz`` (``save_maps=True``, `camanim.LayerMaps`);
+    * ``viewer/`` (``viewer=True``): every layer's map at every epoch, small,
+      for TensorBoard's CAManim tab and ``camanim report`` (docs/VIEWER.md).
 
 Epochs are numbered from 0, as ``trainer.current_epoch`` and
 ``ModelCheckpoint`` file names count them.
@@ -163,13 +165,13 @@ class CAManimCallback(Callback):
         media_queue: epochs whose pictures may still be in the works while
             training goes on (default 1; the training thread waits when the
             queue is full); ``0`` draws everything before training resumes.
-
         convergence, chance, settle_threshold: each layer's map change since
             the previous callback epoch; ROAD of a seeded random map and a
             centred blob (needs ROAD); the change below which a layer counts
             as settled (0.1). See `camanim.lightning.convergence`.
         sanity: ``"start"``, ``"end"`` or ``"start,end"``: `camanim.sanity_check`
             of the probes at fit start / end (rank zero; default off).
+        viewer: write ``viewer/`` for TensorBoard's CAManim tab and ``camanim report``.
 
     Raises:
         CAManimError: at construction, for probes, targets, masks or options
@@ -188,7 +190,7 @@ class CAManimCallback(Callback):
                  batch_size: int | None = None, seed: int = 0, on_fit_end: bool = True,
                  masks: Any = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, save_maps: bool = False,
-                 road_noise: float = 0.01, *, save_videos: bool = True,
+                 road_noise: float = 0.01, *, save_videos: bool = True, viewer: bool = True,
                  model: str | Callable[[nn.Module], nn.Module] | None = None,
                  class_names: Sequence[str] | None = None,
                  video_size: int | Sequence[int] | None = None,
@@ -233,7 +235,7 @@ class CAManimCallback(Callback):
             raise CAManimError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
         self.on_error = on_error
         self.run_on_fit_end = bool(on_fit_end)
-        self.save_maps = bool(save_maps)
+        self.save_maps, self.viewer = bool(save_maps), bool(viewer)
         self.save_dir = Path(save_dir) if save_dir is not None else None
         workers = check_count("media_workers", media_workers)
         self.media_workers = workers or max(2, min(8, os.cpu_count() or 2))
@@ -509,7 +511,7 @@ class CAManimCallback(Callback):
             render=dict(mean=self.mean, std=self.std, size=self.video_size,
                         class_names=self.class_names),
             tb_size=self.tb_video_size if self.tb_video_size is not None else self.video_size,
-            tb_colors=self.tb_colors, timing=timing,
+            tb_colors=self.tb_colors, timing=timing, viewer=self.viewer,
             **media_fields(self._history, names, record, self._conv.maps))
         if self._queue is None:
             self._queue = MediaQueue(self.media_workers, self.media_queue)

@@ -37,7 +37,7 @@ __all__ = ["MediaQueue", "EpochMedia", "write_epoch_media", "tensorboard_logger"
            "SUBFOLDERS"]
 
 #: the folders under the output folder that the callback writes into
-SUBFOLDERS = ("videos", "heatmaps", "maps")
+SUBFOLDERS = ("videos", "heatmaps", "maps", "viewer", "viewer/maps")
 
 
 def _one_thread() -> None:
@@ -241,6 +241,7 @@ class EpochMedia:
     convergence: dict = field(default_factory=dict)
     road_mask: dict = field(default_factory=dict)
     chance: dict = field(default_factory=dict)
+    viewer: bool = True                   # write the viewer's data (camanim.viewer.data)
 
 
 def tensorboard_norms(norms: Sequence[str]) -> list[str]:
@@ -263,9 +264,10 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
 
     TensorBoard: one GIF per probe (local | global side by side, small
     panels), ``ybroad/<probe>/heatmap`` and ``ybroad/<probe>/curve``.
-    Files: full-size MP4s per normalization, ``heatmaps/<probe>.png`` and
-    ``maps/epochNNN.npz``. Independent parts run on ``pool``; one part's
-    failure (a full disk, a codec) stops no other, and after every part has
+    Files: full-size MP4s per normalization, ``heatmaps/<probe>.png``,
+    ``maps/epochNNN.npz`` and the CAManim tab's ``viewer/`` (docs/VIEWER.md).
+    Independent parts run on ``pool``; one part's failure (a full disk, a
+    codec) stops no other, and after every part has
     finished one `CAManimError` names each failed output and its cause.
     """
     from ..viz.plots import curve_image, heatmap_image, save_png
@@ -345,6 +347,8 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
         jobs.append(("plots", plots))
     if m.convergence:
         jobs.append(("convergence heatmaps", convergence_plots))
+    if m.viewer:
+        jobs.append((f"viewer data {m.out_dir / 'viewer'}", lambda: viewer_epoch(m)))
     if m.save_maps:
         npz = m.out_dir / "maps" / f"epoch{m.epoch:03d}.npz"
         jobs.append((f"maps {npz}", lambda: m.maps.save(npz)))
@@ -372,6 +376,17 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
     if errors:
         raise CAManimError(f"{len(errors)} output(s) failed: " + "; ".join(
             f"{what}: {_cause(e)}" for what, e in errors))
+
+
+def viewer_epoch(m: EpochMedia) -> None:
+    """The epoch's data for the CAManim tab and report (`camanim.viewer.data`)."""
+    from ..viewer.data import write_viewer_epoch
+
+    change = {p: mat[-1] for p, (epochs, _, mat) in m.convergence.items()
+              if len(epochs) and epochs[-1] == m.epoch}
+    write_viewer_epoch(m.out_dir, epoch=m.epoch, step=m.step, images=m.images, maps=m.maps,
+                       probes=m.probes, method=m.method, road=m.road, chance=m.chance,
+                       change=change, render=m.render, norms=m.normalization)
 
 
 def _cause(e: BaseException) -> str:
