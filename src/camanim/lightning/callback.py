@@ -77,6 +77,7 @@ from ..errors import CAManimError
 from ..metrics.pointing import energy_pointing_game
 from ..runs.history import History
 from .convergence import Convergence, check_sanity, media_fields, run_sanity
+from .loggers import LoggerMedia
 from .distributed import check_strategy, gather_objects, merge_shares, score_share
 from .checks import check_outputs, check_score, epoch_record, finite_probes, pick
 from .media import (EpochMedia, MediaQueue, mark_restart, output_dir,
@@ -248,6 +249,7 @@ class CAManimCallback(Callback):
         self._dir: Path | None = None
         self._last_epoch: int | None = None
         self._queue: MediaQueue | None = None
+        self._loggers = LoggerMedia()  # W&B, MLflow: the pictures (camanim.lightning.loggers)
         self._keep = np.ones(len(self._probes.names), dtype=bool)  # probes with finite logits
         #: seconds per phase of the last epoch's work on this rank: cam, road,
         #: ebpg, csv, log, blocking (the training loop waited: all of
@@ -304,12 +306,15 @@ class CAManimCallback(Callback):
                                     self.road)
         if trainer.is_global_zero:  # a folder that cannot be written fails now
             self._out_dir(trainer)
+            self._loggers.start(trainer, self.log_videos or self.save_videos or self.road)
         self._sanity(trainer, pl_module, "start")
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         tb = tensorboard_writer(trainer)  # the checkpoint is restored by now: on a resume,
         if trainer.is_global_zero and tb is not None and int(trainer.global_step) > 0:
             mark_restart(tb, int(trainer.global_step) + 1)  # TensorBoard drops later steps
+        if trainer.is_global_zero and int(trainer.global_step) > 0:
+            self._loggers.restart(int(trainer.current_epoch))
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._fitting(trainer):
@@ -333,6 +338,8 @@ class CAManimCallback(Callback):
                 self._history.write_csv(self._dir, None, str(self._anim.method.name))
             except CAManimError as e:
                 self._fail(self._history.epochs[-1], e)
+        if trainer.is_global_zero and self._queue is not None and self._dir is not None:
+            self._loggers.finish(self._queue, self._dir, self._history.epochs[-1])
         self._report_media_errors(drain=True)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -509,7 +516,7 @@ class CAManimCallback(Callback):
             render=dict(mean=self.mean, std=self.std, size=self.video_size,
                         class_names=self.class_names),
             tb_size=self.tb_video_size if self.tb_video_size is not None else self.video_size,
-            tb_colors=self.tb_colors, timing=timing,
+            tb_colors=self.tb_colors, timing=timing, sinks=self._loggers.sinks,
             **media_fields(self._history, names, record, self._conv.maps))
         if self._queue is None:
             self._queue = MediaQueue(self.media_workers, self.media_queue)
