@@ -96,9 +96,12 @@ def wandb_logger(tmp_path, **kw):
 
 
 def finish_wandb():
+    """End the run and stop W&B's service: its transaction log is complete
+    only then (``finish`` alone can leave the last 32 KiB block unwritten)."""
     import wandb
 
     wandb.finish()
+    wandb.teardown()
 
 
 def _log_records(path: Path) -> list[bytes]:
@@ -131,9 +134,9 @@ def wandb_runs(tmp_path: Path) -> list[dict]:
     runs = []
     for d in sorted((tmp_path / "wandb").glob("offline-run-*")):
         rows, steps = [], {}
-        for raw in _log_records(next(d.glob("run-*.wandb"))):
-            rec = pb.Record()
-            rec.ParseFromString(raw)
+        records = [pb.Record.FromString(raw) for raw in _log_records(next(d.glob("run-*.wandb")))]
+        assert records[-1].WhichOneof("record_type") == "exit", "the run's log is incomplete"
+        for rec in records:
             kind = rec.WhichOneof("record_type")
             if kind == "history":
                 row: dict = {}
@@ -163,7 +166,7 @@ def test_wandb_offline_read_back(tmp_path, fake_report):
     [run] = wandb_runs(tmp_path)
     rows = media_rows(run)
     epoch_rows = [r for r in rows if "camanim/report" not in r]
-    assert [r["camanim/epoch"] for r in epoch_rows] == [0, 1, 2]
+    assert [r["camanim/epoch"] for r in epoch_rows] == [0, 1, 2], [sorted(r) for r in rows]
     videos = {f"camanim/{p}/{n}" for p in PROBES for n in NORMS}
     pictures = {f"ybroad/{p}/{k}" for p in PROBES for k in ("heatmap", "curve")}
     conv = {f"convergence/{p}/heatmap" for p in PROBES}

@@ -112,7 +112,7 @@ class WandbSink(MediaSink):
             # an exact definition: the media panels' step slider walks the epochs
             run.define_metric(key, step_metric=self.STEP)
             self._defined.add(key)
-        run.log({self.STEP: epoch, **row})
+        run.log({self.STEP: epoch, **row}, commit=True)
 
     def epoch(self, art: EpochArtifacts) -> None:
         import wandb
