@@ -12,20 +12,18 @@ import struct
 import subprocess
 import sys
 import types
-from collections import Counter
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
-
-import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lit_models import TinyLitNet
 
 from camanim.lightning.callback import CAManimCallback
-from camanim.lightning.loggers import EpochArtifacts, MLflowSink, logger_sinks
+from camanim.lightning.loggers import EpochArtifacts, MLflowSink, logger_sinks, send_epoch
 from camanim.viz.video import iter_video
-from lit_models import TinyLitNet
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread", "wandb_offline")
 
@@ -241,7 +239,8 @@ def test_mlflow_local_store_read_back(tmp_path, fake_report):
 
 # ----------------------------------------------------- both at once, resume
 
-def test_resume_continues_steps_without_duplicates(tmp_path, fake_report):
+@pytest.mark.usefixtures("fake_report")
+def test_resume_continues_steps_without_duplicates(tmp_path):
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
     ck = tmp_path / "ckpt"
@@ -265,27 +264,33 @@ def test_resume_continues_steps_without_duplicates(tmp_path, fake_report):
     assert "report.html" in folders[1] and "report.html" in folders[2]
 
 
-def test_mlflow_restart_drops_what_a_crashed_run_logged(tmp_path):
+def test_mlflow_resumed_fit_drops_what_a_crashed_run_logged(tmp_path):
     pytest.importorskip("mlflow")
     logger = mlflow_logger(tmp_path)
-    sink = MLflowSink(logger)
     video = tmp_path / "probe0_epoch000_local.mp4"
     video.write_bytes(b"\0" * 8)
     img = torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()
-    for e in range(3):
-        sink.epoch(EpochArtifacts(e, {"probe0/local": video}, {"ybroad/probe0/heatmap": img}))
-    sink.restart(1)     # a resumed fit redoes epoch 1 and later
+
+    def art(e):
+        return EpochArtifacts(e, {"probe0/local": video}, {"ybroad/probe0/heatmap": img})
+
+    crashed = MLflowSink(logger)
+    assert all(send_epoch([crashed], art(e)) == [] for e in range(3))
+    # the resumed fit (new sinks) redoes epoch 1 and later: its first epoch
+    # removes what the crashed fit logged from there on
+    assert send_epoch([MLflowSink(logger)], art(1)) == []
     steps, folders = mlflow_media(logger)
-    assert steps == {"ybroad/probe0/heatmap": [0]} and sorted(folders) == [0]
+    assert steps == {"ybroad/probe0/heatmap": [0, 1]} and sorted(folders) == [0, 1]
 
 
 # ---------------------------------------------------- failures, other loggers
 
-def test_a_failing_logger_warns_and_the_others_go_on(tmp_path, monkeypatch, fake_report):
+@pytest.mark.usefixtures("fake_report")
+def test_a_failing_logger_warns_and_the_others_go_on(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     import camanim.lightning.loggers as lg
 
-    def down(self, art):
+    def down(*_):
         raise RuntimeError("W&B service down")
 
     monkeypatch.setattr(lg.WandbSink, "epoch", down)

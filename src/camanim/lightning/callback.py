@@ -306,15 +306,12 @@ class CAManimCallback(Callback):
                                     self.road)
         if trainer.is_global_zero:  # a folder that cannot be written fails now
             self._out_dir(trainer)
-            self._loggers.start(trainer, self.log_videos or self.save_videos or self.road)
         self._sanity(trainer, pl_module, "start")
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         tb = tensorboard_writer(trainer)  # the checkpoint is restored by now: on a resume,
         if trainer.is_global_zero and tb is not None and int(trainer.global_step) > 0:
             mark_restart(tb, int(trainer.global_step) + 1)  # TensorBoard drops later steps
-        if trainer.is_global_zero and int(trainer.global_step) > 0:
-            self._loggers.restart(int(trainer.current_epoch))
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._fitting(trainer):
@@ -338,8 +335,7 @@ class CAManimCallback(Callback):
                 self._history.write_csv(self._dir, None, str(self._anim.method.name))
             except CAManimError as e:
                 self._fail(self._history.epochs[-1], e)
-        if trainer.is_global_zero and self._queue is not None and self._dir is not None:
-            self._loggers.finish(self._queue, self._dir, self._history.epochs[-1])
+        self._loggers.finish(trainer, self._queue, self._dir, self._history.epochs)  # report
         self._report_media_errors(drain=True)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -516,11 +512,9 @@ class CAManimCallback(Callback):
             render=dict(mean=self.mean, std=self.std, size=self.video_size,
                         class_names=self.class_names),
             tb_size=self.tb_video_size if self.tb_video_size is not None else self.video_size,
-            tb_colors=self.tb_colors, timing=timing, sinks=self._loggers.sinks,
+            tb_colors=self.tb_colors, timing=timing, sinks=self._loggers.sinks(trainer),
             **media_fields(self._history, names, record, self._conv.maps))
-        if self._queue is None:
-            self._queue = MediaQueue(self.media_workers, self.media_queue)
-        queue = self._queue
+        queue = self._queue = self._queue or MediaQueue(self.media_workers, self.media_queue)
         t = time.perf_counter()
         queue.submit(epoch, lambda: write_epoch_media(media, queue.pool()))
         timing["queue_wait"] = time.perf_counter() - t

@@ -80,6 +80,8 @@ class MediaSink:
 
     def __init__(self, logger: Any) -> None:
         self.logger = logger
+        #: this fit sent an epoch already (the first one calls `restart`)
+        self.started = False
 
     def epoch(self, art: EpochArtifacts) -> None:
         """Send one callback epoch's pictures."""
@@ -90,8 +92,10 @@ class MediaSink:
         raise NotImplementedError
 
     def restart(self, epoch: int) -> None:
-        """A resumed fit redoes ``epoch`` and later: drop what a crashed run
-        logged there, where the logger allows it."""
+        """The fit's first callback epoch is ``epoch``: drop what an earlier
+        (crashed, resumed) fit logged there and later, where the logger allows
+        it. The schedule is the same, so those are exactly the epochs this fit
+        logs again."""
 
 
 class WandbSink(MediaSink):
@@ -209,8 +213,15 @@ def _each(sinks: Sequence[MediaSink], what: str, call: Any) -> list[tuple[str, B
 
 def send_epoch(sinks: Sequence[MediaSink],
                art: EpochArtifacts) -> list[tuple[str, BaseException]]:
-    """Each sink gets the epoch; ``(what, error)`` of every sink that failed."""
-    return _each(sinks, f"epoch {art.epoch}", lambda s: s.epoch(art))
+    """Each sink gets the epoch (its first of this fit after a `restart`);
+    ``(what, error)`` of every sink that failed."""
+    def send(sink: MediaSink) -> None:
+        if not sink.started:
+            sink.restart(art.epoch)
+            sink.started = True
+        sink.epoch(art)
+
+    return _each(sinks, f"epoch {art.epoch}", send)
 
 
 def send_report(sinks: Sequence[MediaSink], run_dir: Path,
@@ -234,37 +245,40 @@ def send_report(sinks: Sequence[MediaSink], run_dir: Path,
 
 
 class LoggerMedia:
-    """The callback's side of the sinks: found once per fit, a notice for the
-    loggers that get scalars only, restarts on resume."""
+    """The callback's side of the sinks: found at the first callback epoch of
+    each fit (rank zero), a notice for the loggers that get scalars only, the
+    report at the end of fit."""
 
     def __init__(self) -> None:
-        self.sinks: list[MediaSink] = []
+        self._trainer: Any = None
+        self._sinks: list[MediaSink] = []
 
-    def start(self, trainer: Any, pictures: bool) -> None:
-        """At fit start (rank zero): find the sinks; ``pictures``: the
-        callback makes any (videos or plots) a logger could miss."""
-        self.sinks, plain = logger_sinks(getattr(trainer, "loggers", []) or [])
-        if plain and pictures:
-            warnings.warn(f"CAManimCallback: {', '.join(plain)} gets the scalars only, not "
-                          f"{_MISSED}: they are files in the output folder (add a "
-                          "TensorBoardLogger, WandbLogger or MLFlowLogger to see them there)",
-                          UserWarning, stacklevel=3)
+    def sinks(self, trainer: Any) -> list[MediaSink]:
+        """The sinks of ``trainer.loggers`` (found once per trainer)."""
+        if trainer is not self._trainer:
+            self._trainer = trainer
+            self._sinks, plain = logger_sinks(getattr(trainer, "loggers", []) or [])
+            if plain:
+                warnings.warn(f"CAManimCallback: {', '.join(plain)} gets the scalars only, "
+                              f"not {_MISSED}: they are files in the output folder (add a "
+                              "TensorBoardLogger, WandbLogger or MLFlowLogger to see them "
+                              "there)", UserWarning, stacklevel=3)
+        return self._sinks
 
-    def restart(self, epoch: int) -> None:
-        """A resumed fit starts at ``epoch``: each sink drops what a crashed
-        run logged there and later (a warning where that fails)."""
-        for what, e in _each(self.sinks, "resume", lambda s: s.restart(epoch)):
-            warnings.warn(f"CAManimCallback: {what}: {type(e).__name__}: {e}; media of "
-                          f"epoch {epoch} and later may show twice", UserWarning, stacklevel=3)
+    def finish(self, trainer: Any, queue: Any, run_dir: Path | None,
+               epochs: Sequence[int]) -> None:
+        """At the end of fit (rank zero), after the last epoch's pictures: the
+        report to each sink, on the media ``queue`` (its errors come back with
+        the queue's). Nothing when this fit made no pictures."""
+        if trainer is not self._trainer or queue is None or run_dir is None or not epochs \
+                or not self._sinks or not trainer.is_global_zero:
+            return
+        sinks, epoch = self._sinks, int(epochs[-1])
 
-    def finish(self, queue: Any, run_dir: Path, epoch: int) -> None:
-        """At the end of fit, after the last epoch's pictures: the report to
-        each sink, on the media ``queue`` (its errors come back with the queue's)."""
         def job() -> None:
-            errors = send_report(self.sinks, run_dir, epoch)
+            errors = send_report(sinks, run_dir, epoch)
             if errors:
                 raise CAManimError(f"{len(errors)} output(s) failed: " + "; ".join(
                     f"{what}: {type(e).__name__}: {e}" for what, e in errors))
 
-        if self.sinks:
-            queue.submit(epoch, job)
+        queue.submit(epoch, job)
