@@ -29,7 +29,9 @@ TensorBoard (when a ``TensorBoardLogger`` is among ``trainer.loggers``)
       the previous callback epoch) and ``ybroad/rank_tau_mean``.
 
 Other loggers (CSV, W&B, MLflow, ...)
-    get the scalars through ``logger.log_metrics``.
+    get the scalars through ``logger.log_metrics``; ``WandbLogger`` and
+    ``MLFlowLogger`` also the videos, heatmaps, curves and the report
+    (`camanim.lightning.loggers`); any other one a notice.
 
 Files, in ``save_dir`` (default: the TensorBoard logger's ``log_dir``, else
 ``<trainer.default_root_dir>/camanim``), whatever the loggers:
