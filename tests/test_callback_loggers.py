@@ -276,11 +276,12 @@ def test_mlflow_resumed_fit_drops_what_a_crashed_run_logged(tmp_path):
 
     crashed = MLflowSink(logger)
     assert all(send_epoch([crashed], art(e)) == [] for e in range(3))
+    logger.experiment.log_image(logger.run_id, img, key="mine", step=2)  # the user's own
     # the resumed fit (new sinks) redoes epoch 1 and later: its first epoch
     # removes what the crashed fit logged from there on
     assert send_epoch([MLflowSink(logger)], art(1)) == []
     steps, folders = mlflow_media(logger)
-    assert steps == {"ybroad/probe0/heatmap": [0, 1]} and sorted(folders) == [0, 1]
+    assert steps == {"ybroad/probe0/heatmap": [0, 1], "mine": [2]} and sorted(folders) == [0, 1]
 
 
 # ---------------------------------------------------- failures, other loggers

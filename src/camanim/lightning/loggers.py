@@ -168,9 +168,10 @@ class MLflowSink(MediaSink):
 
 
 def _mlflow_step(path: str) -> int:
-    """The step in an MLflow image file name (``<key>+step+<n>+timestamp+...``;
-    older releases used ``%``); -1 for other files."""
-    m = re.search(r"[+%]step[+%](\d+)[+%]", path)
+    """The step in the file name of an image the callback logged
+    (``images/ybroad~<probe>~heatmap+step+<n>+timestamp+...``; older releases
+    wrote ``#`` and ``%``); -1 for any other file (the user's own images)."""
+    m = re.fullmatch(r"images/(?:ybroad|convergence)[~#][^/]*?[+%]step[+%](\d+)[+%].*", path)
     return int(m.group(1)) if m else -1
 
 
