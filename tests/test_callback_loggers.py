@@ -319,6 +319,7 @@ def test_other_loggers_get_one_notice(tmp_path):
     assert sinks == [] and plain == ["CSVLogger"]
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and lightning: about 20 s
 def test_core_imports_neither_wandb_nor_mlflow(tmp_path):
     script = f"""
 import sys
