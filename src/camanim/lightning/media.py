@@ -329,7 +329,7 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
             parts = [(f"heatmap {m.out_dir / 'heatmaps' / f'{probe}.png'}",
                       lambda p=probe, i=img: heatmap_png(p, i))]
             if m.writer is not None or m.sinks:
-                parts.append((f"TensorBoard ybroad/{probe}/heatmap and curve",
+                parts.append((f"ybroad/{probe}/curve, TensorBoard ybroad images",
                               lambda b=b, p=probe, i=img: tb_plots(b, p, i)))
             for what, part in parts:
                 try:
