@@ -29,7 +29,9 @@ TensorBoard (when a ``TensorBoardLogger`` is among ``trainer.loggers``)
       the previous callback epoch) and ``ybroad/rank_tau_mean``.
 
 Other loggers (CSV, W&B, MLflow, ...)
-    get the scalars through ``logger.log_metrics``.
+    get the scalars through ``logger.log_metrics``; ``WandbLogger`` and
+    ``MLFlowLogger`` also the videos, heatmaps, curves and the report
+    (`camanim.lightning.loggers`); any other one a notice.
 
 Files, in ``save_dir`` (default: the TensorBoard logger's ``log_dir``, else
 ``<trainer.default_root_dir>/camanim``), whatever the loggers:
@@ -79,6 +81,7 @@ from ..errors import CAManimError
 from ..metrics.pointing import energy_pointing_game
 from ..runs.history import History
 from .convergence import Convergence, check_sanity, media_fields, run_sanity
+from .loggers import LoggerMedia
 from .distributed import check_strategy, gather_objects, merge_shares, score_share
 from .checks import check_outputs, check_score, epoch_record, finite_probes, pick
 from .media import (EpochMedia, MediaQueue, mark_restart, output_dir,
@@ -250,6 +253,7 @@ class CAManimCallback(Callback):
         self._dir: Path | None = None
         self._last_epoch: int | None = None
         self._queue: MediaQueue | None = None
+        self._loggers = LoggerMedia()  # W&B, MLflow: the pictures (camanim.lightning.loggers)
         self._keep = np.ones(len(self._probes.names), dtype=bool)  # probes with finite logits
         #: seconds per phase of the last epoch's work on this rank: cam, road,
         #: ebpg, csv, log, blocking (the training loop waited: all of
@@ -335,6 +339,7 @@ class CAManimCallback(Callback):
                 self._history.write_csv(self._dir, None, str(self._anim.method.name))
             except CAManimError as e:
                 self._fail(self._history.epochs[-1], e)
+        self._loggers.finish(trainer, self._queue, self._dir, self._history.epochs)  # report
         self._report_media_errors(drain=True)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -512,10 +517,9 @@ class CAManimCallback(Callback):
                         class_names=self.class_names),
             tb_size=self.tb_video_size if self.tb_video_size is not None else self.video_size,
             tb_colors=self.tb_colors, timing=timing, viewer=self.viewer,
+            sinks=self._loggers.sinks(trainer),
             **media_fields(self._history, names, record, self._conv.maps))
-        if self._queue is None:
-            self._queue = MediaQueue(self.media_workers, self.media_queue)
-        queue = self._queue
+        queue = self._queue = self._queue or MediaQueue(self.media_workers, self.media_queue)
         t = time.perf_counter()
         queue.submit(epoch, lambda: write_epoch_media(media, queue.pool()))
         timing["queue_wait"] = time.perf_counter() - t

@@ -242,6 +242,8 @@ class EpochMedia:
     road_mask: dict = field(default_factory=dict)
     chance: dict = field(default_factory=dict)
     viewer: bool = True                   # write the viewer's data (camanim.viewer.data)
+    #: `camanim.lightning.loggers` sinks (W&B, MLflow): they get the epoch's pictures
+    sinks: list = field(default_factory=list)
 
 
 def tensorboard_norms(norms: Sequence[str]) -> list[str]:
@@ -273,8 +275,10 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
     from ..viz.plots import curve_image, heatmap_image, save_png
     from ..viz.render import render_frames
     from ..viz.video import encode_gif, write_frames
+    from .loggers import EpochArtifacts, send_epoch
 
     t0 = time.perf_counter()
+    art = EpochArtifacts(m.epoch)   # what the sinks get, filled while drawing
     jobs: list[tuple[str, Callable[[], None]]] = []   # (what and where, job)
     tb = m.writer if m.log_videos else None
 
@@ -290,6 +294,7 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
 
     def video(b: int, path: Path, norm: str) -> None:
         write_frames(path, frames_of(b, norm, m.render.get("size")), fps=m.fps)
+        art.videos[f"{m.probes[b]}/{norm}"] = path
 
     for b, probe in enumerate(m.probes):
         if tb is not None:
@@ -305,10 +310,12 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
         save_png(m.out_dir / "heatmaps" / f"{probe}.png", img)
 
     def tb_plots(b: int, probe: str, img: np.ndarray) -> None:
-        m.writer.add_image(f"ybroad/{probe}/heatmap", img, m.step, dataformats="HWC")
         curve = curve_image(m.road[:, b], list(m.maps.names), ebpg=m.ebpg.get(probe),
                             title=f"{probe}: ybROAD, epoch {m.epoch}", chance=m.chance.get(probe))
-        m.writer.add_image(f"ybroad/{probe}/curve", curve, m.step, dataformats="HWC")
+        art.pictures.update({f"ybroad/{probe}/heatmap": img, f"ybroad/{probe}/curve": curve})
+        if m.writer is not None:
+            m.writer.add_image(f"ybroad/{probe}/heatmap", img, m.step, dataformats="HWC")
+            m.writer.add_image(f"ybroad/{probe}/curve", curve, m.step, dataformats="HWC")
 
     def plots() -> list[tuple[str, BaseException]]:
         # the PNG file and the TensorBoard images fail independently
@@ -323,8 +330,8 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
                                 + ("; hatched: <= chance" if mask is not None else ""))
             parts = [(f"heatmap {m.out_dir / 'heatmaps' / f'{probe}.png'}",
                       lambda p=probe, i=img: heatmap_png(p, i))]
-            if m.writer is not None:
-                parts.append((f"TensorBoard ybroad/{probe}/heatmap and curve",
+            if m.writer is not None or m.sinks:
+                parts.append((f"ybroad/{probe}/curve, TensorBoard ybroad images",
                               lambda b=b, p=probe, i=img: tb_plots(b, p, i)))
             for what, part in parts:
                 try:
@@ -339,6 +346,7 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
         for probe, (epochs, names, mat) in m.convergence.items():
             img = convergence_image(mat, epochs, names, title=f"{probe}: map change "
                                     "(1 - Spearman vs previous)")
+            art.pictures[f"convergence/{probe}/heatmap"] = img
             save_png(m.out_dir / "heatmaps" / f"{probe}_convergence.png", img)
             if m.writer is not None:
                 m.writer.add_image(f"convergence/{probe}/heatmap", img, m.step, dataformats="HWC")
@@ -367,6 +375,7 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
     else:
         for fut in [pool.submit(run, what, job) for what, job in jobs]:
             errors += fut.result()
+    errors += send_epoch(m.sinks, art)
     if m.writer is not None:
         try:
             m.writer.flush()
