@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..core.images import load_image, parse_size, to_model_input
+from ..core.checkpoint import checkpoint_meta
+from ..core.images import load_image, to_model_input
 from ..errors import CAManimError
-from .common import (float_list, layer_selector, norm_list, parse_class_names, prepare_out, stems,
-                     target_index, torch_device)
+from .common import (check_class_count, input_settings, layer_selector, max_layers, norm_list,
+                     prepare_out, stems, target_index, torch_device)
 from .models import build_model, in_channels, n_outputs
+
+
+def _out(*parts: Any) -> None:
+    """A result line: stdout (``camanim explain ... > log`` keeps it)."""
+    print(*parts, flush=True)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -24,14 +30,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from ..viz.video import write_video
 
     quiet = args.quiet
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
     norms = norm_list(args.norm)
-    size = parse_size(args.size)
-    mean, std = float_list(args.mean, "mean"), float_list(args.std, "std")
     if args.fps <= 0:
         raise CAManimError(f"--fps must be > 0, got {args.fps}")
-    if args.max_layers is not None and args.max_layers < 1:
-        raise CAManimError(f"--max-layers must be >= 1, got {args.max_layers}")
+    n_layers = max_layers(args.max_layers)
     if not 0 <= args.alpha <= 1:
         raise CAManimError(f"--alpha must be within 0..1, got {args.alpha}")
     if args.hold_last < 0:
@@ -43,13 +45,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     rgbs = [load_image(p) for p in paths]  # every image readable before any work
     out: Path = prepare_out(args.out)       # and the output folder writable
     device = torch_device(args.device)
+    meta = checkpoint_meta(args.checkpoint) if args.checkpoint is not None else None
+    size, mean, std, classes = input_settings(args, meta, quiet)
 
     model, categories = build_model(args.model, args.weights, args.checkpoint, args.num_classes,
                                     quiet, seed=args.seed)
     model = model.to(device)
-    classes = parse_class_names(args.classes, categories)
     channels = in_channels(model)
     n_out = n_outputs(model, to_model_input(rgbs[0], size, mean, std, channels).to(device))
+    check_class_count(classes, n_out, args.classes is not None)
+    classes = classes if classes is not None else categories
     target = target_index(args.target, classes, n_out)
     road_fn = None
     if args.road:
@@ -64,7 +69,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     # Integrated Grad-CAM's black baseline is (0 - mean) / std: the images' normalization
     ig = dict(mean=mean, std=std) if get_method(args.method).name == "integrated-gradcam" else {}
     anim = CAManim(model, method=args.method, layers=layer_selector(args.layers),
-                   max_layers=args.max_layers, seed=args.seed, progress=not quiet, **ig)
+                   max_layers=n_layers, seed=args.seed, progress=not quiet, **ig)
     ext = "" if args.format == "png" else f".{args.format}"
     written: list[Path] = []
     params_done = False
@@ -82,13 +87,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
             probs = torch.softmax(logits.float(), dim=-1)[0]
         else:
             probs = None
-        road = None
+        road = chance = None
         if road_fn is not None:
             road = road_fn(model, x, maps, targets=maps.targets, seed=args.seed, progress=not quiet)
+            from ..metrics.convergence import chance_road
+
+            # the chance line: the same ROAD of a seeded random map (2 maps more than the layers)
+            chance = chance_road(model, x, maps.targets, seed=args.seed, logits=maps.logits)
             # each writer is atomic itself (temporary name, then rename)
             road.to_json(out / f"{stem}_ybroad.json")
             written += [road.to_csv(out / f"{stem}_ybroad.csv"),
-                        road.plot(out / f"{stem}_ybroad.png", title=f"ybROAD · {stem} · {label}"),
+                        road.plot(out / f"{stem}_ybroad.png", title=f"ybROAD · {stem} · {label}",
+                                  chance=chance),
                         out / f"{stem}_ybroad.json"]
         render = dict(fps=args.fps, road=road, hold_last=args.hold_last, colormap=args.colormap,
                       alpha=args.alpha, class_names=classes, title=label, progress=not quiet)
@@ -111,6 +121,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if args.save_maps:
             written.append(maps.save(out / f"{stem}_maps.npz"))
         pred = int(probs.argmax()) if probs is not None else None
+        if target is not None and pred is not None and pred != target:
+            def name(k: int) -> str:
+                return classes[k] if classes and k < len(classes) else f"class {k}"
+
+            print(f"note: {path.name}: the model predicts {name(pred)} (p {float(probs[pred]):.2f}); "
+                  f"the maps explain {name(target)} (p {float(probs[target]):.2f}), as --target "
+                  "asks", file=sys.stderr)
         summary: dict[str, Any] = {
             "image": str(path), "model": args.model,
             "weights": args.weights if args.checkpoint is None else str(args.checkpoint),
@@ -125,16 +142,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
              "params": info.params_total, "seconds": maps.seconds[i] if maps.seconds else None}
             for i, info in enumerate(maps.layers)]
         if road is not None:
-            summary["ybroad"] = road.summary()[0].to_dict()
+            summary["ybroad"] = road.summary(chance=chance)[0].to_dict()
         written.append(write_summary(out / f"{stem}_summary.json", summary))
         if not quiet:
-            say(f"\n{path}:")
-            say(format_summary({k: v for k, v in summary.items()
+            _out(f"\n{path}:")
+            _out(format_summary({k: v for k, v in summary.items()
                                 if not isinstance(v, (list, dict)) or k in ("input_size", "image_size")}))
+            if road is not None:
+                _out(f"ybROAD: {summary['ybroad']['verdict']}")
     if not quiet:
-        say(f"\nwrote {len(written)} files to {out}/:")
+        _out(f"\nwrote {len(written)} files to {out}/:")
         for p in written:
-            say(f"  {p}")
+            _out(f"  {p}")
     return 0
 
 

@@ -146,9 +146,14 @@ class LayerInfo:
         return asdict(self)
 
 
-@dataclass
+@dataclass(repr=False)
 class LayerTable:
-    """All calls of one forward plus the selection made from them."""
+    """All calls of one forward plus the selection made from them.
+
+    ``print(table)`` (and the REPL) shows the selected layers as a text
+    table, then the skipped ones with the reason; `to_records` and
+    `to_dataframe` export one row per layer call.
+    """
 
     calls: list[LayerInfo]
     selected: list[LayerInfo]
@@ -163,6 +168,59 @@ class LayerTable:
     @property
     def names(self) -> list[str]:
         return [info.name for info in self.selected]
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One dict per selected layer, then per skipped one: ``index`` (in
+        the selection; ``None`` when skipped), ``name``, ``type``,
+        ``output_shape`` (per image), ``params`` (module and children),
+        ``layout``, ``skipped`` (the reason, or ``None``)."""
+        rows = [(i, info) for i, info in enumerate(self.selected)]
+        rows += [(None, info) for info in self.skipped]
+        return [{"index": i, "name": info.name, "type": info.type,
+                 "output_shape": tuple(info.output_shape[1:]), "params": info.params_total,
+                 "layout": info.layout, "skipped": info.skipped} for i, info in rows]
+
+    def to_dataframe(self) -> Any:
+        """`to_records` as a ``pandas.DataFrame`` (pandas is imported here
+        and is not a dependency of camanim)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise CAManimError("LayerTable.to_dataframe needs pandas (pip install pandas); "
+                               "to_records() gives the same rows as dicts") from None
+        return pd.DataFrame.from_records(self.to_records())
+
+    def __str__(self) -> str:
+        def shape(s: Sequence[int]) -> str:
+            return "x".join(str(v) for v in s[1:]) if len(s) > 1 else "-"
+
+        rows = [(str(i), x.name, x.type, shape(x.output_shape), f"{x.params_total:,}", x.layout)
+                for i, x in enumerate(self.selected)]
+        out = [text_table(("#", "name", "type", "output shape", "params", "layout"), rows,
+                          right=("#", "params")),
+               f"{len(self.selected)} layers selected of {len(self.calls)} module calls "
+               "(output shape per image: CxHxW for nchw, HxWxC for nhwc)"]
+        if self.skipped:
+            rows = [(x.name, x.type, shape(x.output_shape), x.skipped or "") for x in self.skipped]
+            out += [f"\nskipped ({len(self.skipped)}):",
+                    text_table(("name", "type", "output shape", "reason"), rows)]
+        return "\n".join(out)
+
+    __repr__ = __str__
+
+
+def text_table(head: Sequence[str], rows: Sequence[Sequence[str]],
+               right: Sequence[str] = ()) -> str:
+    """Rows of strings as aligned text columns under a header and a rule;
+    the columns named in ``right`` are right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(head)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if h in right else c.ljust(w)
+                         for c, w, h in zip(cells, widths, head)).rstrip()
+
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 # --------------------------------------------------------------------------
@@ -497,7 +555,7 @@ def select(calls: list[LayerInfo], layers: Selector, model: nn.Module | None = N
                 f"(layouts seen: {', '.join(kinds)}). A model with no spatial "
                 "layers cannot be explained by a CAM; for token models pass "
                 "reshape_transform=, or name layers explicitly "
-                "(see camanim.list_layers).")
+                "(`camanim layers --model NAME --layers all` lists them).")
     elif layers is None:
         raise CAManimError("layers=None selects nothing here: use 'conv', 'all', 'blocks', a "
                            "list of layer names, or a callable (name, module) -> bool")
@@ -509,7 +567,8 @@ def select(calls: list[LayerInfo], layers: Selector, model: nn.Module | None = N
         chosen = keep([i for i in calls if layers(i.name, modules.get(i.module_name))])
         if not chosen:
             raise CAManimError("the layer callable selected no drawable layer; "
-                               "see camanim.list_layers(model, x) for what exists")
+                               "`camanim layers --model NAME --layers all` (or "
+                               "camanim.list_layers(model, x)) shows what exists")
     else:
         wanted = list(layers)
         if not wanted:
@@ -526,7 +585,8 @@ def select(calls: list[LayerInfo], layers: Selector, model: nn.Module | None = N
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise CAManimError(
                     f"no layer named {w!r} in this model{hint} "
-                    f"(camanim.list_layers lists all {len(by_name)} layer calls)")
+                    f"(`camanim layers --model NAME --layers all` lists all {len(by_name)} "
+                    "layer calls)")
             for info in found:
                 reason = _drawable(info, reshape_transform)
                 if reason is not None:

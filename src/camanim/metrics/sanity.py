@@ -261,11 +261,53 @@ def _short(name: str, n: int = 28) -> str:
 
 # ------------------------------------------------------------- similarity
 
-def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _gaussian_1d(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
     g = torch.exp(-x.square() / (2 * sigma * sigma))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :])[None, None]
+    return g / g.sum()
+
+
+def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` filtered by the separable window ``g`` (valid
+    positions only): a row pass, then a column pass, the same sums as the
+    2-D ``outer(g, g)`` window at 2k instead of k*k products per pixel."""
+    c = x.shape[1]
+    rows = F.conv2d(x, g.reshape(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(rows, g.reshape(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+class _SsimRef:
+    """The local means and variances of the reference maps of `ssim`,
+    computed once and compared with many maps (the sanity check compares
+    every step's map of a layer with the same trained-model map)."""
+
+    def __init__(self, a: torch.Tensor, window: int = 11, sigma: float = 1.5,
+                 data_range: float = 1.0) -> None:
+        self.x = a.double()[:, None]
+        size = min(int(window), *self.x.shape[-2:])
+        size -= 1 - size % 2
+        self.g = _gaussian_1d(size, sigma, self.x.dtype, self.x.device)
+        self.c1, self.c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+        stats = _blur(torch.cat([self.x, self.x * self.x], 1), self.g)
+        self.mx = stats[:, :1]
+        self.vx = (stats[:, 1:] - self.mx * self.mx).clamp_min(0)   # rounding can dip below 0
+
+    def to(self, device: torch.device) -> _SsimRef:
+        """This reference on ``device``."""
+        if self.x.device != device:
+            for k in ("x", "g", "mx", "vx"):
+                setattr(self, k, getattr(self, k).to(device))
+        return self
+
+    def __call__(self, b: torch.Tensor) -> torch.Tensor:
+        y = b.double()[:, None]
+        stats = _blur(torch.cat([y, y * y, self.x * y], 1), self.g)
+        my = stats[:, :1]
+        vy = (stats[:, 1:2] - my * my).clamp_min(0)
+        cxy = stats[:, 2:] - self.mx * my
+        mx, c1, c2 = self.mx, self.c1, self.c2
+        s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (self.vx + vy + c2))
+        return s.flatten(1).mean(1)
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5,
@@ -275,7 +317,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5,
     Gaussian-weighted local means, variances and covariance; constants
     ``(0.01 R)^2`` and ``(0.03 R)^2``; the mean of the SSIM map over the
     window positions that fit inside the image (no padding). A map smaller
-    than the window uses the largest odd window that fits.
+    than the window uses the largest odd window that fits. The Gaussian
+    window is applied as two 1-D passes (it is separable).
 
     Args:
         a, b: ``(N, H, W)`` maps in [0, data_range].
@@ -286,17 +329,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5,
     if a.shape != b.shape or a.dim() != 3:
         raise CAManimError(f"ssim needs two (N, H, W) tensors of the same shape, got "
                            f"{tuple(a.shape)} and {tuple(b.shape)}")
-    x, y = a.double()[:, None], b.double()[:, None]
-    size = min(int(window), *x.shape[-2:])
-    size -= 1 - size % 2
-    g = _gaussian_window(size, sigma, x.dtype, x.device)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = F.conv2d(x, g), F.conv2d(y, g)
-    vx = (F.conv2d(x * x, g) - mx * mx).clamp_min(0)   # rounding can dip below 0
-    vy = (F.conv2d(y * y, g) - my * my).clamp_min(0)
-    cxy = F.conv2d(x * y, g) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1)
+    return _SsimRef(a, window, sigma, data_range)(b)
 
 
 def hog(maps: torch.Tensor, cell: int = 8, bins: int = 9, block: int = 2,
@@ -335,12 +368,19 @@ def hog(maps: torch.Tensor, cell: int = 8, bins: int = 9, block: int = 2,
     frac = pos - lo
     lo_i = torch.remainder(lo, bins).long()
     hi_i = torch.remainder(lo + 1, bins).long()
-    votes = torch.zeros((n, h, w, bins), dtype=x.dtype, device=x.device)
-    votes.scatter_add_(-1, lo_i[..., None], (mag * (1 - frac))[..., None])
-    votes.scatter_add_(-1, hi_i[..., None], (mag * frac)[..., None])
     ch, cw = h // cell, w // cell
-    votes = votes[:, : ch * cell, : cw * cell]
-    cells = votes.reshape(n, ch, cell, cw, cell, bins).sum((2, 4))  # (N, ch, cw, bins)
+    # each pixel's two votes go straight into its cell's histogram: one bincount
+    # over (image, cell row, cell column, bin); rows/columns past the last full cell drop out
+    rows = torch.arange(h, device=x.device) // cell
+    cols = torch.arange(w, device=x.device) // cell
+    inside = ((rows < ch)[:, None] & (cols < cw)[None, :]).expand(n, h, w)
+    cell_id = (torch.arange(n, device=x.device)[:, None, None] * ch + rows[None, :, None]) * cw \
+        + cols[None, None, :]
+    base = (cell_id * bins)[inside]
+    idx = torch.cat([base + lo_i[inside], base + hi_i[inside]])
+    wts = torch.cat([(mag * (1 - frac))[inside], (mag * frac)[inside]])
+    cells = torch.bincount(idx, weights=wts, minlength=n * ch * cw * bins)
+    cells = cells.to(x.dtype).reshape(n, ch, cw, bins)             # (N, ch, cw, bins)
     bh, bw = ch - block + 1, cw - block + 1
     blocks = torch.stack([cells[:, i:i + bh, j:j + bw] for i in range(block) for j in range(block)],
                          dim=3).reshape(n, bh, bw, -1)
@@ -456,6 +496,32 @@ def _randomize(modules: Sequence[nn.Module], gen: torch.Generator, done: set[int
 
 # ------------------------------------------------------------------ check
 
+def _references(orig: Any) -> list[tuple[torch.Tensor, _SsimRef, torch.Tensor]]:
+    """The trained model's side of every comparison, per layer, computed
+    once: ranks (whole or half numbers: exact in float32, see rank_maps),
+    SSIM statistics and HOG descriptors of its local-normalized maps."""
+    out = []
+    for ref in orig.iter_upsampled("local"):                        # (B, H, W) per layer
+        b = ref.shape[0]
+        ranks = average_ranks(ref.reshape(b, -1)).float()
+        out.append((ranks, _SsimRef(ref), hog(ref)))
+    return out
+
+
+def _compare(refs: Sequence[tuple[torch.Tensor, _SsimRef, torch.Tensor]], maps: Any, k: int,
+             sims: dict[str, np.ndarray]) -> None:
+    """Fill ``sims[metric][k]`` with every layer's similarity to the reference."""
+    for i, cur in enumerate(maps.iter_upsampled("local")):
+        ranks, ssim_ref, hog_ref = refs[i]
+        acc = exact_dtype(cur.device)
+        b = cur.shape[0]
+        # ranks of the float32 map itself (the sort order is the same as in float64)
+        cur_ranks = average_ranks(cur.reshape(b, -1))
+        sims["spearman"][k, i] = pearson_rows(ranks.to(cur.device, acc), cur_ranks).cpu().numpy()
+        sims["ssim"][k, i] = ssim_ref.to(cur.device)(cur).cpu().numpy()
+        sims["hog"][k, i] = _descriptor_corr(hog_ref.to(cur.device), hog(cur)).cpu().numpy()
+
+
 def sanity_check(model: nn.Module, images: torch.Tensor, method: Any = "gradcam",
                  layers: Any = "conv", targets: Any = None, *, blocks: Any = "children",
                  threshold: float = DEFAULT_THRESHOLD, seed: int = 0,
@@ -499,42 +565,36 @@ def sanity_check(model: nn.Module, images: torch.Tensor, method: Any = "gradcam"
                            f"failed: {type(e).__name__}: {e}. Pass a copyable model (e.g. "
                            "rebuild it and load its state_dict)") from None
 
-    # one engine for every step: the copy's weights change in place, its layers do not
-    anim = CAManim(work, method=method, layers=layers, reshape_transform=reshape_transform,
-                   max_layers=max_layers, batch_size=batch_size, seed=int(seed),
-                   progress=False, **options)
-    orig = anim(images, targets)
-    keep_targets = targets if orig.targets is None else orig.targets
-    ref = orig.upsample("local")                                 # (L, B, H, W)
-    n_layers, b = ref.shape[:2]
-    # the trained model's side of every comparison, computed once (ranks are
-    # whole or half numbers: exact in float32, see rank_maps)
-    ref_ranks = [average_ranks(ref[i].reshape(b, -1).to(exact_dtype(ref.device))).float()
-                 for i in range(n_layers)]
-    ref_hogs = [hog(ref[i]) for i in range(n_layers)]
     from ..core.inputs import check_images
 
     x = check_images(images, work)
     plan = find_blocks(work, x[:1], blocks)
     if not plan:
         raise CAManimError("the model has no parameters to randomize")
-    gen = torch.Generator().manual_seed(int(seed))
-    done: set[int] = set()
-    sims = {m: np.full((len(plan), n_layers, b), np.nan) for m in METRICS}
-    for k, (_, modules) in enumerate(tqdm(plan, desc="sanity", unit="block", disable=not progress)):
-        _randomize(modules, gen, done)
-        maps = anim(images, keep_targets)
-        if maps.names != orig.names:
-            raise CAManimError("the randomized model selected other layers than the original "
-                               f"({len(maps.names)} vs {len(orig.names)}); pass layers as a list "
-                               "of names")
-        for i, cur in enumerate(maps.iter_upsampled("local")):
-            acc = exact_dtype(cur.device)
-            cur_ranks = average_ranks(cur.reshape(b, -1).to(acc))
-            sims["spearman"][k, i] = pearson_rows(ref_ranks[i].to(cur.device, acc),
-                                                  cur_ranks).cpu().numpy()
-            sims["ssim"][k, i] = ssim(ref[i].to(cur.device), cur).cpu().numpy()
-            sims["hog"][k, i] = _descriptor_corr(ref_hogs[i].to(cur.device), hog(cur)).cpu().numpy()
+    # one engine for every step: the copy's weights change in place, its layers do not
+    anim = CAManim(work, method=method, layers=layers, reshape_transform=reshape_transform,
+                   max_layers=max_layers, batch_size=batch_size, seed=int(seed),
+                   progress=False, **options)
+    bar = tqdm(total=len(plan) + 1, desc="sanity (trained, then blocks randomized)",
+               unit="pass", disable=not progress)
+    with bar:
+        orig = anim(images, targets)
+        keep_targets = targets if orig.targets is None else orig.targets
+        refs = _references(orig)
+        bar.update()
+        gen = torch.Generator().manual_seed(int(seed))
+        done: set[int] = set()
+        sims = {m: np.full((len(plan), len(orig), orig.batch_size), np.nan) for m in METRICS}
+        for k, (_, modules) in enumerate(plan):
+            _randomize(modules, gen, done)
+            maps = anim(images, keep_targets)
+            if maps.names != orig.names:
+                raise CAManimError("the randomized model selected other layers than the original "
+                                   f"({len(maps.names)} vs {len(orig.names)}); pass layers as a "
+                                   "list of names")
+            _compare(refs, maps, k, sims)
+            bar.update()
+    b = orig.batch_size
     tg = [int(t) for t in orig.targets] if orig.targets is not None else [None] * b
     return SanityReport(method=orig.method, layers=list(orig.names),
                         blocks=[label for label, _ in plan], targets=tg,
