@@ -196,6 +196,8 @@ class SanityReport:
                f"blocks, top first: {', '.join(self.blocks)}",
                f"flag: mean Spearman after full randomization > {self.threshold:g}; nan: the map "
                "is constant (e.g. all zero) in every image, no pixel ordering to compare",
+               "similarities to the trained model's map: low is good (the map changes when the "
+               "weights it should explain are gone); near 1, the map shows the input, not the model",
                f"{verdict}"]
         return "\n".join(top + [""] + lines)
 
@@ -236,9 +238,10 @@ class SanityReport:
                      f"red = layer flagged, Spearman > {self.threshold:g} after all blocks)",
                      fontsize=10)
         fig.text(0.5, 0.005, "image mean of the similarity to the trained model's map after "
-                 "randomizing blocks 1..k; white: undefined (a constant map)",
+                 "randomizing blocks 1..k; LOW is good: the map depends on the learned weights; "
+                 "near 1 the map ignores the model\nwhite: undefined (a constant map)",
                  ha="center", va="bottom", fontsize=8)
-        fig.tight_layout(rect=(0, 0.02, 1, 1))
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
         return save_figure(fig, path)
 
     def __repr__(self) -> str:
