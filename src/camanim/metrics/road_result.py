@@ -77,13 +77,12 @@ class RoadSummary:
         if self.above_chance == 0:
             return (f"no layer above chance: every layer's ROAD is at or below a random map's "
                     f"({self.chance:+.3f}); the maps do not show what the model uses")
+        above = ("no chance line given" if self.above_chance is None else
+                 f"{self.above_chance} of {self.n_layers} layers above chance ({self.chance:+.3f})")
         if self.fails:
             return (f"fails: mean ybROAD {self.mean:+.3f} is near 0, the model finds the class "
-                    f"at no layer; {best}")
-        if self.above_chance is not None:
-            return (f"{self.above_chance} of {self.n_layers} layers above chance "
-                    f"({self.chance:+.3f}); {best}")
-        return f"{best}; mean {self.mean:+.3f} (no chance line given)"
+                    f"at no layer; {above}; {best}")
+        return f"{above}; {best}; mean {self.mean:+.3f}"
 
     def __str__(self) -> str:
         return (f"image {self.image}" + ("" if self.target is None else f", class {self.target}")
