@@ -157,7 +157,7 @@ def test_predicted_class_differs_from_target_is_said(tmp_path, image, ckpt, caps
     pred = json.loads((tmp_path / "o" / "scan_summary.json").read_text())["predicted"]
     other = HPARAMS["class_names"][(pred + 1) % 3]
     rc, _, err = run(capsys, "explain", image, "--model", TINY, "--checkpoint", ckpt,
-                     "--target", other, "--norm", "local", "--out", tmp_path / "p", "--quiet")
+                     "--target", other, "--norm", "local", "--out", tmp_path / "p")
     assert rc == 0
     assert f"the model predicts {HPARAMS['class_names'][pred]}" in err
     assert f"the maps explain {other}" in err

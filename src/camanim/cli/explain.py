@@ -121,7 +121,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if args.save_maps:
             written.append(maps.save(out / f"{stem}_maps.npz"))
         pred = int(probs.argmax()) if probs is not None else None
-        if target is not None and pred is not None and pred != target:
+        if target is not None and pred is not None and pred != target and not quiet:
             def name(k: int) -> str:
                 return classes[k] if classes and k < len(classes) else f"class {k}"
 

@@ -263,17 +263,18 @@ class YbRoad:
             tgt = self.targets[b]
             ax.set_title(title or f"ybROAD, image {b}" + ("" if tgt is None else f", class {tgt}"),
                          fontsize=10)
-            ax.set_ylabel("ROAD (higher: map finds the class)")
+            ax.set_ylabel("ROAD (> 0: good)")
             ax.legend(fontsize=7, loc="best")
             ax.grid(alpha=0.3)
             if n_layers <= 30:
                 ax.set_xticks(x)
                 ax.set_xticklabels(self.names, rotation=60, ha="right", fontsize=6)
         axes[-1, 0].set_xlabel("layer index")
-        fig.text(0.5, 0.005, "ROAD = (LeRF - MoRF) / 2: score change of the class when the least "
-                 "vs the most relevant pixels are imputed; > 0 and above chance is good",
-                 ha="center", va="bottom", fontsize=7, color="0.3")
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        fig.text(0.5, 0.005, "ROAD = (LeRF - MoRF) / 2: the class score lost when the map's most "
+                 "relevant pixels are imputed,\nminus that lost for its least relevant ones; "
+                 "> 0 and above chance (a random map) is good",
+                 ha="center", va="bottom", fontsize=6.5, color="0.3")
+        fig.tight_layout(rect=(0, 0.3 / fig.get_size_inches()[1], 1, 1))
         return save_figure(fig, path)
 
     def __repr__(self) -> str:

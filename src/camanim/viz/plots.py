@@ -35,8 +35,8 @@ _BLANK = (250, 250, 250)      # cells with nothing to show (e.g. no previous epo
 #: The legend line under a ybROAD heatmap and curve (README: "Reading the numbers").
 ROAD_NOTE = ("ROAD > 0: removing the pixels the map ranks most relevant hurts the class more "
              "than removing the least relevant; above chance (a random map) is the bar")
-HEATMAP_NOTE = ("colour: ROAD, green > 0 (the map finds the class); hatched: not above chance "
-                "(a random map's ROAD); circle: the epoch's best layer, if any beats chance")
+HEATMAP_NOTE = ("colour: ROAD, green > 0: the map finds the class; hatched: not above chance "
+                "(a random map); circle: best layer, if above chance")
 _strip_cache: dict[tuple, np.ndarray] = {}
 
 
@@ -159,7 +159,7 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
     bx = x0 + pw + 10
     width = max(x0 + pw + 70, bx + 16 + int(max(font.getlength(t) for t, _ in bar_labels)) + 6)
     lines = _title_lines(title, tfont, width - 8)
-    note_lines = [ln for n in notes for ln in _title_lines(n, font, width - 8, most=2)]
+    note_lines = [ln for n in notes for ln in _title_lines(n, font, width - 8, most=4)]
     bottom = 34 + 13 * len(note_lines)
     top = 10 + 14 * max(1, len(lines))
     height = top + ph + bottom
@@ -251,7 +251,7 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
                            if ebpg is not None else [])
     if prefix:
         notes.append(f"layer names after '{prefix}'")
-    note_lines = [ln for n in notes for ln in _title_lines(n, font, width - 8, most=2)]
+    note_lines = [ln for n in notes for ln in _title_lines(n, font, width - 8, most=3)]
     height = top + ph + 6 + strip.shape[0] + 4 + 13 * len(note_lines)
     canvas = np.full((height, width, 3), 255, np.uint8)
     canvas[top + ph + 6: top + ph + 6 + strip.shape[0], left - fs:left + pw + fs] = strip
