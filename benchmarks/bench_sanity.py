@@ -3,7 +3,9 @@ weights, seeded), Grad-CAM on its 53 Conv2d layers, cascading randomization
 of the top-level children (fc, layer4, ..., conv1). Prints one JSON object.
 
 The machine's load (``os.getloadavg``) is reported before and after, as the
-figure depends on it on a shared CPU.
+wall time depends on it on a shared CPU; ``cpu_seconds`` (this process's
+CPU time) does much less: with ``--threads 1`` it is about the wall time
+the same work takes on one idle core.
 
 Usage:
     python benchmarks/bench_sanity.py                  # the setting
@@ -53,7 +55,7 @@ def main() -> None:
 
         prof = cProfile.Profile()
         prof.enable()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     if args.cli:
         from PIL import Image
 
@@ -70,6 +72,7 @@ def main() -> None:
         report = camanim.sanity_check(model, x, "gradcam", args.layers)
         rc = 0
     seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - cpu0
     if prof is not None:
         import pstats
 
@@ -80,6 +83,9 @@ def main() -> None:
         "image_size": args.size, "layers": len(report.layers) if report else args.layers,
         "blocks": len(report.blocks) if report else None, "exit_status": rc,
         "seconds": round(seconds, 2), "import_seconds": round(t_import, 2),
+        # CPU time of this process: with --threads 1, about the wall time on an idle core,
+        # whatever else the machine runs
+        "cpu_seconds": round(cpu_seconds, 2),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "loadavg_before": [round(v, 2) for v in load0],

@@ -77,8 +77,9 @@ def test_lightning_checkpoint_metadata_round_trip(tmp_path):
     import lightning as L
 
     class Lit(L.LightningModule):
-        def __init__(self, image_size=(24, 32), mean=(0.1, 0.2, 0.3), std=(0.9, 0.8, 0.7),
-                     class_names=("a", "b", "c")):
+        # noqa: ARG002 - save_hyperparameters() reads the arguments from the frame
+        def __init__(self, image_size=(24, 32), mean=(0.1, 0.2, 0.3),  # noqa: ARG002
+                     std=(0.9, 0.8, 0.7), class_names=("a", "b", "c")):  # noqa: ARG002
             super().__init__()
             self.save_hyperparameters()
             self.model = tiny_cnn()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import CAManimError
+from .errors import CAManimError as CAManimError
 
 # public name -> the module (relative to this package) that defines it
 _WHERE = {

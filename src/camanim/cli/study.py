@@ -9,6 +9,7 @@ from typing import Sequence
 
 from ..errors import CAManimError
 
+
 def add_study_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``study`` subcommand to an ``argparse`` subparsers object;
     dispatch with ``run_study(args)``."""

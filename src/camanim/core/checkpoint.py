@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import CAManimError
 
@@ -80,7 +81,8 @@ def meta_from_hparams(hparams: Mapping[str, Any], path: str = "") -> CheckpointM
     size = hparams.get("image_size")
     if size is not None:
         parts = [size] if isinstance(size, Integral) else size
-        if (isinstance(size, bool) or not isinstance(parts, (list, tuple)) or len(parts) not in (1, 2)
+        if (isinstance(size, bool) or not isinstance(parts, (list, tuple))
+                or len(parts) not in (1, 2)
                 or not all(isinstance(v, Integral) and not isinstance(v, bool) and v > 0
                            for v in parts)):
             raise _bad(path, "image_size", "a positive int or [H, W]", size)
