@@ -157,7 +157,7 @@ def test_busi_layout_error_stops_the_script(tmp_path):
 
 
 def _check_run(run: Path, out: Path, stdout: str) -> dict:
-    best = list((run / "checkpoints").glob("best-epoch*-auroc*.ckpt"))
+    best = list((run / "checkpoints").glob("best-epoch*-loss*.ckpt"))
     assert len(best) == 1 and (run / "checkpoints" / "last.ckpt").is_file()
     ck = torch.load(best[0], map_location="cpu", weights_only=False)
     assert any(k.startswith("model.layer4.") for k in ck["state_dict"])
