@@ -51,8 +51,16 @@ __all__ = sorted(["CAManimError", *_WHERE])
 __version__ = "0.1.0"
 
 
+_SUBPACKAGES = ("cli", "core", "engine", "lightning", "methods", "metrics", "runs", "viz")
+
+
 def __getattr__(name: str) -> Any:
-    """Import a public name on first use (``camanim.CAManim`` loads the engine)."""
+    """Import a public name on first use (``camanim.CAManim`` loads the
+    engine); ``camanim.core`` and the other stages import as attributes too."""
+    if name in _SUBPACKAGES:   # as before lazy imports: every stage's public modules loaded
+        for public in _WHERE:
+            __getattr__(public)
+        return importlib.import_module(f".{name}", __name__)
     where = _WHERE.get(name)
     if where is None:
         raise AttributeError(f"module 'camanim' has no attribute {name!r}")
