@@ -170,57 +170,23 @@ class LayerTable:
         return [info.name for info in self.selected]
 
     def to_records(self) -> list[dict[str, Any]]:
-        """One dict per selected layer, then per skipped one: ``index`` (in
-        the selection; ``None`` when skipped), ``name``, ``type``,
-        ``output_shape`` (per image), ``params`` (module and children),
-        ``layout``, ``skipped`` (the reason, or ``None``)."""
-        rows = [(i, info) for i, info in enumerate(self.selected)]
-        rows += [(None, info) for info in self.skipped]
-        return [{"index": i, "name": info.name, "type": info.type,
-                 "output_shape": tuple(info.output_shape[1:]), "params": info.params_total,
-                 "layout": info.layout, "skipped": info.skipped} for i, info in rows]
+        """One dict per selected, then per skipped layer (`camanim.core.tables`)."""
+        from .tables import layer_records
+
+        return layer_records(self)
 
     def to_dataframe(self) -> Any:
-        """`to_records` as a ``pandas.DataFrame`` (pandas is imported here
-        and is not a dependency of camanim)."""
-        try:
-            import pandas as pd
-        except ImportError:
-            raise CAManimError("LayerTable.to_dataframe needs pandas (pip install pandas); "
-                               "to_records() gives the same rows as dicts") from None
-        return pd.DataFrame.from_records(self.to_records())
+        """`to_records` as a ``pandas.DataFrame`` (pandas is not a dependency)."""
+        from .tables import records_dataframe
+
+        return records_dataframe(self.to_records(), "LayerTable.to_dataframe")
 
     def __str__(self) -> str:
-        def shape(s: Sequence[int]) -> str:
-            return "x".join(str(v) for v in s[1:]) if len(s) > 1 else "-"
+        from .tables import layer_table_text
 
-        rows = [(str(i), x.name, x.type, shape(x.output_shape), f"{x.params_total:,}", x.layout)
-                for i, x in enumerate(self.selected)]
-        out = [text_table(("#", "name", "type", "output shape", "params", "layout"), rows,
-                          right=("#", "params")),
-               f"{len(self.selected)} layers selected of {len(self.calls)} module calls "
-               "(output shape per image: CxHxW for nchw, HxWxC for nhwc)"]
-        if self.skipped:
-            rows = [(x.name, x.type, shape(x.output_shape), x.skipped or "") for x in self.skipped]
-            out += [f"\nskipped ({len(self.skipped)}):",
-                    text_table(("name", "type", "output shape", "reason"), rows)]
-        return "\n".join(out)
+        return layer_table_text(self)
 
     __repr__ = __str__
-
-
-def text_table(head: Sequence[str], rows: Sequence[Sequence[str]],
-               right: Sequence[str] = ()) -> str:
-    """Rows of strings as aligned text columns under a header and a rule;
-    the columns named in ``right`` are right-aligned."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(head)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if h in right else c.ljust(w)
-                         for c, w, h in zip(cells, widths, head)).rstrip()
-
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 # --------------------------------------------------------------------------

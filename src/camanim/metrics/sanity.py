@@ -60,7 +60,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..engine import CAManim
@@ -69,6 +68,7 @@ from ..core.files import atomic_path, save_figure, write_json
 from ..errors import CAManimError
 from ..core.maps import exact_dtype
 from .convergence import average_ranks, pearson_rows
+from .similarity import descriptor_corr, SsimReference, hog, hog_similarity, ssim
 
 METRICS = ("spearman", "ssim", "hog")
 DEFAULT_THRESHOLD = 0.9
@@ -262,154 +262,6 @@ def _short(name: str, n: int = 28) -> str:
     return name if len(name) <= n else name[: n - 3] + "..."
 
 
-# ------------------------------------------------------------- similarity
-
-def _gaussian_1d(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
-    g = torch.exp(-x.square() / (2 * sigma * sigma))
-    return g / g.sum()
-
-
-def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``(N, C, H, W)`` filtered by the separable window ``g`` (valid
-    positions only): a row pass, then a column pass, the same sums as the
-    2-D ``outer(g, g)`` window at 2k instead of k*k products per pixel."""
-    c = x.shape[1]
-    rows = F.conv2d(x, g.reshape(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(rows, g.reshape(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
-class _SsimRef:
-    """The local means and variances of the reference maps of `ssim`,
-    computed once and compared with many maps (the sanity check compares
-    every step's map of a layer with the same trained-model map)."""
-
-    def __init__(self, a: torch.Tensor, window: int = 11, sigma: float = 1.5,
-                 data_range: float = 1.0) -> None:
-        self.x = a.double()[:, None]
-        size = min(int(window), *self.x.shape[-2:])
-        size -= 1 - size % 2
-        self.g = _gaussian_1d(size, sigma, self.x.dtype, self.x.device)
-        self.c1, self.c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-        stats = _blur(torch.cat([self.x, self.x * self.x], 1), self.g)
-        self.mx = stats[:, :1]
-        self.vx = (stats[:, 1:] - self.mx * self.mx).clamp_min(0)   # rounding can dip below 0
-
-    def to(self, device: torch.device) -> _SsimRef:
-        """This reference on ``device``."""
-        if self.x.device != device:
-            for k in ("x", "g", "mx", "vx"):
-                setattr(self, k, getattr(self, k).to(device))
-        return self
-
-    def __call__(self, b: torch.Tensor) -> torch.Tensor:
-        y = b.double()[:, None]
-        stats = _blur(torch.cat([y, y * y, self.x * y], 1), self.g)
-        my = stats[:, :1]
-        vy = (stats[:, 1:2] - my * my).clamp_min(0)
-        cxy = stats[:, 2:] - self.mx * my
-        mx, c1, c2 = self.mx, self.c1, self.c2
-        s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (self.vx + vy + c2))
-        return s.flatten(1).mean(1)
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5,
-         data_range: float = 1.0) -> torch.Tensor:
-    """Structural similarity of matching maps (Wang et al. 2004).
-
-    Gaussian-weighted local means, variances and covariance; constants
-    ``(0.01 R)^2`` and ``(0.03 R)^2``; the mean of the SSIM map over the
-    window positions that fit inside the image (no padding). A map smaller
-    than the window uses the largest odd window that fits. The Gaussian
-    window is applied as two 1-D passes (it is separable).
-
-    Args:
-        a, b: ``(N, H, W)`` maps in [0, data_range].
-
-    Returns:
-        ``(N,)`` float64 (1 for identical maps).
-    """
-    if a.shape != b.shape or a.dim() != 3:
-        raise CAManimError(f"ssim needs two (N, H, W) tensors of the same shape, got "
-                           f"{tuple(a.shape)} and {tuple(b.shape)}")
-    return _SsimRef(a, window, sigma, data_range)(b)
-
-
-def hog(maps: torch.Tensor, cell: int = 8, bins: int = 9, block: int = 2,
-        clip: float = 0.2) -> torch.Tensor:
-    """Histogram-of-oriented-gradients descriptors (Dalal and Triggs 2005).
-
-    Centred differences (one-sided at the border) give each pixel a
-    gradient; its magnitude votes for the unsigned orientation (0-180
-    degrees) in ``bins`` bins, split linearly between the two nearest bin
-    centres; votes are summed over ``cell x cell`` pixel cells (rows and
-    columns that do not fill a cell are dropped); each ``block x block``
-    group of cells (stride one cell) is normalized with L2-Hys (L2, clip at
-    ``clip``, L2 again). Maps smaller than ``block`` cells use smaller cells.
-
-    Args:
-        maps: ``(N, H, W)``.
-
-    Returns:
-        ``(N, D)`` float64 descriptors.
-    """
-    x = maps.double()
-    n, h, w = x.shape
-    cell = max(1, min(int(cell), h // block, w // block))
-    gy = torch.zeros_like(x)
-    gx = torch.zeros_like(x)
-    if h > 1:
-        gy[:, 1:-1] = (x[:, 2:] - x[:, :-2]) / 2
-        gy[:, 0], gy[:, -1] = x[:, 1] - x[:, 0], x[:, -1] - x[:, -2]
-    if w > 1:
-        gx[:, :, 1:-1] = (x[:, :, 2:] - x[:, :, :-2]) / 2
-        gx[:, :, 0], gx[:, :, -1] = x[:, :, 1] - x[:, :, 0], x[:, :, -1] - x[:, :, -2]
-    mag = torch.sqrt(gx.square() + gy.square())
-    ang = torch.remainder(torch.atan2(gy, gx), math.pi)            # [0, pi)
-    pos = ang / (math.pi / bins) - 0.5                              # bin centres at integers
-    lo = torch.floor(pos)
-    frac = pos - lo
-    lo_i = torch.remainder(lo, bins).long()
-    hi_i = torch.remainder(lo + 1, bins).long()
-    ch, cw = h // cell, w // cell
-    # each pixel's two votes go straight into its cell's histogram: one bincount
-    # over (image, cell row, cell column, bin); rows/columns past the last full cell drop out
-    rows = torch.arange(h, device=x.device) // cell
-    cols = torch.arange(w, device=x.device) // cell
-    inside = ((rows < ch)[:, None] & (cols < cw)[None, :]).expand(n, h, w)
-    cell_id = (torch.arange(n, device=x.device)[:, None, None] * ch + rows[None, :, None]) * cw \
-        + cols[None, None, :]
-    base = (cell_id * bins)[inside]
-    idx = torch.cat([base + lo_i[inside], base + hi_i[inside]])
-    wts = torch.cat([(mag * (1 - frac))[inside], (mag * frac)[inside]])
-    cells = torch.bincount(idx, weights=wts, minlength=n * ch * cw * bins)
-    cells = cells.to(x.dtype).reshape(n, ch, cw, bins)             # (N, ch, cw, bins)
-    bh, bw = ch - block + 1, cw - block + 1
-    blocks = torch.stack([cells[:, i:i + bh, j:j + bw] for i in range(block) for j in range(block)],
-                         dim=3).reshape(n, bh, bw, -1)
-    eps = 1e-5
-    v = blocks / torch.sqrt(blocks.square().sum(-1, keepdim=True) + eps ** 2)
-    v = v.clamp_max(clip)
-    v = v / torch.sqrt(v.square().sum(-1, keepdim=True) + eps ** 2)
-    return v.reshape(n, -1)
-
-
-def hog_similarity(a: torch.Tensor, b: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """Pearson correlation of the `hog` descriptors of matching ``(N, H, W)``
-    maps: ``(N,)`` float64, NaN where a descriptor is constant (a flat map)."""
-    return _descriptor_corr(hog(a, **kwargs), hog(b, **kwargs))
-
-
-def _descriptor_corr(da: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
-    """Row-wise Pearson correlation of ``(N, D)`` HOG descriptors (NaN below
-    a 1e-20 spread: a flat map's descriptor is zero up to rounding)."""
-    da = da - da.mean(1, keepdim=True)
-    db = db - db.mean(1, keepdim=True)
-    den = (da.square().sum(1) * db.square().sum(1)).sqrt()
-    r = (da * db).sum(1) / den
-    return torch.where(den > 1e-20, r.clamp(-1, 1), torch.full_like(r, float("nan")))
-
-
 # ----------------------------------------------------------------- blocks
 
 def _call_order(model: nn.Module, x: torch.Tensor, modules: Sequence[nn.Module]) -> list[nn.Module]:
@@ -499,7 +351,7 @@ def _randomize(modules: Sequence[nn.Module], gen: torch.Generator, done: set[int
 
 # ------------------------------------------------------------------ check
 
-def _references(orig: Any) -> list[tuple[torch.Tensor, _SsimRef, torch.Tensor]]:
+def _references(orig: Any) -> list[tuple[torch.Tensor, SsimReference, torch.Tensor]]:
     """The trained model's side of every comparison, per layer, computed
     once: ranks (whole or half numbers: exact in float32, see rank_maps),
     SSIM statistics and HOG descriptors of its local-normalized maps."""
@@ -507,11 +359,11 @@ def _references(orig: Any) -> list[tuple[torch.Tensor, _SsimRef, torch.Tensor]]:
     for ref in orig.iter_upsampled("local"):                        # (B, H, W) per layer
         b = ref.shape[0]
         ranks = average_ranks(ref.reshape(b, -1)).float()
-        out.append((ranks, _SsimRef(ref), hog(ref)))
+        out.append((ranks, SsimReference(ref), hog(ref)))
     return out
 
 
-def _compare(refs: Sequence[tuple[torch.Tensor, _SsimRef, torch.Tensor]], maps: Any, k: int,
+def _compare(refs: Sequence[tuple[torch.Tensor, SsimReference, torch.Tensor]], maps: Any, k: int,
              sims: dict[str, np.ndarray]) -> None:
     """Fill ``sims[metric][k]`` with every layer's similarity to the reference."""
     for i, cur in enumerate(maps.iter_upsampled("local")):
@@ -522,7 +374,7 @@ def _compare(refs: Sequence[tuple[torch.Tensor, _SsimRef, torch.Tensor]], maps: 
         cur_ranks = average_ranks(cur.reshape(b, -1))
         sims["spearman"][k, i] = pearson_rows(ranks.to(cur.device, acc), cur_ranks).cpu().numpy()
         sims["ssim"][k, i] = ssim_ref.to(cur.device)(cur).cpu().numpy()
-        sims["hog"][k, i] = _descriptor_corr(hog_ref.to(cur.device), hog(cur)).cpu().numpy()
+        sims["hog"][k, i] = descriptor_corr(hog_ref.to(cur.device), hog(cur)).cpu().numpy()
 
 
 def sanity_check(model: nn.Module, images: torch.Tensor, method: Any = "gradcam",
