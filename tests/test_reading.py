@@ -48,8 +48,10 @@ def test_plot_draws_the_chance_line(tmp_path):
     a = np.asarray(Image.open(tmp_path / "a.png").convert("RGB")).astype(int)
     b = np.asarray(Image.open(tmp_path / "b.png").convert("RGB")).astype(int)
     red = np.array([214, 39, 40])                              # matplotlib's tab:red
-    # the best layer's star is red in both; the dashed line across the axes only in b
-    assert (np.abs(b - red).sum(-1) < 40).sum() > (np.abs(a - red).sum(-1) < 40).sum() + 300
+    # the best layer's star is red in both; a dashed red line across the axes only in b
+    rows_a = (np.abs(a - red).sum(-1) < 40).sum(1)
+    rows_b = (np.abs(b - red).sum(-1) < 40).sum(1)
+    assert rows_b.max() > 0.15 * b.shape[1] > rows_a.max()
 
 
 # ------------------------------------------------------------ pictures
