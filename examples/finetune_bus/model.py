@@ -114,8 +114,10 @@ class BUSClassifier(L.LightningModule):
 
     def __init__(self, arch: str = "resnet50", num_classes: int = 2, weights: str = "none",
                  lr: float = 1e-3, weight_decay: float = 1e-4, max_epochs: int = 10,
-                 class_names: Sequence[str] | None = None, image_size: int | None = None,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+                 class_names: Sequence[str] | None = None,
+                 image_size: int | None = None,  # noqa: ARG002 - stored by save_hyperparameters
+                 mean: Sequence[float] | None = None,  # noqa: ARG002 - the same
+                 std: Sequence[float] | None = None):  # noqa: ARG002 - the same
         super().__init__()
         # every checkpoint carries these (hyper_parameters): image_size, mean, std and
         # class_names are what `camanim explain` / `sanity` read (camanim.core.checkpoint)

@@ -20,7 +20,8 @@ import numpy as np
 
 from .plots import agg_figure, figure_rgb, heatmap_image
 
-__all__ = ["CHANGE_CMAP", "CHANGE_NOTE", "convergence_image", "not_above_chance", "chance_tau_image"]
+__all__ = ["CHANGE_CMAP", "CHANGE_NOTE", "convergence_image", "not_above_chance",
+           "chance_tau_image"]
 
 CHANGE_CMAP = "YlOrRd"
 

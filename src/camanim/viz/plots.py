@@ -183,8 +183,9 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
     im = Image.fromarray(canvas)
     d = ImageDraw.Draw(im)
     d.rectangle([x0 - 1, top - 1, x0 + pw, top + ph], outline=_INK)
-    hidden = np.zeros(E, bool) if mask is None else np.array(
-        [bool(np.asarray(mask, bool).reshape(E, L)[e][np.isfinite(road[e])].all()) for e in range(E)])
+    masked = None if mask is None else np.asarray(mask, bool).reshape(E, L)
+    hidden = [masked is not None and bool(masked[e][np.isfinite(road[e])].all())
+              for e in range(E)]
     for e in range(E if mark_best else 0):
         if np.isfinite(road[e]).any() and not hidden[e]:    # no "best" where none beats chance
             b = int(np.nanargmax(road[e]))

@@ -330,11 +330,12 @@ class FrameRenderer:
         norm = self.norms[0] if len(self.norms) == 1 else ""  # else the panels are labelled
         target = self._target_text(imgs[0]) if len(imgs) == 1 else ""
         width = self._text_width(imgs)
-        if target and self.font.getlength(f"target: {target} · {self.maps.method or 'CAM'}") > width:
+        method = self.maps.method or "CAM"
+        if target and self.font.getlength(f"target: {target} · {method}") > width:
             target_bits = [target]                          # narrow: drop the "target:" word
         else:
             target_bits = [target and f"target: {target}"]
-        bits = [self.maps.method or "CAM", norm, *target_bits, self.title]
+        bits = [method, norm, *target_bits, self.title]
         keep = 1 + bool(norm) + bool(target)
         d.text((self._pad, lay.grid_h + self._row_y(2)),
                join_fit(bits, self.font, width, keep=keep), font=self.font, fill=_DIM)
