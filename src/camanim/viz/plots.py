@@ -159,7 +159,7 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
     bx = x0 + pw + 10
     width = max(x0 + pw + 70, bx + 16 + int(max(font.getlength(t) for t, _ in bar_labels)) + 6)
     lines = _title_lines(title, tfont, width - 8)
-    note_lines = [ln for n in notes for ln in _title_lines(n, font, width - 8, most=4)]
+    note_lines = [ln for n in notes for ln in _title_lines(n, font, width - 8, most=10)]
     bottom = 34 + 13 * len(note_lines)
     top = 10 + 14 * max(1, len(lines))
     height = top + ph + bottom
@@ -252,7 +252,7 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
                            if ebpg is not None else [])
     if prefix:
         notes.append(f"layer names after '{prefix}'")
-    note_lines = [ln for n in notes for ln in _title_lines(n, font, width - 8, most=3)]
+    note_lines = [ln for n in notes for ln in _title_lines(n, font, width - 8, most=10)]
     height = top + ph + 6 + strip.shape[0] + 4 + 13 * len(note_lines)
     canvas = np.full((height, width, 3), 255, np.uint8)
     canvas[top + ph + 6: top + ph + 6 + strip.shape[0], left - fs:left + pw + fs] = strip
