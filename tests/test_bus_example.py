@@ -64,6 +64,32 @@ def test_args_validation_and_lr_default(capsys):
         assert why in capsys.readouterr().err
 
 
+def test_best_checkpoint_default_and_ties_go_to_the_later_epoch(tmp_path):
+    args = train.parse_args(["--no-cam"])
+    assert args.monitor == "val_loss"                    # cannot saturate on a few images
+    args = train.parse_args(["--no-cam", "--monitor", "val_auroc"])
+    args.run_dir = tmp_path
+    ckpt = train.build_callbacks(args, None)[0]
+    ckpt.best_k_models = {"epoch0.ckpt": torch.tensor(1.0)}
+    ckpt.kth_best_model_path = "epoch0.ckpt"
+
+    class _Strategy:
+        @staticmethod
+        def reduce_boolean_decision(x):
+            return x
+
+    class _Trainer:
+        strategy = _Strategy()
+
+    assert ckpt.check_monitor_top_k(_Trainer(), torch.tensor(1.0))        # a tie: the later
+    assert not ckpt.check_monitor_top_k(_Trainer(), torch.tensor(0.9))
+    assert ckpt.check_monitor_top_k(_Trainer(), torch.tensor(1.0 + 1e-6)) is True
+
+
+def test_help_archs_match_the_model():
+    assert train.ARCHS == bm.ARCHS
+
+
 def test_callbacks_checkpoint_and_camanim(tmp_path):
     import camanim
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -135,7 +161,7 @@ def test_busi_layout_error_stops_the_script(tmp_path):
 
 
 def _check_run(run: Path, out: Path, stdout: str) -> dict:
-    best = list((run / "checkpoints").glob("best-epoch*-auroc*.ckpt"))
+    best = list((run / "checkpoints").glob("best-epoch*-loss*.ckpt"))
     assert len(best) == 1 and (run / "checkpoints" / "last.ckpt").is_file()
     ck = torch.load(best[0], map_location="cpu", weights_only=False)
     assert any(k.startswith("model.layer4.") for k in ck["state_dict"])
@@ -177,6 +203,15 @@ def test_smoke_end_to_end(tmp_path, capsys, one_thread):
     explain = run / "explain"
     assert list(explain.glob("malignant_*_local.mp4")) and list(explain.glob("*_contact_sheet.png"))
     assert list(explain.glob("*_ybroad.csv"))
+    # the checkpoint carries the input settings; explain used them and the malignant class
+    from camanim import checkpoint_meta
+
+    meta = checkpoint_meta(res["best_checkpoint"])
+    assert meta.image_size == (64, 64) and meta.class_names == ("normal", "malignant")
+    assert meta.mean == pytest.approx((0.485, 0.456, 0.406)) and meta.std is not None
+    summary = json.loads(next(explain.glob("*_summary.json")).read_text())
+    assert summary["input_size"] == [64, 64] and summary["target_name"] == "malignant"
+    assert summary["layers"] == 4                                    # --cam-max-layers 4
     assert "tensorboard --logdir" in printed and "--samples_per_plugin images=100" in printed
     # `camanim report` at the end: the viewer of every layer at every epoch, one HTML file
     assert res["outputs"]["CAManim report"] == str(run / "report.html")

@@ -174,7 +174,7 @@ def test_report_files(tmp_path):
     assert np.array(data["mean"]["ssim"], dtype=float).shape == (7, 53)
     assert data["mean"]["spearman"][0][6] is None
     table = rep.table()
-    assert len(table.splitlines()) == 4 + 2 + 53
+    assert len(table.splitlines()) == 5 + 2 + 53            # 5 lines of header and legend
     png = rep.plot(tmp_path / "s.png")
     with Image.open(png) as im:
         assert im.size[1] >= 0.16 * 53 * 110          # ~0.16 inch per layer at 110 dpi

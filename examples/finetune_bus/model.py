@@ -125,12 +125,19 @@ class BUSClassifier(L.LightningModule):
     as in torchvision, prefixed ``model.``, e.g. ``model.layer4.2.conv3``).
     Logs ``train_loss``/``train_acc`` and ``val_``/``test_`` ``loss``, ``acc``,
     ``auroc`` (and for two classes ``sensitivity``/``specificity`` of the
-    positive class, malignant)."""
+    positive class, malignant). ``image_size``, ``mean``, ``std`` and
+    ``class_names`` are only stored (in every checkpoint's
+    ``hyper_parameters``), for ``camanim explain`` and ``camanim sanity``."""
 
     def __init__(self, arch: str = "resnet50", num_classes: int = 2, weights: str = "none",
                  lr: float = 1e-3, weight_decay: float = 1e-4, max_epochs: int = 10,
-                 class_names: Sequence[str] | None = None):
+                 class_names: Sequence[str] | None = None,
+                 image_size: int | None = None,  # noqa: ARG002 - stored by save_hyperparameters
+                 mean: Sequence[float] | None = None,  # noqa: ARG002 - the same
+                 std: Sequence[float] | None = None):  # noqa: ARG002 - the same
         super().__init__()
+        # every checkpoint carries these (hyper_parameters): image_size, mean, std and
+        # class_names are what `camanim explain` / `sanity` read (camanim.core.checkpoint)
         self.save_hyperparameters()
         self.model = build_backbone(arch, num_classes, weights)
         self.class_names = list(class_names or range(num_classes))

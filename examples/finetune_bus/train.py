@@ -22,13 +22,29 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-try:  # imported as part of the finetune_bus package (tests, python -m)
-    from . import data as bus_data
-    from . import model as bus_model
-except ImportError:  # run as a script: python examples/finetune_bus/train.py
+if not __package__:  # run as a script: python examples/finetune_bus/train.py
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import data as bus_data  # type: ignore[no-redef]
-    import model as bus_model  # type: ignore[no-redef]
+
+
+class _Lazy:
+    """The example's ``data`` / ``model`` module, imported on first use so
+    that ``--help`` answers without loading torch and Lightning."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+
+        module = importlib.import_module(f".{self._name}", __package__) if __package__ \
+            else importlib.import_module(self._name)
+        return getattr(module, attr)
+
+
+bus_data: Any = _Lazy("data")
+bus_model: Any = _Lazy("model")
+#: ``--arch`` choices, the same as ``model.ARCHS`` (here so that --help imports no torch)
+ARCHS = ("resnet50", "resnet18", "resnet34", "resnet101")
 
 # Defaults chosen so that the offline run (synthetic set, random init,
 # ResNet-50) trains in ~2.5 minutes on an idle 2-core CPU (measured: 133 s,
@@ -90,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "4-8 on a GPU machine)")
     m = p.add_argument_group("model and training")
     m.add_argument("--arch", type=_arch, default="resnet50", metavar="{%s,timm:NAME}"
-                   % ",".join(bus_model.ARCHS),
+                   % ",".join(ARCHS),
                    help="torchvision ResNet (resnet50 as in the paper; resnet18 for quick runs) "
                         "or a timm model, e.g. timm:convnext_tiny (random initial weights)")
     m.add_argument("--weights", default="none", metavar="{none,imagenet,PATH}",
@@ -105,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULTS['lr_none']:g} from random weights, {DEFAULTS['lr_imagenet']:g} when "
                         f"fine-tuning pre-trained weights")
     m.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (decoupled L2 penalty)")
-    m.add_argument("--monitor", choices=("val_auroc", "val_acc", "val_loss"), default="val_auroc",
-                   help="validation metric that picks the best checkpoint (max for auroc/acc, min for loss; "
-                        "ties keep the earlier epoch)")
+    m.add_argument("--monitor", choices=("val_loss", "val_auroc", "val_acc"), default="val_loss",
+                   help="validation metric that picks the best checkpoint (min for loss, max for "
+                        "auroc/acc; a tie goes to the later epoch). val_loss, the default, does not "
+                        "saturate: AUROC and accuracy reach 1.000 on a few validation images after "
+                        "an epoch or two and would keep a barely trained model")
     m.add_argument("--seed", type=int, default=0,
                    help="seeds everything: synthetic images, split, weights init, augmentation, batch order")
     m.add_argument("--threads", type=int, default=0, metavar="N",
@@ -125,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or comma-separated layer names")
     c.add_argument("--cam-max-layers", type=int, default=16, metavar="N",
                    help="keep N evenly spaced layers of --cam-layers (0: all of them, as in the paper; "
-                        "ybROAD of all 53 ResNet-50 layers x 4 probes costs ~1-2 min per epoch on a 2-core CPU)")
+                        "ybROAD of all 53 ResNet-50 layers x 4 probes at 224 px makes training wait "
+                        "250 s per callback epoch on a quiet 2-core CPU, benchmarks/RESULTS.md)")
     c.add_argument("--cam-every", type=int, default=1, metavar="K",
                    help="run CAManim and ybROAD on the probes every K epochs (and once at the end of fit)")
     c.add_argument("--cam-probes", type=int, default=4, metavar="P",
@@ -172,9 +191,13 @@ def build_datamodule(args: argparse.Namespace) -> bus_data.BUSDataModule:
 
 
 def build_model(args: argparse.Namespace, datamodule: bus_data.BUSDataModule) -> bus_model.BUSClassifier:
+    """The LightningModule; its checkpoints carry the input size, mean/std and class
+    names (``hyper_parameters``), which ``camanim explain`` and ``sanity`` read."""
     return bus_model.BUSClassifier(
         arch=args.arch, num_classes=datamodule.num_classes, weights=args.weights, lr=args.lr,
-        weight_decay=args.weight_decay, max_epochs=args.epochs, class_names=datamodule.classes)
+        weight_decay=args.weight_decay, max_epochs=args.epochs, class_names=datamodule.classes,
+        image_size=args.image_size, mean=list(bus_data.IMAGENET_MEAN),
+        std=list(bus_data.IMAGENET_STD))
 
 
 def build_callbacks(args: argparse.Namespace, datamodule: bus_data.BUSDataModule) -> list:
@@ -184,7 +207,7 @@ def build_callbacks(args: argparse.Namespace, datamodule: bus_data.BUSDataModule
     callback writes ``ybroad.csv`` and ``videos/`` there."""
     import lightning.pytorch.callbacks as plc
     mode = "min" if args.monitor == "val_loss" else "max"
-    checkpoint = plc.ModelCheckpoint(
+    checkpoint = _later_ties(plc.ModelCheckpoint)(
         dirpath=Path(args.run_dir) / "checkpoints", monitor=args.monitor, mode=mode, save_top_k=1,
         save_last=True,
         save_weights_only=True,  # ResNet-50: ~95 MB per file (~280 MB with the optimizer state)
@@ -208,6 +231,21 @@ def build_callbacks(args: argparse.Namespace, datamodule: bus_data.BUSDataModule
     return callbacks
 
 
+def _later_ties(base: type) -> type:
+    """``ModelCheckpoint`` whose best model moves to the later epoch on a tie
+    (Lightning keeps the earlier one): an AUROC of 1.000 reached at epoch 0
+    on a few validation images would otherwise keep that epoch's model."""
+
+    class LaterTiesCheckpoint(base):  # type: ignore[valid-type, misc]
+        def check_monitor_top_k(self, trainer: Any, current: Any = None) -> bool:
+            if (current is not None and self.save_top_k == 1 and self.best_k_models
+                    and bool(current == self.best_k_models[self.kth_best_model_path])):
+                return True
+            return super().check_monitor_top_k(trainer, current)
+
+    return LaterTiesCheckpoint
+
+
 def _probe_name(image_id: str) -> str:
     """A TensorBoard-tag-friendly probe name from a data set id."""
     name = "".join(ch if ch.isalnum() else "_" for ch in Path(str(image_id)).stem)
@@ -228,8 +266,11 @@ def camanim_outputs(args: argparse.Namespace, callbacks: list) -> dict[str, str]
 def explain_best(args: argparse.Namespace, datamodule: bus_data.BUSDataModule,
                  checkpoint: str | None, device: str = "cpu") -> Path | None:
     """``camanim explain`` on the best checkpoint for one malignant test
-    image (the paper's Fig. 4), on the training device: the image is written
-    as a PNG first, so this is exactly the command a user would type."""
+    image (the paper's Fig. 4), on the training device, explaining that
+    image's class (malignant; the command says so when the model predicts
+    another). The image is written as a PNG first, and the size, mean/std
+    and class names come from the checkpoint, so this is exactly the command
+    a user would type."""
     if args.no_explain or not checkpoint:
         return None
     import numpy as np
@@ -245,10 +286,11 @@ def explain_best(args: argparse.Namespace, datamodule: bus_data.BUSDataModule,
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{datamodule.classes[int(probe['label'][0])]}_{_probe_name(probe['id'][0])}.png"
     Image.fromarray(np.ascontiguousarray(rgb)).save(png)
+    label = datamodule.classes[int(probe["label"][0])]
     argv = ["explain", str(png), "--model", args.arch, "--checkpoint", str(checkpoint),
-            "--num-classes", str(datamodule.num_classes), "--classes", ",".join(datamodule.classes),
-            "--method", args.cam_method, "--layers", args.cam_layers, "--size", str(args.image_size),
-            "--out", str(out), "--norm", "local,global", "--device", device]
+            "--target", label, "--method", args.cam_method, "--layers", args.cam_layers,
+            "--max-layers", str(args.cam_max_layers), "--out", str(out), "--norm", "local,global",
+            "--device", device]
     if not args.no_road:
         argv.append("--road")
     if args.no_progress:

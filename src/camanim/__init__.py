@@ -1,29 +1,73 @@
 """camanim: class activation maps through every layer of a CNN (CAManim),
-ROAD for every layer (ybROAD), and both during training."""
+ROAD for every layer (ybROAD), and both during training.
 
-from .lightning.callback import CAManimCallback
-from .metrics.pointing import energy_pointing_game
-from .engine import CAManim
-from .errors import CAManimError
-from .viz.figures import contact_sheet, plot_params, run_summary
-from .core.images import IMAGENET_MEAN, IMAGENET_STD, load_image
-from .core.layers import LayerInfo, LayerTable, list_layers
-from .core.maps import LayerMaps
-from .methods import get_method, method_names
-from .methods.integrated_gradcam import integrated_gradcam
-from .methods.sise import ExplanationMaps, ada_sise, sise
-from .viz.render import render_frames
-from .metrics.road import RoadSummary, YbRoad, ybroad
-from .metrics.sanity import SanityReport, sanity_check
-from .runs.study import study
-from .viz.video import encode_gif, write_frames, write_video
+The public names are imported on first use (PEP 562), so that
+``import camanim`` and ``camanim --help`` do not load torch and Lightning.
+"""
 
-__all__ = [
-    "CAManim", "CAManimCallback", "CAManimError", "ExplanationMaps", "IMAGENET_MEAN", "IMAGENET_STD",
-    "LayerInfo", "LayerMaps", "LayerTable", "RoadSummary", "SanityReport", "YbRoad", "ada_sise",
-    "contact_sheet", "encode_gif", "energy_pointing_game", "get_method", "integrated_gradcam", "list_layers",
-    "load_image", "method_names", "plot_params", "render_frames", "run_summary", "sanity_check",
-    "sise", "study",
-    "write_frames", "write_video", "ybroad",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import CAManimError as CAManimError
+
+# public name -> the module (relative to this package) that defines it
+_WHERE = {
+    "CAManim": ".engine",
+    "CAManimCallback": ".lightning.callback",
+    "CheckpointMeta": ".core.checkpoint",
+    "ExplanationMaps": ".methods.sise",
+    "IMAGENET_MEAN": ".core.images",
+    "IMAGENET_STD": ".core.images",
+    "LayerInfo": ".core.layers",
+    "LayerMaps": ".core.maps",
+    "LayerTable": ".core.layers",
+    "RoadSummary": ".metrics.road",
+    "SanityReport": ".metrics.sanity",
+    "YbRoad": ".metrics.road",
+    "ada_sise": ".methods.sise",
+    "checkpoint_meta": ".core.checkpoint",
+    "contact_sheet": ".viz.figures",
+    "encode_gif": ".viz.video",
+    "energy_pointing_game": ".metrics.pointing",
+    "get_method": ".methods",
+    "integrated_gradcam": ".methods.integrated_gradcam",
+    "list_layers": ".core.layers",
+    "load_image": ".core.images",
+    "method_names": ".methods",
+    "plot_params": ".viz.figures",
+    "render_frames": ".viz.render",
+    "run_summary": ".viz.figures",
+    "sanity_check": ".metrics.sanity",
+    "sise": ".methods.sise",
+    "study": ".runs.study",
+    "write_frames": ".viz.video",
+    "write_video": ".viz.video",
+    "ybroad": ".metrics.road",
+}
+
+__all__ = sorted(["CAManimError", *_WHERE])
 __version__ = "0.1.0"
+
+
+_SUBPACKAGES = ("cli", "core", "engine", "lightning", "methods", "metrics", "runs", "viz")
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use (``camanim.CAManim`` loads the
+    engine); ``camanim.core`` and the other stages import as attributes too."""
+    if name in _SUBPACKAGES:   # as before lazy imports: every stage's public modules loaded
+        for public in _WHERE:
+            __getattr__(public)
+        return importlib.import_module(f".{name}", __name__)
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'camanim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value          # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

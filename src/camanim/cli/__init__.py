@@ -19,9 +19,24 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import CAManimError
-from .common import FORMATS, Parser, input_args, model_args
-from .explain import cmd_explain
-from .layers import cmd_layers
+from .common import DEVICES, FORMATS, Parser, input_args, model_args
+
+# Building the parser imports nothing heavy (torch, Lightning): `camanim --help`
+# answers at once; a subcommand's module is imported when it runs.
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Run ``camanim explain`` (imports torch and the engine)."""
+    from .explain import cmd_explain as run
+
+    return run(args)
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    """Run ``camanim layers``."""
+    from .layers import cmd_layers as run
+
+    return run(args)
 
 # ------------------------------------------------------------------ parser
 
@@ -44,11 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="conv, all, blocks, or comma-separated layer names (default: the "
                          "method's own, conv; blocks for sise and ada-sise)")
     ex.add_argument("--max-layers", type=int, default=None, metavar="N",
-                    help="keep at most N evenly spaced layers")
+                    help="keep at most N evenly spaced layers (0: all, the default)")
     ex.add_argument("--norm", default="local,global", metavar="local,global,both",
                     help="normalizations, one video each; 'both' = side by side (default local,global)")
-    ex.add_argument("--size", default="224", metavar="224|HxW|none",
-                    help="model input size; none keeps the original resolution (default 224)")
+    ex.add_argument("--size", default=None, metavar="224|HxW|none",
+                    help="model input size; none keeps the original resolution (default: the "
+                         "checkpoint's training size when it holds one, else 224)")
     ex.add_argument("--out", type=Path, default=Path("camanim_out"), metavar="DIR",
                     help="output folder (default camanim_out)")
     ex.add_argument("--format", default="mp4", choices=FORMATS,
@@ -63,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also save the raw maps (LayerMaps .npz) for re-rendering")
     ex.add_argument("--seed", type=int, default=0,
                     help="seed of random init (--weights none), random CAM methods and ROAD noise")
-    ex.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="default cpu")
+    ex.add_argument("--device", default="cpu", choices=DEVICES, help="default cpu")
     ex.add_argument("--quiet", "-q", action="store_true", help="no progress bars or notes")
     ex.set_defaults(func=cmd_explain)
 

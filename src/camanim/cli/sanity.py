@@ -14,14 +14,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import CAManimError
-from ..core.files import write_text
-from .common import (float_list, input_args, layer_selector, parse_class_names, prepare_out,
-                     target_index, torch_device)
-from .models import build_model, import_callable, in_channels, n_outputs
-from ..core.images import load_image, parse_size, to_model_input
+from .common import DEVICES, input_args, layer_selector, max_layers
 
 FAIL_ON = ("never", "method", "layer")
 
@@ -42,7 +36,7 @@ def add_sanity_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--layers", default="conv", metavar="SEL",
                    help="conv (default), all, blocks, or comma-separated layer names")
     p.add_argument("--max-layers", type=int, default=None, metavar="N",
-                   help="keep at most N evenly spaced layers")
+                   help="keep at most N evenly spaced layers (0: all, the default)")
     p.add_argument("--blocks", default="children", metavar="children|leaves|A,B,...",
                    help="what one randomization step covers: the model's top-level children "
                         "(default), every module with parameters (leaves), or module names, top first")
@@ -52,13 +46,15 @@ def add_sanity_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--fail-on", default="never", choices=FAIL_ON,
                    help="exit with status 1 when the method (mean over layers) or any layer is "
                         "flagged (default never)")
-    p.add_argument("--size", default="224", metavar="224|HxW", help="model input size (default 224)")
+    p.add_argument("--size", default=None, metavar="224|HxW|none",
+                   help="model input size (default: the checkpoint's training size when it "
+                        "holds one, else 224)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random weights drawn by the check (and of random init)")
     p.add_argument("--out", type=Path, default=Path("camanim_sanity"), metavar="DIR",
                    help="output folder (default camanim_sanity)")
     p.add_argument("--no-plot", action="store_true", help="skip sanity.png")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default cpu")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="default cpu")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no table")
     p.set_defaults(func=run_sanity)
     return p
@@ -67,6 +63,8 @@ def add_sanity_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _method(text: str) -> Any:
     if ":" not in text:
         return text
+    from .models import import_callable
+
     obj = import_callable(text)
     from ..methods.basecam import is_basecam_class
 
@@ -87,28 +85,36 @@ def _blocks(text: str) -> Any:
 
 def run_sanity(args: argparse.Namespace) -> int:
     """Run ``camanim sanity`` (errors are reported by `camanim.cli.main`)."""
-    from ..metrics.sanity import sanity_check
+    import torch
 
-    size = parse_size(args.size)
-    mean, std = float_list(args.mean, "mean"), float_list(args.std, "std")
-    if args.max_layers is not None and args.max_layers < 1:
-        raise CAManimError(f"--max-layers must be >= 1, got {args.max_layers}")
+    from ..core.checkpoint import checkpoint_meta
+    from ..core.files import write_text
+    from ..core.images import load_image, to_model_input
+    from ..metrics.sanity import sanity_check
+    from .common import check_class_count, input_settings, prepare_out, target_index, torch_device
+    from .models import build_model, in_channels, n_outputs
+
+    n_layers = max_layers(args.max_layers)
     method = _method(args.method)
     rgbs = [load_image(Path(p)) for p in args.images]
     out: Path = prepare_out(args.out)
+    device = torch_device(args.device)
+    meta = checkpoint_meta(args.checkpoint) if args.checkpoint is not None else None
+    size, mean, std, classes = input_settings(args, meta, args.quiet)
     if size is None and len({r.shape[:2] for r in rgbs}) > 1:
         raise CAManimError("the images differ in size: pass --size so they form one batch")
-    device = torch_device(args.device)
     model, categories = build_model(args.model, args.weights, args.checkpoint, args.num_classes,
                                     args.quiet, seed=args.seed)
     model = model.to(device)
     channels = in_channels(model)
     x = torch.cat([to_model_input(r, size, mean, std, channels) for r in rgbs]).to(device)
-    target = target_index(args.target, parse_class_names(args.classes, categories), n_outputs(model, x[:1]))
+    n_out = n_outputs(model, x[:1])
+    check_class_count(classes, n_out, args.classes is not None)
+    target = target_index(args.target, classes if classes is not None else categories, n_out)
     report = sanity_check(model, x, method, layer_selector(args.layers),
                           targets=None if target is None else [target] * x.shape[0],
                           blocks=_blocks(args.blocks), threshold=args.threshold, seed=args.seed,
-                          max_layers=args.max_layers, progress=not args.quiet)
+                          max_layers=n_layers, progress=not args.quiet)
     table = report.table()
     write_text(out / "sanity.txt", table + "\n")
     report.to_json(out / "sanity.json")     # each writer is atomic itself
@@ -118,7 +124,7 @@ def run_sanity(args: argparse.Namespace) -> int:
                     f"{args.model} ({'FLAGGED' if report.method_flagged else 'passed'}; red = "
                     f"flagged layer)")
     if not args.quiet:
-        print(table)
+        print(table)           # results on stdout; the progress bar went to stderr
         print(f"\nwrote sanity.txt, sanity.json, sanity.csv{'' if args.no_plot else ', sanity.png'} "
               f"to {out}/")
     if args.fail_on == "method" and report.method_flagged:

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import CAManimError
-from ..runs.study import study
-from .common import prepare_out
+
 
 def add_study_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``study`` subcommand to an ``argparse`` subparsers object;
@@ -43,6 +42,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_study(args: argparse.Namespace) -> int:
     """Run the ``study`` subcommand from parsed arguments; exit status."""
+    from ..runs.study import study
+    from .common import prepare_out
+
     try:
         prepare_out(Path(args.out))
         study(args.run_dirs, out=args.out, probes=args.probe, plots=not args.no_plots,

@@ -158,9 +158,14 @@ class LayerInfo:
         return asdict(self)
 
 
-@dataclass
+@dataclass(repr=False)
 class LayerTable:
-    """All calls of one forward plus the selection made from them."""
+    """All calls of one forward plus the selection made from them.
+
+    ``print(table)`` (and the REPL) shows the selected layers as a text
+    table, then the skipped ones with the reason; `to_records` and
+    `to_dataframe` export one row per layer call.
+    """
 
     calls: list[LayerInfo]
     selected: list[LayerInfo]
@@ -175,6 +180,25 @@ class LayerTable:
     @property
     def names(self) -> list[str]:
         return [info.name for info in self.selected]
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One dict per selected, then per skipped layer (`camanim.core.tables`)."""
+        from .tables import layer_records
+
+        return layer_records(self)
+
+    def to_dataframe(self) -> Any:
+        """`to_records` as a ``pandas.DataFrame`` (pandas is not a dependency)."""
+        from .tables import records_dataframe
+
+        return records_dataframe(self.to_records(), "LayerTable.to_dataframe")
+
+    def __str__(self) -> str:
+        from .tables import layer_table_text
+
+        return layer_table_text(self)
+
+    __repr__ = __str__
 
 
 
@@ -499,7 +523,7 @@ def _select_builtin(calls: list[LayerInfo], layers: str, model: nn.Module | None
             f"(layouts seen: {', '.join(kinds)}). A model with no spatial "
             "layers cannot be explained by a CAM; for token models pass "
             "reshape_transform=, or name layers explicitly "
-            "(see camanim.list_layers).")
+            "(`camanim layers --model NAME --layers all` lists them).")
     return chosen
 
 
@@ -520,7 +544,8 @@ def _select_names(calls: list[LayerInfo], wanted: list[Any],
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise CAManimError(
                 f"no layer named {w!r} in this model{hint} "
-                f"(camanim.list_layers lists all {len(by_name)} layer calls)")
+                f"(`camanim layers --model NAME --layers all` lists all {len(by_name)} "
+                "layer calls)")
         info = by_name[w]
         reason = _drawable(info, reshape_transform)
         if reason is not None:
@@ -561,7 +586,8 @@ def select(calls: list[LayerInfo], layers: Selector, model: nn.Module | None = N
         chosen = keep([i for i in calls if layers(i.name, modules.get(i.module_name))])
         if not chosen:
             raise CAManimError("the layer callable selected no drawable layer; "
-                               "see camanim.list_layers(model, x) for what exists")
+                               "`camanim layers --model NAME --layers all` (or "
+                               "camanim.list_layers(model, x)) shows what exists")
     else:
         chosen = _select_names(calls, list(layers), reshape_transform)
     chosen = _spaced(chosen, max_layers)

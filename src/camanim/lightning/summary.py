@@ -52,7 +52,7 @@ def summary_text(epoch: int, rec: dict, p: str, best: int | None,
              f"{len(names)} layers" + (f", target {tname}" if tname else "")]
     if best is not None:
         s = rec["road"][p]
-        lines.append(f"best ybROAD layer: `{names[best]}` (#{best}/{len(names) - 1}), "
+        lines.append(f"best ybROAD layer: `{names[best]}` (layer {best + 1} of {len(names)}), "
                      f"ROAD {s[best]:+.3f}; final layer `{names[-1]}` {s[-1]:+.3f}; "
                      f"mean {float(np.nanmean(_array(s))):+.3f}")
         eb = _array(rec["ebpg"][p]) if rec["ebpg"] is not None and p in rec["ebpg"] else None

@@ -31,6 +31,15 @@ PERCENTILE_CONVENTION = "kept"
 class RoadSummary:
     """ybROAD of one image (the paper's Table 2 comparison).
 
+    ROAD (RemOve And Debias) imputes the pixels a map ranks most relevant
+    and, separately, those it ranks least relevant, and compares the
+    model's score of the target class: ``(LeRF - MoRF) / 2``. Positive is
+    good (removing what the map points at hurts more than removing the
+    rest); a map that finds the class typically scores 0.05 to 0.3 with
+    softmax scores; near 0, or not above the ROAD of a random map (the
+    chance line), the map tells nothing about the model. ``str(summary)``
+    says it in words.
+
     Attributes:
         image: index in the batch.
         target: class index scored (``None`` for a callable without one).
@@ -40,6 +49,8 @@ class RoadSummary:
         final: ROAD of the last layer (the usual practice).
         max_minus_final: gain of picking the best layer over the last one.
         fails: mean ybROAD near 0: the model finds the class at no layer.
+        chance: ROAD of a random map of this image (``None``: not given).
+        above_chance: layers whose ROAD is above ``chance`` (``None``: not given).
     """
 
     image: int
@@ -51,9 +62,31 @@ class RoadSummary:
     final: float
     max_minus_final: float
     fails: bool
+    chance: float | None = None
+    above_chance: int | None = None
+    n_layers: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields and `verdict`, JSON-ready."""
+        return {**asdict(self), "verdict": self.verdict}
+
+    @property
+    def verdict(self) -> str:
+        """The summary in words: above chance or not, and where the best layer is."""
+        best = f"best layer {self.best_layer} (#{self.best_index}, ROAD {self.max:+.3f})"
+        if self.above_chance == 0:
+            return (f"no layer above chance: every layer's ROAD is at or below a random map's "
+                    f"({self.chance:+.3f}); the maps do not show what the model uses")
+        above = ("no chance line given" if self.above_chance is None else
+                 f"{self.above_chance} of {self.n_layers} layers above chance ({self.chance:+.3f})")
+        if self.fails:
+            return (f"fails: mean ybROAD {self.mean:+.3f} is near 0, the model finds the class "
+                    f"at no layer; {above}; {best}")
+        return f"{above}; {best}; mean {self.mean:+.3f}"
+
+    def __str__(self) -> str:
+        return (f"image {self.image}" + ("" if self.target is None else f", class {self.target}")
+                + f": {self.verdict}")
 
 
 @dataclass
@@ -113,17 +146,28 @@ class YbRoad:
         case (Fig. 11: the model does not find the class at any layer)."""
         return np.abs(self.scores.mean(axis=0)) < float(threshold)
 
-    def summary(self, fail_threshold: float = 0.05) -> list[RoadSummary]:
-        """One `RoadSummary` per image (``.to_dict()`` is JSON-ready)."""
+    def summary(self, fail_threshold: float = 0.05, chance: Any = None) -> list[RoadSummary]:
+        """One `RoadSummary` per image (``.to_dict()`` is JSON-ready,
+        ``str()`` says it in words).
+
+        Args:
+            fail_threshold: see `fails`.
+            chance: the ROAD of a random map: a number, one per image, or the
+                `YbRoad` of `camanim.metrics.convergence.chance_road` (its
+                ``random`` row); each summary then counts the layers above it.
+        """
         out = []
         fails = self.fails(fail_threshold)
+        ch = chance_scores(chance, self.scores.shape[1])
         for b in range(self.scores.shape[1]):
             col = self.scores[:, b]
             best = int(np.argmax(col))
+            c = None if ch is None else float(ch[b])
             out.append(RoadSummary(
                 image=b, target=self.targets[b], mean=float(col.mean()), max=float(col[best]),
                 best_layer=self.names[best], best_index=best, final=float(col[-1]),
-                max_minus_final=float(col[best] - col[-1]), fails=bool(fails[b])))
+                max_minus_final=float(col[best] - col[-1]), fails=bool(fails[b]), chance=c,
+                above_chance=None if c is None else int((col > c).sum()), n_layers=len(col)))
         return out
 
     def smoothed(self, window: int = 5) -> np.ndarray:
@@ -179,10 +223,12 @@ class YbRoad:
         return write_json(path, self.to_dict())
 
     def plot(self, path: str | Path, images: Sequence[int] | None = None,
-             smooth: int | None = None, title: str | None = None) -> Path:
+             smooth: int | None = None, title: str | None = None, chance: Any = None) -> Path:
         """ybROAD curves (paper Fig. 8): one panel per image, layer index vs
         ROAD, the trials' spread as a band, the mean as a dashed line, the
-        best layer marked, and an optional moving average (``smooth``)."""
+        best layer marked, an optional moving average (``smooth``) and, with
+        ``chance`` (as for `summary`), the ROAD of a random map as a red
+        dashed line: layers at or below it are no better than chance."""
         import matplotlib
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
@@ -191,6 +237,7 @@ class YbRoad:
         if not idx or any(not 0 <= i < self.scores.shape[1] for i in idx):
             raise CAManimError(f"images must be indices in 0..{self.scores.shape[1] - 1}, got {images}")
         sm = self.smoothed(smooth) if smooth else None
+        ch = chance_scores(chance, self.scores.shape[1])
         n_layers = len(self.names)
         x = np.arange(n_layers)
         fig, axes = plt.subplots(len(idx), 1, figsize=(max(6.0, min(16.0, 0.15 * n_layers + 4)),
@@ -209,22 +256,45 @@ class YbRoad:
             ax.plot([best], [y[best]], "*", ms=12, color="tab:red",
                     label=f"max {y[best]:.3f} at {best}: {self.names[best]}")
             ax.axhline(0.0, lw=0.6, color="black")
+            if ch is not None and np.isfinite(ch[b]):
+                above = int((y > ch[b]).sum())
+                ax.axhline(float(ch[b]), ls=(0, (4, 3)), lw=1.2, color="tab:red",
+                           label=f"chance (random map) {ch[b]:+.3f}: {above}/{n_layers} above")
             tgt = self.targets[b]
             ax.set_title(title or f"ybROAD, image {b}" + ("" if tgt is None else f", class {tgt}"),
                          fontsize=10)
-            ax.set_ylabel("ROAD")
+            ax.set_ylabel("ROAD (> 0: good)")
             ax.legend(fontsize=7, loc="best")
             ax.grid(alpha=0.3)
             if n_layers <= 30:
                 ax.set_xticks(x)
                 ax.set_xticklabels(self.names, rotation=60, ha="right", fontsize=6)
         axes[-1, 0].set_xlabel("layer index")
-        fig.tight_layout()
+        fig.text(0.5, 0.005, "ROAD = (LeRF - MoRF) / 2: the class score lost when the map's most "
+                 "relevant pixels are imputed,\nminus that lost for its least relevant ones; "
+                 "> 0 and above chance (a random map) is good",
+                 ha="center", va="bottom", fontsize=6.5, color="0.3")
+        fig.tight_layout(rect=(0, 0.3 / fig.get_size_inches()[1], 1, 1))
         return save_figure(fig, path)
 
     def __repr__(self) -> str:
         return (f"YbRoad(layers={len(self.names)}, images={self.scores.shape[1]}, "
                 f"trials={self.n_trials}, percentiles={list(self.percentiles)}, score={self.score!r})")
+
+
+def chance_scores(chance: Any, batch: int) -> np.ndarray | None:
+    """``(B,)`` chance ROAD from a number, ``B`` numbers or the `YbRoad` of
+    ``chance_road`` (row 0, the random map); ``None`` stays ``None``."""
+    if chance is None:
+        return None
+    scores = getattr(chance, "scores", chance)
+    arr = np.asarray(scores, dtype=np.float64)
+    if isinstance(chance, YbRoad):
+        arr = arr[0]
+    if arr.size not in (1, batch):
+        raise CAManimError(f"chance must be one number, {batch} numbers (one per image) or the "
+                           "YbRoad of chance_road() on the same images")
+    return np.array(np.broadcast_to(arr.reshape(-1), (batch,)), dtype=np.float64)
 
 
 # -------------------------------------------------------------- thresholds

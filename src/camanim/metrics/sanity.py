@@ -60,7 +60,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..engine import CAManim
@@ -69,6 +68,7 @@ from ..core.files import atomic_path, save_figure, write_json
 from ..errors import CAManimError
 from ..core.maps import exact_dtype
 from .convergence import average_ranks, pearson_rows
+from .similarity import descriptor_corr, SsimReference, hog, hog_similarity, ssim
 
 METRICS = ("spearman", "ssim", "hog")
 DEFAULT_THRESHOLD = 0.9
@@ -196,6 +196,8 @@ class SanityReport:
                f"blocks, top first: {', '.join(self.blocks)}",
                f"flag: mean Spearman after full randomization > {self.threshold:g}; nan: the map "
                "is constant (e.g. all zero) in every image, no pixel ordering to compare",
+               "similarities to the trained model's map: low is good (the map changes when the "
+               "weights it should explain are gone); near 1, the map shows the input, not the model",
                f"{verdict}"]
         return "\n".join(top + [""] + lines)
 
@@ -236,9 +238,10 @@ class SanityReport:
                      f"red = layer flagged, Spearman > {self.threshold:g} after all blocks)",
                      fontsize=10)
         fig.text(0.5, 0.005, "image mean of the similarity to the trained model's map after "
-                 "randomizing blocks 1..k; white: undefined (a constant map)",
+                 "randomizing blocks 1..k; LOW is good: the map depends on the learned weights; "
+                 "near 1 the map ignores the model\nwhite: undefined (a constant map)",
                  ha="center", va="bottom", fontsize=8)
-        fig.tight_layout(rect=(0, 0.02, 1, 1))
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
         return save_figure(fig, path)
 
     def __repr__(self) -> str:
@@ -257,114 +260,6 @@ def _fmt(v: float) -> str:
 
 def _short(name: str, n: int = 28) -> str:
     return name if len(name) <= n else name[: n - 3] + "..."
-
-
-# ------------------------------------------------------------- similarity
-
-def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
-    g = torch.exp(-x.square() / (2 * sigma * sigma))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :])[None, None]
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5,
-         data_range: float = 1.0) -> torch.Tensor:
-    """Structural similarity of matching maps (Wang et al. 2004).
-
-    Gaussian-weighted local means, variances and covariance; constants
-    ``(0.01 R)^2`` and ``(0.03 R)^2``; the mean of the SSIM map over the
-    window positions that fit inside the image (no padding). A map smaller
-    than the window uses the largest odd window that fits.
-
-    Args:
-        a, b: ``(N, H, W)`` maps in [0, data_range].
-
-    Returns:
-        ``(N,)`` float64 (1 for identical maps).
-    """
-    if a.shape != b.shape or a.dim() != 3:
-        raise CAManimError(f"ssim needs two (N, H, W) tensors of the same shape, got "
-                           f"{tuple(a.shape)} and {tuple(b.shape)}")
-    x, y = a.double()[:, None], b.double()[:, None]
-    size = min(int(window), *x.shape[-2:])
-    size -= 1 - size % 2
-    g = _gaussian_window(size, sigma, x.dtype, x.device)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = F.conv2d(x, g), F.conv2d(y, g)
-    vx = (F.conv2d(x * x, g) - mx * mx).clamp_min(0)   # rounding can dip below 0
-    vy = (F.conv2d(y * y, g) - my * my).clamp_min(0)
-    cxy = F.conv2d(x * y, g) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1)
-
-
-def hog(maps: torch.Tensor, cell: int = 8, bins: int = 9, block: int = 2,
-        clip: float = 0.2) -> torch.Tensor:
-    """Histogram-of-oriented-gradients descriptors (Dalal and Triggs 2005).
-
-    Centred differences (one-sided at the border) give each pixel a
-    gradient; its magnitude votes for the unsigned orientation (0-180
-    degrees) in ``bins`` bins, split linearly between the two nearest bin
-    centres; votes are summed over ``cell x cell`` pixel cells (rows and
-    columns that do not fill a cell are dropped); each ``block x block``
-    group of cells (stride one cell) is normalized with L2-Hys (L2, clip at
-    ``clip``, L2 again). Maps smaller than ``block`` cells use smaller cells.
-
-    Args:
-        maps: ``(N, H, W)``.
-
-    Returns:
-        ``(N, D)`` float64 descriptors.
-    """
-    x = maps.double()
-    n, h, w = x.shape
-    cell = max(1, min(int(cell), h // block, w // block))
-    gy = torch.zeros_like(x)
-    gx = torch.zeros_like(x)
-    if h > 1:
-        gy[:, 1:-1] = (x[:, 2:] - x[:, :-2]) / 2
-        gy[:, 0], gy[:, -1] = x[:, 1] - x[:, 0], x[:, -1] - x[:, -2]
-    if w > 1:
-        gx[:, :, 1:-1] = (x[:, :, 2:] - x[:, :, :-2]) / 2
-        gx[:, :, 0], gx[:, :, -1] = x[:, :, 1] - x[:, :, 0], x[:, :, -1] - x[:, :, -2]
-    mag = torch.sqrt(gx.square() + gy.square())
-    ang = torch.remainder(torch.atan2(gy, gx), math.pi)            # [0, pi)
-    pos = ang / (math.pi / bins) - 0.5                              # bin centres at integers
-    lo = torch.floor(pos)
-    frac = pos - lo
-    lo_i = torch.remainder(lo, bins).long()
-    hi_i = torch.remainder(lo + 1, bins).long()
-    votes = torch.zeros((n, h, w, bins), dtype=x.dtype, device=x.device)
-    votes.scatter_add_(-1, lo_i[..., None], (mag * (1 - frac))[..., None])
-    votes.scatter_add_(-1, hi_i[..., None], (mag * frac)[..., None])
-    ch, cw = h // cell, w // cell
-    votes = votes[:, : ch * cell, : cw * cell]
-    cells = votes.reshape(n, ch, cell, cw, cell, bins).sum((2, 4))  # (N, ch, cw, bins)
-    bh, bw = ch - block + 1, cw - block + 1
-    blocks = torch.stack([cells[:, i:i + bh, j:j + bw] for i in range(block) for j in range(block)],
-                         dim=3).reshape(n, bh, bw, -1)
-    eps = 1e-5
-    v = blocks / torch.sqrt(blocks.square().sum(-1, keepdim=True) + eps ** 2)
-    v = v.clamp_max(clip)
-    v = v / torch.sqrt(v.square().sum(-1, keepdim=True) + eps ** 2)
-    return v.reshape(n, -1)
-
-
-def hog_similarity(a: torch.Tensor, b: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """Pearson correlation of the `hog` descriptors of matching ``(N, H, W)``
-    maps: ``(N,)`` float64, NaN where a descriptor is constant (a flat map)."""
-    return _descriptor_corr(hog(a, **kwargs), hog(b, **kwargs))
-
-
-def _descriptor_corr(da: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
-    """Row-wise Pearson correlation of ``(N, D)`` HOG descriptors (NaN below
-    a 1e-20 spread: a flat map's descriptor is zero up to rounding)."""
-    da = da - da.mean(1, keepdim=True)
-    db = db - db.mean(1, keepdim=True)
-    den = (da.square().sum(1) * db.square().sum(1)).sqrt()
-    r = (da * db).sum(1) / den
-    return torch.where(den > 1e-20, r.clamp(-1, 1), torch.full_like(r, float("nan")))
 
 
 # ----------------------------------------------------------------- blocks
@@ -456,6 +351,32 @@ def _randomize(modules: Sequence[nn.Module], gen: torch.Generator, done: set[int
 
 # ------------------------------------------------------------------ check
 
+def _references(orig: Any) -> list[tuple[torch.Tensor, SsimReference, torch.Tensor]]:
+    """The trained model's side of every comparison, per layer, computed
+    once: ranks (whole or half numbers: exact in float32, see rank_maps),
+    SSIM statistics and HOG descriptors of its local-normalized maps."""
+    out = []
+    for ref in orig.iter_upsampled("local"):                        # (B, H, W) per layer
+        b = ref.shape[0]
+        ranks = average_ranks(ref.reshape(b, -1)).float()
+        out.append((ranks, SsimReference(ref), hog(ref)))
+    return out
+
+
+def _compare(refs: Sequence[tuple[torch.Tensor, SsimReference, torch.Tensor]], maps: Any, k: int,
+             sims: dict[str, np.ndarray]) -> None:
+    """Fill ``sims[metric][k]`` with every layer's similarity to the reference."""
+    for i, cur in enumerate(maps.iter_upsampled("local")):
+        ranks, ssim_ref, hog_ref = refs[i]
+        acc = exact_dtype(cur.device)
+        b = cur.shape[0]
+        # ranks of the float32 map itself (the sort order is the same as in float64)
+        cur_ranks = average_ranks(cur.reshape(b, -1))
+        sims["spearman"][k, i] = pearson_rows(ranks.to(cur.device, acc), cur_ranks).cpu().numpy()
+        sims["ssim"][k, i] = ssim_ref.to(cur.device)(cur).cpu().numpy()
+        sims["hog"][k, i] = descriptor_corr(hog_ref.to(cur.device), hog(cur)).cpu().numpy()
+
+
 def sanity_check(model: nn.Module, images: torch.Tensor, method: Any = "gradcam",
                  layers: Any = "conv", targets: Any = None, *, blocks: Any = "children",
                  threshold: float = DEFAULT_THRESHOLD, seed: int = 0,
@@ -499,42 +420,36 @@ def sanity_check(model: nn.Module, images: torch.Tensor, method: Any = "gradcam"
                            f"failed: {type(e).__name__}: {e}. Pass a copyable model (e.g. "
                            "rebuild it and load its state_dict)") from None
 
-    # one engine for every step: the copy's weights change in place, its layers do not
-    anim = CAManim(work, method=method, layers=layers, reshape_transform=reshape_transform,
-                   max_layers=max_layers, batch_size=batch_size, seed=int(seed),
-                   progress=False, **options)
-    orig = anim(images, targets)
-    keep_targets = targets if orig.targets is None else orig.targets
-    ref = orig.upsample("local")                                 # (L, B, H, W)
-    n_layers, b = ref.shape[:2]
-    # the trained model's side of every comparison, computed once (ranks are
-    # whole or half numbers: exact in float32, see rank_maps)
-    ref_ranks = [average_ranks(ref[i].reshape(b, -1).to(exact_dtype(ref.device))).float()
-                 for i in range(n_layers)]
-    ref_hogs = [hog(ref[i]) for i in range(n_layers)]
     from ..core.inputs import check_images
 
     x = check_images(images, work)
     plan = find_blocks(work, x[:1], blocks)
     if not plan:
         raise CAManimError("the model has no parameters to randomize")
-    gen = torch.Generator().manual_seed(int(seed))
-    done: set[int] = set()
-    sims = {m: np.full((len(plan), n_layers, b), np.nan) for m in METRICS}
-    for k, (_, modules) in enumerate(tqdm(plan, desc="sanity", unit="block", disable=not progress)):
-        _randomize(modules, gen, done)
-        maps = anim(images, keep_targets)
-        if maps.names != orig.names:
-            raise CAManimError("the randomized model selected other layers than the original "
-                               f"({len(maps.names)} vs {len(orig.names)}); pass layers as a list "
-                               "of names")
-        for i, cur in enumerate(maps.iter_upsampled("local")):
-            acc = exact_dtype(cur.device)
-            cur_ranks = average_ranks(cur.reshape(b, -1).to(acc))
-            sims["spearman"][k, i] = pearson_rows(ref_ranks[i].to(cur.device, acc),
-                                                  cur_ranks).cpu().numpy()
-            sims["ssim"][k, i] = ssim(ref[i].to(cur.device), cur).cpu().numpy()
-            sims["hog"][k, i] = _descriptor_corr(ref_hogs[i].to(cur.device), hog(cur)).cpu().numpy()
+    # one engine for every step: the copy's weights change in place, its layers do not
+    anim = CAManim(work, method=method, layers=layers, reshape_transform=reshape_transform,
+                   max_layers=max_layers, batch_size=batch_size, seed=int(seed),
+                   progress=False, **options)
+    bar = tqdm(total=len(plan) + 1, desc="sanity (trained, then blocks randomized)",
+               unit="pass", disable=not progress)
+    with bar:
+        orig = anim(images, targets)
+        keep_targets = targets if orig.targets is None else orig.targets
+        refs = _references(orig)
+        bar.update()
+        gen = torch.Generator().manual_seed(int(seed))
+        done: set[int] = set()
+        sims = {m: np.full((len(plan), len(orig), orig.batch_size), np.nan) for m in METRICS}
+        for k, (_, modules) in enumerate(plan):
+            _randomize(modules, gen, done)
+            maps = anim(images, keep_targets)
+            if maps.names != orig.names:
+                raise CAManimError("the randomized model selected other layers than the original "
+                                   f"({len(maps.names)} vs {len(orig.names)}); pass layers as a "
+                                   "list of names")
+            _compare(refs, maps, k, sims)
+            bar.update()
+    b = orig.batch_size
     tg = [int(t) for t in orig.targets] if orig.targets is not None else [None] * b
     return SanityReport(method=orig.method, layers=list(orig.names),
                         blocks=[label for label, _ in plan], targets=tg,

@@ -2,9 +2,10 @@
 callback (TensorBoard, ``heatmaps/``) and ``camanim study``.
 
 * `convergence_image`: epoch-by-layer map change (``1 - Spearman`` against
-  the previous callback epoch), 0 (the map kept its pixel ordering) light,
-  1 (unrelated to the previous map) dark red; the first epoch has no
-  previous map and is grey.
+  the previous callback epoch) on its whole range 0..2: 0 (the map kept its
+  pixel ordering) light, 1 (unrelated to the previous map) orange, 2 (the
+  ordering reversed) dark red; the first epoch has no previous map and is
+  white and dotted, a change that is undefined (a constant map) is grey.
 * `not_above_chance`: the cells of an epoch-by-layer ROAD matrix that do not
   beat that epoch's random-map ROAD (hatched on the ybROAD heatmap).
 * `chance_tau_image`: per epoch, the share of layers above chance and the
@@ -19,17 +20,27 @@ import numpy as np
 
 from .plots import agg_figure, figure_rgb, heatmap_image
 
-__all__ = ["CHANGE_CMAP", "convergence_image", "not_above_chance", "chance_tau_image"]
+__all__ = ["CHANGE_CMAP", "CHANGE_NOTE", "convergence_image", "not_above_chance",
+           "chance_tau_image"]
 
 CHANGE_CMAP = "YlOrRd"
 
 
+CHANGE_NOTE = ("1 - Spearman of the map vs the previous epoch: 0 same pixel ranking, 1 "
+               "unrelated, 2 reversed; dotted white: first epoch (nothing to compare); grey: "
+               "undefined (a constant map)")
+
+
 def convergence_image(change: np.ndarray, epochs: Sequence[int], names: Sequence[str],
                       title: str = "") -> np.ndarray:
-    """``(E, L)`` map changes as a heatmap on a fixed 0..1 scale (values
-    above 1, anti-correlated maps, draw as 1). ``(H, W, 3)`` uint8."""
-    return heatmap_image(np.minimum(np.asarray(change, dtype=np.float64), 1.0), epochs, names,
-                         title, cmap=CHANGE_CMAP, vmin=0.0, vmax=1.0, mark_best=False)
+    """``(E, L)`` map changes as a heatmap on the whole range of
+    ``1 - Spearman``, 0..2. A column with no value at all is an epoch
+    without a previous map (the first one): white and dotted; a single
+    undefined cell (NaN: a constant map) is grey. ``(H, W, 3)`` uint8."""
+    change = np.asarray(change, dtype=np.float64).reshape(len(epochs), len(names))
+    first = ~np.isfinite(change).any(axis=1) if len(names) else np.zeros(len(epochs), bool)
+    return heatmap_image(change, epochs, names, title, cmap=CHANGE_CMAP, vmin=0.0, vmax=2.0,
+                         mark_best=False, blank=first, note=CHANGE_NOTE)
 
 
 def not_above_chance(road: np.ndarray, chance: np.ndarray) -> np.ndarray:
@@ -63,7 +74,8 @@ def chance_tau_image(series: Sequence[tuple[str, Sequence[int], np.ndarray, np.n
     axes[0].set_title("layers whose ybROAD beats a random map", fontsize=9)
     axes[1].set_ylim(-1.05, 1.05)
     axes[1].axhline(0.0, color="0.6", linewidth=0.8, linestyle="--")
-    axes[1].set_ylabel("Kendall tau vs previous epoch", fontsize=8)
+    axes[1].set_ylabel("Kendall tau vs previous epoch\n(1: same layer ranking, 0: unrelated)",
+                       fontsize=8)
     axes[1].set_title("stability of the layer ranking", fontsize=9)
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

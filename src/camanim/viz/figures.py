@@ -136,11 +136,13 @@ def contact_sheet(path: str | Path, images: Any, maps: LayerMaps,
     tw_in, th_in = tw / dpi, th / dpi
     left = 0.3 if len(norms) > 1 else 0.08
     top, head = 0.36, 0.18
-    bottom = 0.42 + (0.13 if scores is not None else 0.0)
+    notes = _sheet_notes(norms, scores is not None, maps.names)
+    bottom = 0.42 + (0.13 if scores is not None else 0.0) + 0.14 * len(notes)
     grid_w = n * tw_in + (n - 1) * gap
     title_w = sans_font(90).getlength(title) / 720 + 0.2      # 9 pt = 1/8 inch
     left += max(0.0, title_w - (left + grid_w + 0.08)) / 2
-    fig_w = max(left + grid_w + 0.08, title_w)
+    note_w = max((sans_font(65).getlength(n) / 720 + 0.2 for n in notes), default=0.0)  # 6.5 pt
+    fig_w = max(left + grid_w + 0.08, title_w, note_w)
     fig_h = top + head + len(norms) * th_in + (len(norms) - 1) * gap + bottom
     fig = plt.figure(figsize=(fig_w, fig_h))
     L, labels = len(maps), short_names(maps.names)
@@ -165,7 +167,30 @@ def contact_sheet(path: str | Path, images: Any, maps: LayerMaps,
                 fig.text((x0 + tw_in / 2) / fig_w, (y0 - 0.03) / fig_h, text, ha="center",
                          va="top", fontsize=6, linespacing=1.1)
     fig.text(0.5, 1 - 0.08 / fig_h, title, ha="center", va="top", fontsize=9)
+    for k, note in enumerate(reversed(notes)):
+        fig.text(0.08 / fig_w, (0.06 + 0.14 * k) / fig_h, note, ha="left", va="bottom",
+                 fontsize=6.5, color="0.3")
     return save_figure(fig, path, dpi)
+
+
+def _sheet_notes(norms: Sequence[str], road: bool, names: Sequence[str]) -> list[str]:
+    """The legend lines under a contact sheet: how to read each row."""
+    from .fonts import dropped_prefix
+
+    notes = []
+    if "local" in norms:
+        notes.append("local: each layer scaled to its own min..max (where it looks, not how "
+                     "strongly)")
+    if "global" in norms:
+        notes.append("global: one scale for all layers of the image; the layer with the largest "
+                     "values sets it, so layers with small values look dark")
+    if road:
+        notes.append("ROAD > 0: removing the pixels the map ranks most relevant hurts the class "
+                     "more than removing the least relevant")
+    prefix = dropped_prefix(names)
+    if prefix:
+        notes.append(f"layer names after '{prefix}'")
+    return notes
 
 
 def _norm_list(normalization: str | Sequence[str]) -> list[str]:

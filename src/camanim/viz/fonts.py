@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from PIL import ImageFont
 
-__all__ = ["sans_font", "mono_font", "fit_text", "short_names", "join_fit"]
+__all__ = ["sans_font", "mono_font", "fit_text", "short_names", "dropped_prefix", "join_fit"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -53,19 +53,34 @@ def fit_text(text: str, font: Any, width: float, tail: bool = False) -> str:
     return "…" if font.getlength("…") <= width else ""
 
 
-def short_names(names: Sequence[str]) -> list[str]:
-    """Layer names without the dotted prefix that all of them share
-    (``model.`` when a LightningModule wraps the network); every name keeps
-    at least its last part, and a single name is kept whole."""
-    names = [str(n) for n in names]
+def _shared_parts(names: Sequence[str]) -> int:
+    """How many leading dotted parts `short_names` drops."""
     if len(set(names)) < 2:
-        return names
+        return 0
     parts = [n.split(".") for n in names]
     drop = 0
     while (drop < min(len(p) for p in parts) - 1
            and len({p[drop] for p in parts}) == 1):
         drop += 1
-    return [".".join(p[drop:]) for p in parts]
+    return drop
+
+
+def short_names(names: Sequence[str]) -> list[str]:
+    """Layer names without the dotted prefix that all of them share
+    (``model.`` when a LightningModule wraps the network); every name keeps
+    at least its last part, and a single name is kept whole. A picture
+    that shows them says which prefix went (`dropped_prefix`), so that its
+    names can be found in the CSV files, which keep full names."""
+    names = [str(n) for n in names]
+    drop = _shared_parts(names)
+    return [".".join(n.split(".")[drop:]) for n in names]
+
+
+def dropped_prefix(names: Sequence[str]) -> str:
+    """The prefix `short_names` drops (``"model."``), or ``""``."""
+    names = [str(n) for n in names]
+    drop = _shared_parts(names)
+    return ".".join(names[0].split(".")[:drop]) + "." if drop else ""
 
 
 def join_fit(parts: Sequence[str], font: Any, width: float, keep: int = 1,

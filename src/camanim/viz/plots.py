@@ -16,10 +16,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .fonts import fit_text, mono_font, short_names
+from .fonts import dropped_prefix, fit_text, mono_font, short_names
 from .overlay import colormap_lut
 
-__all__ = ["heatmap_image", "curve_image", "trajectories_image", "trajectories_figure",
+__all__ = ["ROAD_NOTE", "heatmap_image", "curve_image", "trajectories_image", "trajectories_figure",
            "agg_figure", "figure_rgb",
            "fit_figure", "label_size", "save_png"]
 
@@ -31,6 +31,12 @@ _ROAD = (31, 119, 180)
 _CHANCE = (214, 39, 40)
 _EBPG = (148, 103, 189)
 _NAME_CHARS = 32              # longer layer names are cut in the middle
+_BLANK = (250, 250, 250)      # cells with nothing to show (e.g. no previous epoch), dotted
+#: The legend line under a ybROAD heatmap and curve (README: "Reading the numbers").
+ROAD_NOTE = ("ROAD > 0: removing the pixels the map ranks most relevant hurts the class more "
+             "than removing the least relevant; above chance (a random map) is the bar")
+HEATMAP_NOTE = ("colour: ROAD, green > 0: the map finds the class; hatched: not above chance "
+                "(a random map); circle: best layer, if above chance")
 _strip_cache: dict[tuple, np.ndarray] = {}
 
 
@@ -106,7 +112,8 @@ def _title_lines(title: str, font: Any, width: float, most: int = 3) -> list[str
 def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
                        title: str = "", *, cmap: str = "RdYlGn", vmin: float | None = None,
                        vmax: float | None = None, mask: np.ndarray | None = None,
-                       mark_best: bool = True) -> np.ndarray:
+                       mark_best: bool = True, blank: Sequence[bool] | None = None,
+                       note: str | None = "auto") -> np.ndarray:
     """Epoch-by-layer ROAD heatmap (layers top to bottom, epochs left to
     right, each epoch's best layer marked, colour bar), ``(H, W, 3)`` uint8.
     A column is 14 px wide up to 40 epochs, so the image widens by one
@@ -117,7 +124,13 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
     ``cmap``, ``vmin``, ``vmax``: colour scale (default: RdYlGn, symmetric
     around 0 at the largest absolute value); ``mask``: ``(E, L)`` bool, cells
     drawn hatched (e.g. layers not above the chance line); ``mark_best``:
-    circle each epoch's highest value."""
+    circle each epoch's highest value, except in a column whose every cell
+    is masked (nothing there beats chance, so no layer is "best");
+    ``blank``: ``(E,)`` bool, columns drawn white and dotted (nothing to
+    show, e.g. the first epoch of a map change); ``note``: a legend line
+    under the picture (``"auto"``: `HEATMAP_NOTE` with the default colours,
+    none otherwise). Layer names lose the prefix they all share; the
+    picture says which (``names after 'model.'``)."""
     from PIL import Image, ImageDraw
 
     road = np.asarray(road, dtype=np.float64).reshape(len(epochs), len(names))
@@ -127,6 +140,10 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
     fs = label_size(rh)
     strip = _label_strip(short_names(names), rh, fs, rotate=False)
     font, tfont = mono_font(10), mono_font(11)
+    if note == "auto":
+        note = HEATMAP_NOTE if cmap == "RdYlGn" else None
+    prefix = dropped_prefix(names)
+    notes = ([f"layer names after '{prefix}'"] if prefix else []) + ([note] if note else [])
     finite = road[np.isfinite(road)]
     v = float(np.abs(finite).max()) if finite.size else 1.0
     v = v if v > 0 else 1.0
@@ -136,12 +153,14 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
         hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else 1.0)
         mid, v = (lo + hi) / 2, max((hi - lo) / 2, 1e-12)
     bar_labels = [(f"{val:+.2g}", y) for val, y in ((mid + v, 0.0), (mid, 0.5), (mid - v, 1.0))]
-    bottom, gap = 34, 4
+    gap = 4
     x0 = strip.shape[1] + gap
     pw, ph = cw * max(E, 1), rh * L
     bx = x0 + pw + 10
     width = max(x0 + pw + 70, bx + 16 + int(max(font.getlength(t) for t, _ in bar_labels)) + 6)
     lines = _title_lines(title, tfont, width - 8)
+    note_lines = [ln for n in notes for ln in _title_lines(n, font, width - 8, most=10)]
+    bottom = 34 + 13 * len(note_lines)
     top = 10 + 14 * max(1, len(lines))
     height = top + ph + bottom
     im = Image.new("RGB", (width, height), _BG)
@@ -155,13 +174,20 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
             big = np.repeat(np.repeat(np.asarray(mask, bool).reshape(E, L).T, rh, 0), cw, 1)
             yy, xx = np.mgrid[0:ph, 0:pw]
             canvas[top:top + ph, x0:x0 + pw][big & ((xx + yy) % 4 == 0)] = (70, 70, 70)
+        for e in np.flatnonzero(np.asarray(blank, bool)) if blank is not None else ():
+            col = canvas[top:top + ph, x0 + e * cw:x0 + (e + 1) * cw]
+            col[:] = _BLANK
+            col[1::4, 1::4] = (150, 150, 150)
     bar = _colors(np.linspace(v, -v, ph)[:, None], v, lut)             # colour bar
     canvas[top:top + ph, bx:bx + 10] = np.repeat(bar, 10, 1)
     im = Image.fromarray(canvas)
     d = ImageDraw.Draw(im)
     d.rectangle([x0 - 1, top - 1, x0 + pw, top + ph], outline=_INK)
+    masked = None if mask is None else np.asarray(mask, bool).reshape(E, L)
+    hidden = [masked is not None and bool(masked[e][np.isfinite(road[e])].all())
+              for e in range(E)]
     for e in range(E if mark_best else 0):
-        if np.isfinite(road[e]).any():
+        if np.isfinite(road[e]).any() and not hidden[e]:    # no "best" where none beats chance
             b = int(np.nanargmax(road[e]))
             cx, cy, r = x0 + e * cw + cw / 2, top + b * rh + rh / 2, max(2, min(cw, rh) / 2 - 2)
             d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(0, 0, 0), width=2)
@@ -175,6 +201,8 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
         d.text((bx + 13, top + f * ph), text, font=font, fill=_INK, anchor=anchor)
     for k, line in enumerate(lines):
         d.text((4, 6 + 14 * k), line, font=tfont, fill=_INK)
+    for k, line in enumerate(note_lines):
+        d.text((4, top + ph + 32 + 13 * k), line, font=font, fill=(90, 90, 90))
     return np.asarray(im)
 
 
@@ -184,7 +212,8 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
     named), with the EBPG per layer dashed on a 0..1 axis when given and
     ``chance`` (the ROAD of a random map) as a dashed red reference line.
     Columns are 16..6 px (every k-th name under thin ones), names lose the
-    prefix they all share. ``(H, W, 3)`` uint8."""
+    prefix they all share (named under the picture), and a line under it
+    says how to read ROAD (and EBPG). ``(H, W, 3)`` uint8."""
     from PIL import Image, ImageDraw
 
     road = np.asarray(road, dtype=np.float64).reshape(-1)
@@ -218,7 +247,13 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
     best_text = f"best: {labels[best]} ({road[best]:+.3g})" if best >= 0 else ""
     legend_w = sum(26 + font.getlength(t) + 12 for t, _, _ in legend) + font.getlength(best_text)
     width = max(left + pw + right, int(legend_w) + 12, min(900, int(tfont.getlength(title)) + 10))
-    height = top + ph + 6 + strip.shape[0] + 4
+    prefix = dropped_prefix(names)
+    notes = [ROAD_NOTE] + (["EBPG: share of the map's energy inside the lesion (1: all)"]
+                           if ebpg is not None else [])
+    if prefix:
+        notes.append(f"layer names after '{prefix}'")
+    note_lines = [ln for n in notes for ln in _title_lines(n, font, width - 8, most=10)]
+    height = top + ph + 6 + strip.shape[0] + 4 + 13 * len(note_lines)
     canvas = np.full((height, width, 3), 255, np.uint8)
     canvas[top + ph + 6: top + ph + 6 + strip.shape[0], left - fs:left + pw + fs] = strip
     im = Image.fromarray(canvas)
@@ -272,6 +307,9 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
         x, y = x_of(best), y_of(float(road[best]))
         d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=(245, 197, 24), outline=(0, 0, 0))
     d.text((4, 6), fit_text(title, tfont, im.width - 8), font=tfont, fill=_INK)
+    y0 = top + ph + 6 + strip.shape[0] + 2
+    for k, line in enumerate(note_lines):
+        d.text((4, y0 + 13 * k), line, font=font, fill=(90, 90, 90))
     return np.asarray(im)
 
 

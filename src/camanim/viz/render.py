@@ -325,13 +325,20 @@ class FrameRenderer:
                 d.line(pts, fill=_CURVE, width=max(1, lay.font // 10))
             elif pts:
                 d.point(pts, fill=_CURVE)
-        # method and normalization first and whole; target, then title, shortened first
+        # the target's class name stays whole; the method (cut in the middle if it must)
+        # and the normalization next, the title last (shortened first)
         norm = self.norms[0] if len(self.norms) == 1 else ""  # else the panels are labelled
         target = self._target_text(imgs[0]) if len(imgs) == 1 else ""
-        bits = [self.maps.method or "CAM", norm, target and f"target: {target}", self.title]
+        width = self._text_width(imgs)
+        method = self.maps.method or "CAM"
+        if target and self.font.getlength(f"target: {target} · {method}") > width:
+            target_bits = [target]                          # narrow: drop the "target:" word
+        else:
+            target_bits = [target and f"target: {target}"]
+        bits = [method, norm, *target_bits, self.title]
+        keep = 1 + bool(norm) + bool(target)
         d.text((self._pad, lay.grid_h + self._row_y(2)),
-               join_fit(bits, self.font, self._text_width(imgs), keep=1 + bool(norm)),
-               font=self.font, fill=_DIM)
+               join_fit(bits, self.font, width, keep=keep), font=self.font, fill=_DIM)
         strip_y = lay.grid_h + lay.band
         d.rectangle([0, strip_y, lay.width, lay.height], fill=(55, 55, 55))
         return np.asarray(im).copy()
