@@ -285,3 +285,31 @@ def prefix_words(prefix: int, source: str) -> str:
     if prefix == 1 and "register" not in source and "distillation" not in source:
         return "a class token (dropped) + "
     return f"{prefix} prefix token{'s' if prefix > 1 else ''} (dropped) + "
+
+
+def flag_zero_gradients(model: nn.Module, x: torch.Tensor, infos: list[Any]) -> None:
+    """Flag token layers (with prefix tokens) whose patch tokens get an exactly
+    zero gradient from the output while their prefix tokens do not: in a
+    class-token ViT, every output after the last block's attention. Costs one
+    forward and backward, only for models with such layers."""
+    cands = [i for i in infos if i.layout == TOKENS and i.token_grid and i.token_grid[0] > 0]
+    if not cands:
+        return
+    from .capture import Hooks  # local import: capture imports layers, which imports this
+    from .guard import eval_mode
+
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad(), \
+            Hooks(model, cands, clone={i.name for i in cands if i.overwritten}) as hooks:
+        out = model(x.detach().clone().requires_grad_(True))
+        if not isinstance(out, torch.Tensor) or not out.requires_grad:
+            return
+        outs = [hooks.outputs.get(i.name) for i in cands]
+        pairs = [(i, o) for i, o in zip(cands, outs, strict=True)
+                 if o is not None and o.requires_grad]
+        if not pairs:
+            return
+        grads = torch.autograd.grad(out.float().sum(), [o for _, o in pairs], allow_unused=True)
+    for (info, _), g in zip(pairs, grads, strict=True):
+        prefix = info.token_grid[0]  # type: ignore[index]
+        if g is not None and bool((g[:, prefix:] == 0).all()) and bool((g[:, :prefix] != 0).any()):
+            info.zero_gradient = True
