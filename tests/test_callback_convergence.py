@@ -19,7 +19,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from camanim import CAManimError, LayerMaps
 from camanim.lightning.callback import CAManimCallback
-from camanim.lightning.convergence import check_sanity, epoch_scalars, epoch_text
+from camanim.lightning.convergence import epoch_scalars, epoch_text
+from camanim.lightning.validation import check_sanity
+from camanim.runs.history import EpochRecord
 from camanim.metrics.convergence import chance_road, map_change
 from camanim.runs.history import CSV_COLUMNS, CSV_COLUMNS_V1
 from camanim.runs.study import read_ybroad_csv, study
@@ -72,8 +74,8 @@ def test_csv_columns_tags_and_scalars_match_recomputation(tmp_path):
 
     # chance: the last epoch's model is the trained model; same percentiles/noise/seed/targets
     targets = torch.tensor([int(rows[0]["target"]), int(rows[N_LAYERS]["target"])])
-    ref = chance_road(model, x[:2], targets, percentiles=cb.road_percentiles,
-                      noise=cb.road_noise, seed=cb.seed, progress=False)
+    ref = chance_road(model, x[:2], targets, percentiles=cb.road.percentiles,
+                      noise=cb.road.noise, seed=cb.seed, progress=False)
     for b, p in enumerate(("cat", "dog")):
         for k, col in enumerate(("road_chance_random", "road_chance_blob")):
             got = _column(rows, p, 2, col)
@@ -157,17 +159,18 @@ def test_model_that_finds_the_class_at_no_layer_shows_nothing_above_chance(tmp_p
 
 
 def test_epoch_text_and_scalars_from_a_record():
-    rec = {"names": ["a", "b", "c"], "road": {"p": [0.1, 0.3, None]},
-           "chance": {"random": {"p": 0.2}, "blob": {"p": 0.25}},
-           "change": {"p": [0.05, 0.5, None]}, "change_from": 3,
-           "rank_tau": {"p": 0.5}, "rank_tau_from": 3}
+    rec = EpochRecord(global_step=9, names=["a", "b", "c"], method="gradcam",
+                      targets={"p": 1}, road={"p": [0.1, 0.3, None]},
+                      chance={"random": {"p": 0.2}, "blob": {"p": 0.25}},
+                      change={"p": [0.05, 0.5, None]}, change_from=3,
+                      rank_tau={"p": 0.5}, rank_tau_from=3)
     m = epoch_scalars(rec, ["p"], threshold=0.1)
     assert m["ybroad/p/above_chance"] == 0.5  # 0.3 beats 0.2; 0.1 does not; None unscored
     assert m["convergence/p/share_settled"] == 0.5 and m["ybroad/rank_tau_mean"] == 0.5
     assert m["ybroad/p/chance_blob"] == 0.25
     t = epoch_text(rec, "p", 0.1)
     assert "1 of 2 layers above chance" in t and "1 of 3 layers settled" in t
-    rec["road"]["p"] = [0.1, 0.2, None]  # equal to the chance line is not above it
+    rec.road = {"p": [0.1, 0.2, None]}  # equal to the chance line is not above it
     assert "nothing above chance" in epoch_text(rec, "p")
     assert epoch_scalars(rec, ["p"])["ybroad/p/above_chance"] == 0.0
 

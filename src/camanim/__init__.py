@@ -2,6 +2,7 @@
 ROAD for every layer (ybROAD), and both during training."""
 
 from .lightning.callback import CAManimCallback
+from .lightning.options import ConvergenceOptions, MediaOptions, RoadOptions, VideoOptions
 from .metrics.pointing import energy_pointing_game
 from .engine import CAManim
 from .errors import CAManimError
@@ -19,7 +20,8 @@ from .runs.study import study
 from .viz.video import encode_gif, write_frames, write_video
 
 __all__ = [
-    "CAManim", "CAManimCallback", "CAManimError", "ExplanationMaps", "IMAGENET_MEAN", "IMAGENET_STD",
+    "CAManim", "CAManimCallback", "CAManimError", "ConvergenceOptions", "MediaOptions",
+    "RoadOptions", "VideoOptions", "ExplanationMaps", "IMAGENET_MEAN", "IMAGENET_STD",
     "LayerInfo", "LayerMaps", "LayerTable", "RoadSummary", "SanityReport", "YbRoad", "ada_sise",
     "contact_sheet", "encode_gif", "energy_pointing_game", "get_method", "integrated_gradcam", "list_layers",
     "load_image", "method_names", "plot_params", "render_frames", "run_summary", "sanity_check",
