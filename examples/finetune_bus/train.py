@@ -190,11 +190,12 @@ def build_callbacks(args: argparse.Namespace, datamodule: bus_data.BUSDataModule
         callbacks.append(camanim.CAManimCallback(
             probes["image"], targets=probes["label"].tolist(), masks=probes["mask"],
             probe_names=[f"{datamodule.classes[int(label)]}_{_probe_name(i)}"
-                         for label, i in zip(probes["label"], probes["id"])],
-            method=args.cam_method,
-            layers=layers, max_layers=args.cam_max_layers or None, every_n_epochs=args.cam_every,
-            road=not args.no_road, save_dir=args.run_dir, mean=bus_data.IMAGENET_MEAN,
-            std=bus_data.IMAGENET_STD, class_names=datamodule.classes,
+                         for label, i in zip(probes["label"], probes["id"], strict=True)],
+            method=args.cam_method, layers=layers,
+            cam_options={"max_layers": args.cam_max_layers or None},
+            every_n_epochs=args.cam_every, road=not args.no_road, save_dir=args.run_dir,
+            video=camanim.VideoOptions(mean=bus_data.IMAGENET_MEAN, std=bus_data.IMAGENET_STD,
+                                       class_names=datamodule.classes),
             progress=not args.no_progress))
     return callbacks
 
