@@ -3,7 +3,6 @@ resume, DDP, memory, validation, EBPG."""
 
 from __future__ import annotations
 
-import csv
 import gc
 import json
 import os
@@ -16,87 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from camanim import CAManimError, LayerMaps
+from camanim import CAManimError, LayerMaps, RoadOptions
 from camanim.lightning.callback import CAManimCallback, energy_pointing_game
 from camanim.core.layers import LayerInfo
 from camanim.runs.study import CSV_COLUMNS
 
 from helpers import no_hooks
-
-N_LAYERS = 4  # Conv2d layers of Net
-
+from lit_models import N_LAYERS, Frozen, Net, data, loader, quick, read_csv, trainer
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-class Net(L.LightningModule):
-    """Tiny classifier with BatchNorm and Dropout (so RNG use matters)."""
-
-    def __init__(self, classes: int = 3) -> None:
-        super().__init__()
-        self.f = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
-            nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(), nn.Dropout(0.3),
-            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(8, classes))
-        self.order: list[tuple[str, int]] = []
-
-    def forward(self, x):
-        return self.f(x)
-
-    def training_step(self, batch, _):
-        x, y = batch[0], batch[1]
-        return nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, _):
-        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
-
-    def on_validation_epoch_end(self):
-        if not self.trainer.sanity_checking:
-            self.order.append(("val", self.current_epoch))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-
-def data(n: int = 24, size: int = 16, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, size, size, generator=g)
-    y = torch.randint(0, 3, (n,), generator=g)
-    m = x[:, 0] > 0.3
-    return x, y, m
-
-
-def loader(x, y, shuffle=True, bs=8):
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=bs,
-                                       shuffle=shuffle, num_workers=0)
-
-
-def trainer(tmp_path, callbacks=(), max_epochs=3, logger=False, **kw):
-    kw.setdefault("enable_checkpointing", False)
-    return L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, deterministic=True,
-                     logger=logger, enable_progress_bar=False, enable_model_summary=False,
-                     default_root_dir=str(tmp_path), log_every_n_steps=1,
-                     callbacks=list(callbacks), **kw)
-
-
-def quick(probes, **kw):
-    """A cheap callback: no videos unless asked."""
-    kw.setdefault("log_videos", False)
-    kw.setdefault("save_videos", False)
-    return CAManimCallback(probes, **kw)
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # --------------------------------------------------------------- untouched training
@@ -116,18 +48,6 @@ class _Record(Callback):
                           random.getstate()))
 
 
-class _Frozen(Net):
-    """Mixed modes and flags: the first BatchNorm frozen in eval mode, the first
-    convolution not trained."""
-
-    def on_train_epoch_start(self):
-        self.f[1].eval()
-
-    def configure_optimizers(self):
-        self.f[0].requires_grad_(False)
-        return super().configure_optimizers()
-
-
 class _RngEater(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         torch.rand(1)
@@ -136,7 +56,7 @@ class _RngEater(Callback):
 def _fit(tmp_path, extra, validate=True):
     L.seed_everything(0, workers=True)
     x, y, _ = data()
-    model = _Frozen()
+    model = Frozen()
     before, after = _Record(), _Record()
     tr = trainer(tmp_path, [before, *extra, after], max_epochs=3,
                  limit_val_batches=1 if validate else 0)
@@ -521,7 +441,7 @@ import torch
 torch.set_num_threads(1)
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
-from test_callback import Net, data, loader
+from lit_models import Net, data, loader
 from camanim.lightning.callback import CAManimCallback
 
 if __name__ == "__main__":
@@ -579,7 +499,7 @@ def test_target_callables_are_scored_as_given(tmp_path):
     import camanim
     x, y, _ = data(n=8)
     targets = [ClassifierOutputTarget(2), ClassifierOutputTarget(1)]
-    cb = quick(x[:2], targets=targets, road_noise=0.0)
+    cb = quick(x[:2], targets=targets, road=RoadOptions(noise=0.0))
     model = Net()
     trainer(tmp_path, [cb], max_epochs=1).fit(model, loader(x, y))
     _, _, got = cb.road_history(0)

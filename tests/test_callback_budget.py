@@ -1,5 +1,5 @@
 """CAManimCallback inside a training budget (issue 11): media off the
-training thread in a bounded, ordered queue whose errors surface; training
+training thread, its errors surfacing (the queue itself: test_media.py); training
 bit-identical with TensorBoard on; the end-of-fit run on the training
 device before teardown; DDP ranks sharing the ROAD work."""
 
@@ -23,60 +23,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 import camanim.lightning.media as media
 from camanim.lightning.callback import CAManimCallback
 from camanim.lightning.distributed import layer_share, merge_shares
-from camanim.lightning.media import MediaQueue
 
-from test_callback import N_LAYERS, Net, data, loader, read_csv, trainer
+from lit_models import N_LAYERS, Net, data, loader, read_csv, trainer
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-# ------------------------------------------------------------------ the queue
-
-def test_queue_is_bounded_ordered_and_blocks_when_full():
-    q = MediaQueue(workers=2, max_pending=1)
-    running, peak, order = [0], [0], []
-    lock = threading.Lock()
-
-    def job(e):
-        def run():
-            with lock:
-                running[0] += 1
-                peak[0] = max(peak[0], running[0])
-            time.sleep(0.15)
-            order.append(e)
-            with lock:
-                running[0] -= 1
-        return run
-
-    t = time.perf_counter()
-    for e in range(4):
-        q.submit(e, job(e))
-        assert q.in_flight <= 1
-    submitted = time.perf_counter() - t
-    q.drain()
-    assert order == [0, 1, 2, 3] and peak[0] == 1
-    # the 2nd, 3rd and 4th submit each waited for the job before them
-    assert submitted >= 3 * 0.15 * 0.9 and q.waited_s >= 3 * 0.15 * 0.9
-    q.close()
-
-
-def test_queue_synchronous_mode_and_errors_handed_back_once():
-    q = MediaQueue(workers=1, max_pending=0)
-    ran = []
-    q.submit(0, lambda: ran.append(threading.current_thread().name))
-    assert ran == [threading.current_thread().name]  # media_queue=0: on the caller's thread
-
-    def boom():
-        raise OSError(28, "No space left on device")
-
-    q2 = MediaQueue(workers=1, max_pending=1)
-    q2.submit(3, boom)
-    q2.drain()
-    errs = q2.errors()
-    assert [(e, type(x).__name__) for e, x in errs] == [(3, "OSError")]
-    assert q2.errors() == []
-    q2.close()
 
 
 # ------------------------------------------------------------------ in training
@@ -210,7 +161,7 @@ def test_bit_identical_training_with_tensorboard_logger(tmp_path):
 
     def run(root, extra):
         import lightning as L
-        from test_callback import _Frozen
+        from lit_models import Frozen as _Frozen
 
         L.seed_everything(0, workers=True)
         xs, ys, _ = data()
@@ -289,7 +240,7 @@ import torch
 from torch import nn
 import lightning as L
 import camanim.metrics.road as road
-from test_callback import data, loader
+from lit_models import data, loader
 from lit_models import TinyLitNet
 from camanim.lightning.callback import CAManimCallback
 

@@ -17,7 +17,7 @@ from scipy.stats import kendalltau
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from camanim import CAManimError, LayerMaps
+from camanim import CAManimError, LayerMaps, MediaOptions, RoadOptions
 from camanim.lightning.callback import CAManimCallback
 from camanim.lightning.convergence import epoch_scalars, epoch_text
 from camanim.lightning.validation import check_sanity
@@ -27,7 +27,7 @@ from camanim.runs.history import CSV_COLUMNS, CSV_COLUMNS_V1
 from camanim.runs.study import read_ybroad_csv, study
 from camanim.viz.plots import curve_image, heatmap_image
 
-from test_callback import N_LAYERS, Net, data, loader, quick, read_csv, trainer
+from lit_models import N_LAYERS, Net, data, loader, quick, read_csv, trainer
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -52,7 +52,7 @@ def test_csv_columns_tags_and_scalars_match_recomputation(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     x, y, _ = data()
-    cb = quick(x[:2], probe_names=["cat", "dog"], save_maps=True)
+    cb = quick(x[:2], probe_names=["cat", "dog"], media=MediaOptions(media=MediaOptions(save_maps=True)))
     logger = TensorBoardLogger(str(tmp_path / "runs"), name="exp")
     model = Net()
     trainer(tmp_path, [cb], max_epochs=3, logger=logger).fit(model, loader(x, y))
@@ -111,7 +111,7 @@ def test_csv_columns_tags_and_scalars_match_recomputation(tmp_path):
 
 def test_switched_off_leaves_columns_empty_and_tags_out(tmp_path):
     x, y, _ = data(n=8)
-    cb = quick(x[:1], save_dir=tmp_path / "c", convergence=False, chance=False)
+    cb = quick(x[:1], save_dir=tmp_path / "c", convergence=False, road=RoadOptions(chance=False))
     trainer(tmp_path, [cb], max_epochs=2).fit(Net(), loader(x, y))
     rows = read_csv(tmp_path / "c" / "ybroad.csv")
     assert list(rows[0]) == list(CSV_COLUMNS)
@@ -182,7 +182,7 @@ def test_resume_keeps_the_map_change_continuous(tmp_path):
     probes = x[:2]
     ck, save = tmp_path / "ckpt", tmp_path / "cam"
     mc = ModelCheckpoint(dirpath=ck, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
-    cb1 = quick(probes, save_dir=save, save_maps=True)
+    cb1 = quick(probes, save_dir=save, media=MediaOptions(save_maps=True))
     trainer(tmp_path, [cb1, mc], max_epochs=3, enable_checkpointing=True).fit(Net(), loader(x, y))
 
     # a checkpoint written after the epoch's work, resumed into a new folder: the state
@@ -190,15 +190,15 @@ def test_resume_keeps_the_map_change_continuous(tmp_path):
     state = torch.load(ck / "epoch=1.ckpt", weights_only=True)["callbacks"][cb1.state_key]
     assert state["convergence"]["epoch"] == 1 and json.dumps(state)
     new = tmp_path / "new"
-    cb2 = quick(probes, save_dir=new, save_maps=True)
+    cb2 = quick(probes, save_dir=new, media=MediaOptions(save_maps=True))
     trainer(tmp_path, [cb2], max_epochs=3).fit(Net(), loader(x, y),
                                                ckpt_path=str(ck / "epoch=1.ckpt"))
     rec = cb2._history[2]
-    assert rec["change_from"] == 1
+    assert rec.change_from == 1
     want = map_change(LayerMaps.load(save / "maps" / "epoch001.npz"),
                       LayerMaps.load(new / "maps" / "epoch002.npz"))
     for b, p in enumerate(cb2.probe_names):
-        np.testing.assert_allclose(np.array(rec["change"][p], dtype=float), want[:, b],
+        np.testing.assert_allclose(np.array(rec.change[p], dtype=float), want[:, b],
                                    rtol=1e-6, atol=1e-9)
 
 
@@ -213,35 +213,35 @@ def test_resume_from_a_checkpoint_written_before_the_work(tmp_path):
     kw = dict(limit_val_batches=1, num_sanity_val_steps=0)
     mc = ModelCheckpoint(dirpath=ck, filename="{epoch}", save_top_k=-1, every_n_epochs=1,
                          save_on_train_epoch_end=False)
-    cb1 = quick(probes, save_dir=save, save_maps=True)
+    cb1 = quick(probes, save_dir=save, media=MediaOptions(save_maps=True))
     trainer(tmp_path, [cb1, mc], max_epochs=3, enable_checkpointing=True, **kw).fit(
         Net(), loader(x, y), val)
     ckpt = torch.load(ck / "epoch=2.ckpt", weights_only=True)
     state = ckpt["callbacks"][cb1.state_key]
     assert state["convergence"]["epoch"] == 1 and [r["epoch"] for r in state["history"]] == [0, 1]
 
-    cb2 = quick(probes, save_dir=save, save_maps=True)
+    cb2 = quick(probes, save_dir=save, media=MediaOptions(save_maps=True))
     with pytest.warns(UserWarning, match="already holds epoch 2"):
         trainer(tmp_path, [cb2], max_epochs=4, **kw).fit(Net(), loader(x, y), val,
                                                          ckpt_path=str(ck / "epoch=2.ckpt"))
     assert cb2.epochs_done == [0, 1, 2, 3]
     rec = cb2._history[2]  # epoch 2 repeated
-    assert rec["change_from"] == 1 and rec["rank_tau_from"] == 1
+    assert rec.change_from == 1 and rec.rank_tau_from == 1
     again = LayerMaps.load(save / "maps" / "epoch002.npz")
     want = map_change(LayerMaps.load(save / "maps" / "epoch001.npz"), again)
     for b, p in enumerate(cb2.probe_names):
-        np.testing.assert_allclose(np.array(rec["change"][p], dtype=float), want[:, b],
+        np.testing.assert_allclose(np.array(rec.change[p], dtype=float), want[:, b],
                                    rtol=1e-6, atol=1e-9)
-    assert cb2._history[3]["change_from"] == 2
+    assert cb2._history[3].change_from == 2
 
     del state["convergence"]  # as written by an older camanim
     torch.save(ckpt, tmp_path / "old.ckpt")
     cb3 = quick(probes, save_dir=tmp_path / "other")
     trainer(tmp_path, [cb3], max_epochs=4, **kw).fit(Net(), loader(x, y), val,
                                                      ckpt_path=str(tmp_path / "old.ckpt"))
-    assert cb3._history[2]["change_from"] is None
-    assert all(v is None for v in cb3._history[2]["change"]["probe0"])
-    assert cb3._history[3]["change_from"] == 2
+    assert cb3._history[2].change_from is None
+    assert all(v is None for v in cb3._history[2].change["probe0"])
+    assert cb3._history[3].change_from == 2
     rows = read_csv(tmp_path / "other" / "ybroad.csv")
     assert all(r["map_change"] == "" for r in rows if r["epoch"] in ("0", "2"))
     assert any(r["map_change"] != "" for r in rows if r["epoch"] == "1")  # restored history

@@ -130,7 +130,7 @@ def test_study_reads_what_the_callback_wrote(tmp_path):
     import lightning as L
 
     from camanim.lightning.callback import CAManimCallback
-    from test_callback import Net, data, loader, trainer
+    from lit_models import Net, data, loader, trainer
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
