@@ -25,7 +25,7 @@ from camanim import CAManimError
 from camanim.cli import main as cli_main
 from camanim.core.files import atomic_path, remove_stale, write_text
 from camanim.lightning.callback import CAManimCallback
-from camanim.runs.history import History, repair_csv
+from camanim.runs.history import EpochRecord, History, repair_csv
 from camanim.runs.study import read_ybroad_csv
 from camanim.viz.plots import save_png
 from camanim.viz.video import iter_video, write_frames
@@ -139,8 +139,8 @@ def test_atomic_path_cleans_up_on_error(tmp_path):
 # --------------------------------------------------------------- CSV
 
 def _record(step, names, road, targets):
-    return {"global_step": step, "names": names, "method": "gradcam", "targets": targets,
-            "road": road, "ebpg": None}
+    return EpochRecord(global_step=step, names=names, method="gradcam", targets=targets,
+                       road=road, ebpg=None)
 
 
 def _history(epochs, probes=("a", "b"), layers=("l0", "l1", "l2")):

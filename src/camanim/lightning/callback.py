@@ -205,7 +205,8 @@ class CAManimCallback(Callback):
         self._targets_mode, self._targets = s.targets_mode, s.targets
         self.method, self.layers, self.model = s.method, s.layers, s.model
         self.cam_options = s.cam_options
-        self.every_n_epochs, self.epochs, self.on_fit_end = s.every_n_epochs, s.epochs, s.on_fit_end
+        self.every_n_epochs, self.epochs = s.every_n_epochs, s.epochs
+        self.run_on_fit_end = s.on_fit_end
         self.sanity = s.sanity
         self.video, self.road, self.media = s.video, s.road, s.media
         self.save_dir = s.save_dir
@@ -310,7 +311,7 @@ class CAManimCallback(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # before the strategy's teardown moves the module off its device
         epoch = self._last_epoch
-        if self.on_fit_end and not trainer.sanity_checking and epoch is not None \
+        if self.run_on_fit_end and not trainer.sanity_checking and epoch is not None \
                 and not self._scheduled(epoch):
             # decided from the schedule alone: every DDP rank takes this branch
             self._run_synced(trainer, pl_module, epoch)

@@ -36,7 +36,7 @@ the class by default, as in the authors' code (``score="logit"`` for the raw
 logit). Target callables without a class index score themselves.
 
 Layers: with ``CAManim(method="sise")`` the default (``layers=None``) is
-``"blocks"`` (the SISE rule, see `camanim.layers.block_layers`). An explicit
+``"blocks"`` (the SISE rule, see `camanim.core.layers.block_layers`). An explicit
 ``layers="conv"`` is replaced by ``"blocks"`` with a warning (SISE fuses one
 map per block; every convolution is not a block). Any other selector
 (``"all"``, names, a callable) is honoured as given.
