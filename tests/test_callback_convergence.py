@@ -52,7 +52,7 @@ def test_csv_columns_tags_and_scalars_match_recomputation(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     x, y, _ = data()
-    cb = quick(x[:2], probe_names=["cat", "dog"], media=MediaOptions(media=MediaOptions(save_maps=True)))
+    cb = quick(x[:2], probe_names=["cat", "dog"], media=MediaOptions(save_maps=True))
     logger = TensorBoardLogger(str(tmp_path / "runs"), name="exp")
     model = Net()
     trainer(tmp_path, [cb], max_epochs=3, logger=logger).fit(model, loader(x, y))

@@ -149,5 +149,5 @@ def _per_channel(v: Sequence[float], channels: int, what: str) -> np.ndarray:
     if a.size == 1:
         return np.repeat(a, channels)
     if channels == 1:
-        return a.mean(keepdims=True)
+        return np.asarray(a.mean(keepdims=True), dtype=np.float32)
     raise CAManimError(f"{what} has {a.size} values but the model takes {channels} channels")

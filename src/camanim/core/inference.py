@@ -60,7 +60,7 @@ class FoldedModel:
         import torch.fx as fx
 
         class Run(fx.Interpreter):
-            def call_module(self, target, args, kwargs):  # noqa: ANN001, ANN202
+            def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
                 mod = fused.get(target)
                 return mod(*args, **kwargs) if mod is not None else super().call_module(target, args, kwargs)
 
@@ -115,6 +115,7 @@ def folded_model(model: nn.Module) -> FoldedModel | None:
             conv_f = fuse_conv_bn_eval(conv, bn)
             conv_f.weight = nn.Parameter(conv_f.weight.detach().contiguous(
                 memory_format=torch.channels_last), requires_grad=False)
+            assert conv_f.bias is not None  # fuse_conv_bn_eval always makes one
             conv_f.bias = nn.Parameter(conv_f.bias.detach(), requires_grad=False)
         fused[prev.target] = conv_f
         node.replace_all_uses_with(prev)

@@ -71,7 +71,9 @@ def check_images(images: Any, model: nn.Module) -> torch.Tensor:
 def logit_target(category: int) -> Target:
     """Score = logit of ``category`` (pytorch-grad-cam's ClassifierOutputTarget)."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-    return ClassifierOutputTarget(int(category))
+
+    target: Target = ClassifierOutputTarget(int(category))
+    return target
 
 
 def resolve_targets(targets: Any, batch: int, logits: torch.Tensor) -> tuple[list[Target], torch.Tensor | None]:
@@ -113,9 +115,9 @@ def resolve_targets(targets: Any, batch: int, logits: torch.Tensor) -> tuple[lis
             raise CAManimError(f"got {len(targets)} target callables for {batch} images; "
                                "pass one per image")
         cls = [getattr(t, "category", None) for t in targets]
-        ok = all(isinstance(c, (int, np.integer)) and 0 <= int(c) < n_classes for c in cls)
-        idx = torch.tensor([int(c) for c in cls]) if ok else None
-        return list(targets), idx
+        ints = [int(c) for c in cls if isinstance(c, (int, np.integer))]
+        ok = len(ints) == len(cls) and all(0 <= c < n_classes for c in ints)
+        return list(targets), torch.tensor(ints) if ok else None
     else:
         raise CAManimError(
             f"targets must be None, an int, a sequence of {batch} ints, or {batch} callables; "

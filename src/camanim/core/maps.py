@@ -57,6 +57,11 @@ def minmax(x: torch.Tensor, lo: torch.Tensor | None = None, hi: torch.Tensor | N
                        torch.zeros_like(x))
 
 
+def image_size(x: torch.Tensor) -> tuple[int, int]:
+    """``(H, W)`` of a ``(..., H, W)`` tensor."""
+    return int(x.shape[-2]), int(x.shape[-1])
+
+
 def wide(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32 when it is float16 / bfloat16, else unchanged: maps,
     sums and min-max of a half-precision model are accumulated in float32
@@ -114,7 +119,7 @@ class LayerMaps:
     targets: torch.Tensor | None = None
     method: str = ""
     seconds: list[float] = field(default_factory=list)
-    extra: dict[str, list] = field(default_factory=dict)
+    extra: dict[str, list[object]] = field(default_factory=dict)
     logits: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -255,7 +260,7 @@ class LayerMaps:
         from .files import atomic_path
 
         with atomic_path(path) as tmp:  # never a half-written file under the real name
-            np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
+            np.savez_compressed(tmp, **{"meta": np.array(json.dumps(meta)), **arrays})
         return path
 
     @classmethod

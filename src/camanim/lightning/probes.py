@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..core.maps import image_size
 from ..errors import CAManimError
 from ..runs.history import safe_name
 
@@ -96,7 +97,8 @@ def _split_item(item: Any, i: int) -> tuple[Any, Any, Any]:
         if not 1 <= len(item) <= 3:
             raise CAManimError(f"dataset item {i} has {len(item)} parts; items must be "
                                "image, (image, label) or (image, label, mask)")
-        return (list(item) + [None, None])[:3]
+        image, label, mask = (*item, None, None)[:3]
+        return image, label, mask
     return item, None, None
 
 
@@ -155,7 +157,7 @@ def load_probes(probes: Any, masks: Any, probe_names: Sequence[str] | None) -> P
     images = torch.stack(imgs).clone()
     if not torch.isfinite(images).all():
         raise CAManimError("probe images contain NaN or infinite values")
-    B, hw = images.shape[0], tuple(images.shape[-2:])
+    B, hw = images.shape[0], image_size(images)
 
     # masks: the argument wins over the dataset's
     mask_list: list[Any]
@@ -192,7 +194,8 @@ def load_probes(probes: Any, masks: Any, probe_names: Sequence[str] | None) -> P
     safe = [safe_name(n) for n in names]
     if len(set(safe)) != len(safe):
         raise CAManimError(f"probe names must be unique (after making them file-safe): {safe}")
-    lab = [int(x) for x in labels] if labels and all(x is not None for x in labels) else None
+    known = [x for x in labels if x is not None]
+    lab = known if labels and len(known) == len(labels) else None
     return Probes(images=images, labels=lab, masks=mask_t, has_mask=has_mask, names=safe,
                    num_classes=num_classes)
 

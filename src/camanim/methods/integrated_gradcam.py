@@ -60,7 +60,7 @@ from ..errors import CAManimError
 from ..core.images import IMAGENET_MEAN, IMAGENET_STD
 from ..core.inputs import check_images
 from ..core.layers import LayerInfo, Selector, list_layers
-from ..core.maps import LayerMaps, wide
+from ..core.maps import LayerMaps, image_size, wide
 from .seed_common import ExplanationMaps, clean_targets
 
 PATHS = ("paper", "authors")
@@ -208,9 +208,11 @@ def _ig_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[LayerInfo], tar
                 if base_acts is not None:
                     ref = base_acts[k][ii] if per_image else base_acts[k]
                 m = step_maps(cap.activations[k], cap.gradients[k], ref)
-                if acc[k] is None:
-                    acc[k] = torch.zeros((b,) + tuple(m.shape[1:]), dtype=m.dtype, device=m.device)
-                acc[k].index_add_(0, ii, m)
+                total = acc[k]
+                if total is None:
+                    total = acc[k] = torch.zeros((b, *m.shape[1:]), dtype=m.dtype,
+                                                 device=m.device)
+                total.index_add_(0, ii, m)
         bar.update(len(ii))
     bar.close()
     raw = [r.detach() for r in acc if r is not None]
@@ -220,7 +222,7 @@ def _ig_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[LayerInfo], tar
                            f"{bad[:5]}; try float32/float64 instead of half precision")
     spent = (time.perf_counter() - t0) / max(len(layers), 1)
     return ExplanationMaps(names=[i.name for i in layers], raw=raw,
-                           input_size=tuple(x.shape[-2:]), layers=list(layers), targets=idx,
+                           input_size=image_size(x), layers=list(layers), targets=idx,
                            method="integrated-gradcam", seconds=[spent] * len(layers),
                            extra={"steps": [opts.steps] * len(layers)})
 

@@ -57,11 +57,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.capture import capture, eval_mode, forward_logits
+from ..core.capture import capture, forward_logits
+from ..core.guard import eval_mode
 from ..errors import CAManimError
 from ..core.inputs import SCORES, Target, check_images, logit_target, score_outputs
 from ..core.layers import NCHW, LayerInfo, Selector, list_layers
-from ..core.maps import LayerMaps, minmax, wide
+from ..core.maps import LayerMaps, image_size, minmax, wide
 from .otsu import bin_index, histogram, otsu_binarize, otsu_split
 from .seed_common import ExplanationMaps, clean_targets
 
@@ -241,7 +242,7 @@ def _sise_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[LayerInfo], t
                opts: SISEOptions, batch_size: int, reshape_transform: Any,
                progress: bool) -> ExplanationMaps:
     t0 = time.perf_counter()
-    b, size = x.shape[0], tuple(x.shape[-2:])
+    b, size = x.shape[0], image_size(x)
     callables, idx = clean_targets(model, x, targets)
     tgts = score_targets(callables, idx, opts.score)
     cap = capture(model, x, layers, tgts, gradients=True, reshape_transform=reshape_transform)
@@ -289,7 +290,7 @@ def _sise_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[LayerInfo], t
 
     per_image = [k.sum(1).tolist() for k in keeps]
     channels = [int(a.shape[1]) for a in cap.activations]
-    extra: dict[str, list] = {
+    extra: dict[str, list[object]] = {
         "n_masks": [int(sum(p)) for p in per_image] + [n_total],
         "n_masks_per_image": per_image + [[int(sum(c)) for c in zip(*per_image)]],
         "n_channels": channels + [sum(channels)],

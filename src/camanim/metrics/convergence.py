@@ -104,7 +104,8 @@ def _as_maps(x: Any, what: str) -> torch.Tensor:
         raise CAManimError(f"{what} must hold real numbers, got {x.dtype}")
     if x.numel() and not bool(torch.isfinite(x).all()):
         raise CAManimError(f"{what} contains NaN or inf: pass finite maps")
-    return x.detach()
+    out: torch.Tensor = x.detach()
+    return out
 
 
 def rank_maps(maps: Any) -> torch.Tensor:

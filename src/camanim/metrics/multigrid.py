@@ -163,12 +163,12 @@ class FineOperator:
         self.u = grid.pad(unknown)                       # (N, 1, P)
         self.s = grid.pad(t)                             # (1, 1, P)
         self.diag = grid.pad(t + 4)                      # (1, 1, P)
-        self._t: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
+        self._t: torch.Tensor = torch.empty(0)   # work buffers, sized at first use
+        self._v: torch.Tensor = torch.empty(0)
 
     def to(self, dtype: torch.dtype) -> "FineOperator":
         op = FineOperator.__new__(FineOperator)
-        op.grid, op._t, op._v = self.grid, None, None
+        op.grid, op._t, op._v = self.grid, torch.empty(0), torch.empty(0)
         op.u, op.s, op.diag = self.u.to(dtype), self.s.to(dtype), self.diag.to(dtype)
         return op
 
@@ -185,7 +185,7 @@ class FineOperator:
         g = self.grid
         p = g.numel
         s, e = g.span
-        if self._t is None or self._t.shape != x.shape or self._t.dtype != x.dtype:
+        if self._t.shape != x.shape or self._t.dtype != x.dtype:
             self._t = torch.empty_like(x)
             self._v = torch.empty(x.shape[:-1] + (e - s,), dtype=x.dtype, device=x.device)
         t, v = self._t, self._v
@@ -385,7 +385,8 @@ def pinv(a: torch.Tensor) -> torch.Tensor:
     lam, vec = torch.linalg.eigh(a.detach().cpu().double())
     cut = lam.amax(-1, keepdim=True) * (a.shape[-1] * 1e-12)
     inv = torch.where(lam > cut, 1.0 / torch.where(lam > cut, lam, 1.0), 0.0)
-    return ((vec * inv[:, None, :]) @ vec.transpose(1, 2)).to(device=a.device, dtype=a.dtype)
+    out: torch.Tensor = (vec * inv[:, None, :]) @ vec.transpose(1, 2)
+    return out.to(device=a.device, dtype=a.dtype)
 
 
 class _Level:
@@ -396,13 +397,15 @@ class _Level:
         self.grid: Grid = op.grid
         self.active = op.active
         self.inv_d = op.inv_diag()
-        self.x: torch.Tensor | None = None
-        self.r: torch.Tensor | None = None
-        self.b: torch.Tensor | None = None   # rhs buffer (filled by the finer level)
+        # work buffers, sized by `buffers` (empty until then)
+        self.x: torch.Tensor = torch.empty(0)
+        self.r: torch.Tensor = torch.empty(0)
+        self.b: torch.Tensor = torch.empty(0)   # rhs buffer (filled by the finer level)
 
     def buffers(self, like: torch.Tensor) -> None:
+        """Size the work buffers for a batch shaped like ``like`` ``(N, C, ...)``."""
         shape = (like.shape[0], like.shape[1], self.grid.numel)
-        if self.x is None or self.x.shape != shape:
+        if self.x.shape != shape:
             self.x = torch.zeros(shape, dtype=like.dtype, device=like.device)
             self.r = torch.zeros_like(self.x)
             self.b = torch.zeros_like(self.x)

@@ -121,7 +121,7 @@ def _check_percentiles(percentiles: Any) -> tuple[float, ...]:
             raise CAManimError(f"percentiles must be numbers in [0, 100], got {p!r}")
         if not math.isfinite(float(p)) or not 0 <= float(p) <= 100:
             raise CAManimError(f"percentile {p!r} is outside [0, 100]; pass e.g. (20, 40, 60, 80)")
-        clean.append(int(p) if float(p).is_integer() else float(p))
+        clean.append(int(float(p)) if float(p).is_integer() else float(p))
     return tuple(clean)
 
 
@@ -188,7 +188,8 @@ def _score_targets(targets: Any, maps: Any, logits: torch.Tensor, score: str
     if is_callables:
         cls = [getattr(t, "category", None) for t in calls]
         return calls, [int(c) if isinstance(c, (int, np.integer)) else None for c in cls], "callable"
-    classes = [int(c) for c in idx]
+    assert idx is not None  # class indices: resolve_targets made them from the logits
+    classes: list[int | None] = [int(c) for c in idx]
     if score == "softmax" and logits.shape[-1] == 1:
         raise CAManimError(
             "the model has a single output: its softmax is always 1, so every ROAD score would "
@@ -405,7 +406,7 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
         with tqdm(total=n_layers, desc="ybROAD", unit="layer", disable=not progress) as bar:
             layer = 0
             while layer < n_layers:
-                group = []
+                group: list[torch.Tensor] = []
                 for cam in cams:
                     cam = cam.to(x.device)
                     if not bool(torch.isfinite(cam).all()):
@@ -463,7 +464,7 @@ def _batch_size(model: nn.Module, x: torch.Tensor, batch_size: int | None, need_
 
 
 def _runner(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, bs: int, fold: bool
-            ) -> tuple[nn.Module, bool]:
+            ) -> tuple[Callable[[torch.Tensor], torch.Tensor], bool]:
     """The module that scores perturbed images, and whether it wants
     channels-last inputs: the folded copy (CPU, float32/64, ``fold``) when
     its outputs on the first clean batch agree with ``logits``, else the

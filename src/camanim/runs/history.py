@@ -199,7 +199,7 @@ class History:
         A torn last line (a crash or a full disk mid-append) is cut off
         first; malformed rows are left out with a warning."""
         self._csv_keys = set()
-        self._csv_rows: dict[tuple[int, str, str], set[int]] = {}
+        self._csv_rows = {}
         self._csv_columns = CSV_COLUMNS
         if not path.exists() or path.stat().st_size == 0:
             return
@@ -288,7 +288,8 @@ class History:
         if self._csv_keys is None:
             self._read_csv_keys(path, method)
         assert self._csv_keys is not None
-        rows, keys = [], []
+        rows: list[list[Any]] = []
+        keys: list[tuple[int, str, str]] = []
         skipped = False
         for e in sorted(self.records):
             rec = self.records[e]

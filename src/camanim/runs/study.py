@@ -208,8 +208,8 @@ def read_ybroad_csv(path: str | Path, run: str | None = None) -> list[ProbeSerie
         chance = np.array([[_float(by_epoch[e][0].get(f"road_chance_{k}", "")) for k in
                             ("random", "blob")] for e in keep], dtype=np.float64).reshape(len(keep), 2)
         targets = []
-        for e in keep:
-            t = by_epoch[e][0].get("target", "")
+        for ep in keep:
+            t = by_epoch[ep][0].get("target", "")
             targets.append(int(t) if t not in ("", None) else None)
         out.append(ProbeSeries(run=label, method=method, probe=probe, epochs=keep, names=names,
                                road=road, ebpg=ebpg if np.isfinite(ebpg).any() else None,
