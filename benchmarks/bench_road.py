@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         refs = [NoiselessImputer()(x[0].cpu(), m.cpu().float()) for m in k]
         ref_i += time.perf_counter() - t
-        diff = max(diff, max(float((f.cpu() - r).abs().max()) for f, r in zip(filled, refs)))
+        diff = max(diff, max(float((f.cpu() - r).abs().max()) for f, r in zip(filled, refs, strict=False)))
     n_masks = int(keep.shape[0])
 
     out = {

@@ -134,7 +134,7 @@ def main() -> None:
         n = maps.extra["n_masks"][-1]
         e = {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "mask_forwards": n,
              "ms_per_mask_forward": round(1000 * seconds / max(n, 1), 1),
-             "masks_per_layer": dict(zip(maps.names[:-1], maps.extra["n_masks"][:-1])),
+             "masks_per_layer": dict(zip(maps.names[:-1], maps.extra["n_masks"][:-1], strict=False)),
              "channels": maps.extra["n_channels"][-1]}
         if not args.no_road:
             e["road"] = road_of(model, x, maps, args.road_trials, note)

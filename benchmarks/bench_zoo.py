@@ -188,7 +188,7 @@ def markdown(result: dict) -> str:
     rows = result["models"]
     counts = Counter(r["status"] for r in rows)
     lines = [
-        f"### `CAManim(model, \"gradcam\", layers=\"all\")` over the torchvision zoo",
+        "### `CAManim(model, \"gradcam\", layers=\"all\")` over the torchvision zoo",
         "",
         f"`python benchmarks/bench_zoo.py --size {meta['size']}`: {len(rows)} models of "
         f"torchvision {meta['torchvision']} (torch {meta['torch']}), random weights, batch 1, "

@@ -16,7 +16,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from finetune_bus import data as bd  # noqa: E402
 from finetune_bus import synthetic as bs  # noqa: E402
 
-
 # ---------------------------------------------------------------------------
 # a small fake BUSI folder
 # ---------------------------------------------------------------------------

@@ -4,7 +4,6 @@ training run as a script, split re-use, and (slow) that it learns."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import urllib.error
@@ -18,7 +17,6 @@ SCRIPT = ROOT / "examples" / "finetune_bus" / "train.py"
 sys.path.insert(0, str(ROOT / "examples"))
 from finetune_bus import model as bm  # noqa: E402
 from finetune_bus import train  # noqa: E402
-
 
 
 @pytest.fixture
@@ -61,8 +59,9 @@ def test_args_validation_and_lr_default():
 
 
 def test_callbacks_checkpoint_and_camanim(tmp_path):
-    import camanim
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import camanim
     args = train.parse_args(["--monitor", "val_loss", "--no-cam"])
     args.run_dir = tmp_path
     cbs = train.build_callbacks(args, None)

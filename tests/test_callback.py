@@ -12,19 +12,17 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
-
-import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from camanim import CAManimError, LayerMaps, RoadOptions
-from camanim.lightning.callback import CAManimCallback, energy_pointing_game
 from camanim.core.layers import LayerInfo
+from camanim.lightning.callback import CAManimCallback, energy_pointing_game
 from camanim.runs.study import CSV_COLUMNS
-
 from helpers import no_hooks
 from lit_models import N_LAYERS, Frozen, Net, data, loader, quick, read_csv, trainer
 
@@ -73,7 +71,7 @@ def test_training_is_bit_identical_with_and_without_callback(tmp_path):
     model, tr, before, after = _fit(tmp_path / "cb", [cb])
     assert cb.epochs_done == [0, 1, 2]  # the callback did its work every epoch
     assert len(read_csv(tmp_path / "cam" / "ybroad.csv")) == 3 * 2 * N_LAYERS
-    for (k, a), (_, b) in zip(ref.state_dict().items(), model.state_dict().items()):
+    for (k, a), (_, b) in zip(ref.state_dict().items(), model.state_dict().items(), strict=False):
         assert torch.equal(a, b), k  # parameters and BN buffers, bit for bit
     assert int(model.f[7].num_batches_tracked) == int(ref.f[7].num_batches_tracked) > 0
     assert int(model.f[1].num_batches_tracked) == int(ref.f[1].num_batches_tracked)
@@ -82,10 +80,10 @@ def test_training_is_bit_identical_with_and_without_callback(tmp_path):
     for k in o1:
         assert torch.equal(o1[k]["momentum_buffer"], o2[k]["momentum_buffer"])
     # what the next callback saw equals what the previous one saw, every epoch
-    for (m1, r1, g1, t1, n1, p1), (m2, r2, g2, t2, n2, p2) in zip(before.seen, after.seen):
+    for (m1, r1, g1, t1, n1, p1), (m2, r2, g2, t2, n2, p2) in zip(before.seen, after.seen, strict=False):
         assert m1 == m2 and False in m1 and True in m1  # mixed train/eval modes kept
         assert r1 == r2 and False in r1
-        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g1, g2))
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g1, g2, strict=False))
         assert torch.equal(t1, t2) and np.array_equal(n1, n2) and p1 == p2
     assert torch.equal(torch.get_rng_state(), ref_rng[0])
     assert np.array_equal(np.random.get_state()[1], ref_rng[1]) and random.getstate() == ref_rng[2]
@@ -99,7 +97,7 @@ def test_identity_check_detects_rng_use(tmp_path):
     ref, *_ = _fit(tmp_path / "ref", [], validate=False)
     eaten, *_ = _fit(tmp_path / "eat", [_RngEater()], validate=False)
     assert not all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(),
-                                                     eaten.state_dict().values()))
+                                                     eaten.state_dict().values(), strict=False))
 
 
 # --------------------------------------------------------------- TensorBoard

@@ -12,23 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.stats import kendalltau
-
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from scipy.stats import kendalltau
 
 from camanim import CAManimError, LayerMaps, MediaOptions, RoadOptions
 from camanim.lightning.callback import CAManimCallback
 from camanim.lightning.convergence import epoch_scalars, epoch_text
 from camanim.lightning.validation import check_sanity
-from camanim.runs.history import EpochRecord
 from camanim.metrics.convergence import chance_road, map_change
-from camanim.runs.history import CSV_COLUMNS, CSV_COLUMNS_V1
+from camanim.runs.history import CSV_COLUMNS, CSV_COLUMNS_V1, EpochRecord
 from camanim.runs.study import read_ybroad_csv, study
 from camanim.viz.plots import curve_image, heatmap_image
-
 from lit_models import N_LAYERS, Net, data, loader, quick, read_csv, trainer
-
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -89,12 +85,12 @@ def test_csv_columns_tags_and_scalars_match_recomputation(tmp_path):
         assert [e.step for e in ea.Images(f"convergence/{p}/heatmap")] == steps
         settled = ea.Scalars(f"convergence/{p}/share_settled")
         assert [e.step for e in settled] == steps[1:]  # nothing to compare at epoch 0
-        for e, ev in zip((1, 2), settled):
+        for e, ev in zip((1, 2), settled, strict=False):
             ch = _column(rows, p, e, "map_change")
             assert ev.value == pytest.approx(float((ch[np.isfinite(ch)] < 0.1).mean()))
         above = ea.Scalars(f"ybroad/{p}/above_chance")
         assert [e.step for e in above] == steps
-        for e, ev in zip(range(3), above):
+        for e, ev in zip(range(3), above, strict=False):
             road, chance = _column(rows, p, e, "road"), _column(rows, p, e, "road_chance_random")
             assert ev.value == pytest.approx(float((road > chance[0]).mean()), abs=1e-6)
         epochs, _, mat = cb.road_history(p)
@@ -325,7 +321,7 @@ def _write_run(path: Path, road, change, chance) -> Path:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
-        for e, (row, ch, (cr, cbl)) in enumerate(zip(road, change, chance)):
+        for e, (row, ch, (cr, cbl)) in enumerate(zip(road, change, chance, strict=False)):
             for i, n in enumerate(NAMES):
                 w.writerow([e, e + 1, "p0", 1, "gradcam", i, n, row[i], np.mean(row), max(row),
                             "", "" if ch[i] is None else ch[i], cr, cbl])

@@ -14,9 +14,8 @@ from PIL import Image
 from torch import nn
 
 from camanim import cli
-import camanim.cli.models
-from camanim.errors import CAManimError
 from camanim.core.images import load_image, parse_size, to_model_input
+from camanim.errors import CAManimError
 from camanim.viz.video import iter_video
 
 TINY = f"{__file__}:tiny_cnn"

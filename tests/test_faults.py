@@ -13,13 +13,12 @@ import time
 import warnings
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-import lightning as L
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 from camanim import CAManimError
 from camanim.cli import main as cli_main

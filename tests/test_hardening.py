@@ -11,7 +11,6 @@ import torch
 
 from camanim import CAManimError
 from camanim.lightning.callback import CAManimCallback
-
 from lit_models import Net, data, loader, trainer
 
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from pytorch_grad_cam.metrics.road import NoisyLinearImputer, neighbors_weights
 
-from camanim import CAManimError
 import camanim.metrics.imputation as imputation
+from camanim import CAManimError
 from camanim.metrics.imputation import add_noise, direct_solve, impute, solve_dtype, work_dtype
 from camanim.metrics.multigrid import FineOperator, Grid, Multigrid, galerkin, prolong_add, restrict
 from camanim.metrics.road import road_masks
@@ -50,7 +50,7 @@ def test_noise_free_imputation_matches_reference(h, w, low):
     # every percentile and both orders give distinct masks of all kinds
     assert len({tuple(m.flatten().tolist()) for m in masks}) > 4
     ours = impute(img.expand(len(masks), -1, -1, -1), masks)
-    for mask, got in zip(masks, ours):
+    for mask, got in zip(masks, ours, strict=False):
         ref = NoisyLinearImputer(noise=0.0)(img, mask)
         assert got.dtype == ref.dtype
         assert torch.equal(got[:, mask > 0.5], img[:, mask > 0.5])    # kept pixels untouched
@@ -67,7 +67,7 @@ def test_imputation_of_float64_images_and_batch_of_different_images():
     masks = torch.stack([reference_masks(c, (30, 70))[i % 4] for i, c in enumerate(cams)])
     ours = impute(imgs, masks, chunk=2)
     assert ours.dtype == torch.float64
-    for img, mask, got in zip(imgs, masks, ours):
+    for img, mask, got in zip(imgs, masks, ours, strict=False):
         ref = NoisyLinearImputer(noise=0.0)(img.float(), mask)
         assert (got.float() - ref).abs().max().item() < 1e-5 * 5      # pixels up to ~10
 
@@ -237,7 +237,7 @@ def test_seeded_size_sweep_matches_reference_without_warnings(dtype):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             ours = impute(img.expand(len(masks), -1, -1, -1), masks, dtype=dtype)
-        for mask, got in zip(masks, ours):
+        for mask, got in zip(masks, ours, strict=False):
             if (mask > 0.5).all():
                 assert torch.equal(got, img)
                 continue
@@ -320,7 +320,7 @@ def test_unconverged_systems_fall_back_to_a_direct_solve(monkeypatch, dtype):
         warnings.simplefilter("error")
         ours = impute(img.expand(len(masks), -1, -1, -1), masks, max_iter=1, dtype=dtype)
     assert len(calls) == sum(int((m < 0.5).any() and (m > 0.5).any()) for m in masks) > 0
-    for mask, got in zip(masks, ours):
+    for mask, got in zip(masks, ours, strict=False):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             ref = NoisyLinearImputer(noise=0.0)(img, mask)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import TinyCNN
 from torch import nn
 
 from camanim import CAManimError
@@ -20,6 +19,7 @@ from camanim.core.inference import folded_model, outputs_agree
 from camanim.metrics import road
 from camanim.metrics.imputation import solve_dtype
 from camanim.metrics.road import ybroad
+from helpers import TinyCNN
 
 
 def _trained_bn_resnet18() -> nn.Module:

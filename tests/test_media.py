@@ -12,9 +12,13 @@ import torch
 
 from camanim.engine import CAManim
 from camanim.errors import CAManimError
-from camanim.lightning.media import (EpochMedia, MediaQueue, gif_tag, tensorboard_norms,
-                                     write_epoch_media)
-
+from camanim.lightning.media import (
+    EpochMedia,
+    MediaQueue,
+    gif_tag,
+    tensorboard_norms,
+    write_epoch_media,
+)
 
 # ------------------------------------------------------------------ the queue
 

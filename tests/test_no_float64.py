@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import camanim.methods.otsu as otsu
 import camanim.metrics.imputation as imputation
 import camanim.metrics.pointing as pointing
-import camanim.methods.otsu as otsu
 from camanim.core.maps import exact_dtype
 
 

@@ -11,8 +11,14 @@ import pytest
 import torch
 
 import camanim
-from camanim import (CAManimCallback, CAManimError, ConvergenceOptions, MediaOptions,
-                     RoadOptions, VideoOptions)
+from camanim import (
+    CAManimCallback,
+    CAManimError,
+    ConvergenceOptions,
+    MediaOptions,
+    RoadOptions,
+    VideoOptions,
+)
 from camanim.lightning.options import LEGACY_NAMES, LEGACY_POSITIONAL, translate_legacy
 
 X = torch.zeros(2, 3, 8, 8)

@@ -22,9 +22,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import TinyCNN
 from pytorch_grad_cam.metrics import road as ref_road
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
+from pytorch_grad_cam.utils.model_targets import (
+    ClassifierOutputSoftmaxTarget,
+    ClassifierOutputTarget,
+)
 from torch import nn
 
 import camanim
@@ -32,6 +34,7 @@ from camanim import CAManimError
 from camanim.core.layers import LayerInfo
 from camanim.core.maps import LayerMaps
 from camanim.metrics.road import YbRoad, ybroad
+from helpers import TinyCNN
 
 PS = (20, 40, 60, 80)
 
@@ -484,8 +487,9 @@ def test_bfloat16_model_against_its_float32_copy():
 
 
 def test_single_output_model_with_softmax_score_is_a_clear_error():
-    import camanim
     from torch import nn
+
+    import camanim
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(4, 1)).double().eval()

@@ -12,14 +12,21 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import TinyCNN, no_hooks
 from PIL import Image
-from sanity_models import EdgeCAM
 from torch import nn
 
 from camanim import CAManimError
-from camanim.metrics.sanity import SanityReport, find_blocks, hog, hog_similarity, sanity_check, ssim
 from camanim.cli import main as sanity_main
+from camanim.metrics.sanity import (
+    SanityReport,
+    find_blocks,
+    hog,
+    hog_similarity,
+    sanity_check,
+    ssim,
+)
+from helpers import TinyCNN, no_hooks
+from sanity_models import EdgeCAM
 
 
 @pytest.fixture

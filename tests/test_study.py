@@ -31,7 +31,7 @@ def write_run(path: Path, scores: dict[str, list[list[float]]], method: str = "g
         for probe, per_epoch in scores.items():
             for k, row in enumerate(per_epoch):
                 e = epochs[k] if epochs else k
-                for i, (n, r) in enumerate(zip(NAMES, row)):
+                for i, (n, r) in enumerate(zip(NAMES, row, strict=False)):
                     w.writerow([e, 10 * (e + 1), probe, 1, method, i, n, r,
                                 np.mean(row), max(row), "" if ebpg is None else ebpg])
     return path

@@ -6,10 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from camanim import (CAManimCallback, CAManimError, ConvergenceOptions, MediaOptions,
-                     RoadOptions, VideoOptions)
-from camanim.lightning.validation import (check_model_outputs, check_sanity, check_setup,
-                                          resolve_module)
+from camanim import (
+    CAManimCallback,
+    CAManimError,
+    ConvergenceOptions,
+    MediaOptions,
+    RoadOptions,
+    VideoOptions,
+)
+from camanim.lightning.validation import (
+    check_model_outputs,
+    check_sanity,
+    check_setup,
+    resolve_module,
+)
 
 X = torch.zeros(2, 3, 8, 8)
 

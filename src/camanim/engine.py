@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,10 +13,10 @@ from tqdm.auto import tqdm
 
 from .core.capture import capture
 from .core.guard import eval_mode
-from .errors import CAManimError
 from .core.inputs import check_images
 from .core.layers import LayerInfo, LayerTable, Selector, discover, select
 from .core.maps import LayerMaps, image_size, wide
+from .errors import CAManimError
 from .methods import LayerContext, Method, check_method_options, get_method
 
 
@@ -141,7 +142,7 @@ class CAManim:
                 cap.activations[i] = None  # type: ignore[call-overload]  # free as we go
                 if cap.gradients is not None:
                     cap.gradients[i] = None  # type: ignore[call-overload]
-        bad = [info.name for info, r in zip(layers, raw) if not torch.isfinite(r).all()]
+        bad = [info.name for info, r in zip(layers, raw, strict=False) if not torch.isfinite(r).all()]
         if bad:
             raise CAManimError(
                 f"non-finite values in the {self.method.name} map of layer(s) {bad[:5]}: "

@@ -15,8 +15,8 @@ import errno
 import os
 import re
 import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 __all__ = ["write_json", "save_figure", "writable_folder", "temp_path", "atomic_path", "write_bytes", "write_text", "fsync_path",
            "remove_stale", "os_cause"]

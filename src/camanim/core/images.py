@@ -12,8 +12,8 @@ tensor a classifier expects (ImageNet mean and std by default).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +57,7 @@ class FoldedModel:
         fused: qualified conv name -> its new folded, channels-last Conv2d.
     """
 
-    def __init__(self, model: nn.Module, graph: "torch.fx.Graph", fused: dict[str, nn.Module]) -> None:
+    def __init__(self, model: nn.Module, graph: torch.fx.Graph, fused: dict[str, nn.Module]) -> None:
         import torch.fx as fx
 
         class Run(fx.Interpreter):
@@ -69,7 +70,8 @@ class FoldedModel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         try:
-            return self._run.run(x)
+            out: torch.Tensor = self._run.run(x)
+            return out
         finally:
             self._run.env = {}      # drop the last run's activations
 

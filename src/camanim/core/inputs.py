@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,4 +143,4 @@ def _all_int(xs: Any) -> bool:
 
 def score_outputs(targets: Sequence[Target], outputs: torch.Tensor) -> torch.Tensor:
     """``(B,)`` scores: ``targets[i](outputs[i])``, as pytorch-grad-cam calls them."""
-    return torch.stack([t(o).reshape(()) for t, o in zip(targets, outputs)])
+    return torch.stack([t(o).reshape(()) for t, o in zip(targets, outputs, strict=False)])

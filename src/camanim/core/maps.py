@@ -12,9 +12,9 @@ so that both normalizations of the paper can be derived at the end:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -134,7 +134,7 @@ class LayerMaps:
         return len(self.names)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(zip(self.names, self.raw))
+        return iter(zip(self.names, self.raw, strict=False))
 
     @property
     def batch_size(self) -> int:
@@ -153,7 +153,7 @@ class LayerMaps:
             raise CAManimError(f"no layer {name!r} in these maps; layers are "
                                f"{_short_list(self.names)}") from None
 
-    def select(self, which: Sequence[int] | Sequence[str]) -> "LayerMaps":
+    def select(self, which: Sequence[int] | Sequence[str]) -> LayerMaps:
         """A new `LayerMaps` with only the given layers (indices or names)."""
         idx = [self.index(w) if isinstance(w, str) else int(w) for w in which]
         return LayerMaps(
@@ -169,7 +169,7 @@ class LayerMaps:
             logits=self.logits,
         )
 
-    def image(self, b: int) -> "LayerMaps":
+    def image(self, b: int) -> LayerMaps:
         """The maps of image ``b`` alone (normalization is per image, so the
         normalized maps are the same)."""
         return LayerMaps(names=self.names, raw=[r[b:b + 1] for r in self.raw],
@@ -178,7 +178,7 @@ class LayerMaps:
                          method=self.method, seconds=self.seconds, extra=self.extra,
                          logits=None if self.logits is None else self.logits[b:b + 1])
 
-    def to(self, device: torch.device | str) -> "LayerMaps":
+    def to(self, device: torch.device | str) -> LayerMaps:
         """The same maps on another device."""
         self.raw = [r.to(device) for r in self.raw]
         if self.logits is not None:
@@ -208,7 +208,7 @@ class LayerMaps:
         rng = self._range(normalization)
         if rng is None:
             return [wide(r) for r in self.raw]
-        return [minmax(r, lo, hi) for r, lo, hi in zip(self.raw, *rng)]
+        return [minmax(r, lo, hi) for r, lo, hi in zip(self.raw, *rng, strict=False)]
 
     def iter_upsampled(self, normalization: str = "local",
                        size: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
@@ -260,11 +260,12 @@ class LayerMaps:
         from .files import atomic_path
 
         with atomic_path(path) as tmp:  # never a half-written file under the real name
-            np.savez_compressed(tmp, **{"meta": np.array(json.dumps(meta)), **arrays})
+            # numpy's stub matches **arrays against the allow_pickle: bool keyword
+            np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)  # type: ignore[arg-type]
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "LayerMaps":
+    def load(cls, path: str | Path) -> LayerMaps:
         """Read maps written by `save`."""
         path = Path(path)
         if not path.exists() and path.suffix != ".npz" and \

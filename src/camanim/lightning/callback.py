@@ -79,10 +79,21 @@ from ..runs.history import EpochRecord, History
 from .convergence import Convergence, media_fields, run_sanity
 from .distributed import Share, gather_objects, merge_shares, score_share
 from .epoch import build_engine, epoch_record, finite_probes, pick, state_key_parts
-from .media import (EpochMedia, MediaQueue, mark_restart, output_dir, tensorboard_writer,
-                    write_epoch_media)
-from .options import (ConvergenceOptions, MediaOptions, RoadOptions, VideoOptions,
-                      deprecated_spellings)
+from .media import (
+    EpochMedia,
+    MediaQueue,
+    mark_restart,
+    output_dir,
+    tensorboard_writer,
+    write_epoch_media,
+)
+from .options import (
+    ConvergenceOptions,
+    MediaOptions,
+    RoadOptions,
+    VideoOptions,
+    deprecated_spellings,
+)
 from .probes import probe_batch
 from .summary import log_epoch
 from .validation import check_model_outputs, check_setup, resolve_module, validate_init
@@ -401,7 +412,8 @@ class CAManimCallback(Callback):
         rank zero gathers the scores and writes. An error on any rank is
         raised (or warned) on all of them."""
         self._t0 = t0 = time.perf_counter()
-        self.last_timing = timing = {}
+        timing: dict[str, float] = {}
+        self.last_timing = timing
         error: BaseException | None = None
         result: _Computed | None = None
         rank, world = int(trainer.global_rank), int(trainer.world_size)

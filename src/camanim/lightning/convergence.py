@@ -47,8 +47,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ..core.layers import Selector
 from ..core.maps import LayerMaps, minmax, resize_map, wide
-from ..metrics.convergence import (DEFAULT_SETTLE_THRESHOLD, chance_road, kendall_tau,
-                                   rank_change, rank_maps, share_below)
+from ..metrics.convergence import (
+    DEFAULT_SETTLE_THRESHOLD,
+    chance_road,
+    kendall_tau,
+    rank_change,
+    rank_maps,
+    share_below,
+)
 from ..runs.history import EpochRecord, History, floats
 
 __all__ = ["Convergence", "epoch_scalars", "epoch_text", "layer_ranks", "media_fields",
@@ -137,7 +143,7 @@ class Convergence:
         """Add ``change`` (from ``ranks``), ``chance`` and ``rank_tau`` to
         this epoch's record (maps on the CPU) and keep this epoch's maps for
         the next one."""
-        names, size = list(maps.names), tuple(maps.input_size)
+        names, size = list(maps.names), maps.input_size
         before = [e for e in history.epochs if e < epoch]   # the callback epochs so far
         if ranks is not None:
             prev = self._previous(before[-1] if before else None, names, size, maps.batch_size)
@@ -157,7 +163,7 @@ class Convergence:
                                    for p in probes}
                 record.rank_tau_from = int(before[-1])
 
-    def _previous(self, epoch: int | None, names: list[str], size: tuple[int, ...],
+    def _previous(self, epoch: int | None, names: list[str], size: tuple[int, int],
                   batch: int) -> dict[str, Any] | None:
         """The kept maps of callback epoch ``epoch`` (the last one before
         this), from this fit or the checkpoint; None if neither holds that

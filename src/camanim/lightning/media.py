@@ -20,10 +20,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,10 +147,8 @@ class MediaQueue:
 
 def tensorboard_logger(trainer: Any) -> Any:
     """The first ``TensorBoardLogger`` among ``trainer.loggers``, or None."""
-    try:
-        from lightning.pytorch.loggers import TensorBoardLogger
-    except ImportError:  # pragma: no cover
-        from pytorch_lightning.loggers import TensorBoardLogger  # type: ignore[no-redef]
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     for lg in getattr(trainer, "loggers", []) or []:
         if isinstance(lg, TensorBoardLogger):
             return lg
@@ -232,7 +232,7 @@ class EpochMedia:
     save_maps: bool = False
     fps: float = 8.0
     render: dict = field(default_factory=dict)   # mean, std, size, class_names
-    tb_size: int | None = 128             # long side of a TensorBoard GIF panel
+    tb_size: int | tuple[int, int] | None = 128   # TensorBoard GIF panel: long side
     tb_colors: int = 64                   # colours of the TensorBoard GIFs' shared palette
     timing: dict = field(default_factory=dict)
     #: `camanim.lightning.convergence.media_fields`: probe -> (epochs, names,
@@ -258,6 +258,12 @@ def gif_tag(probe: str, norm: str) -> str:
     return f"camanim/{probe}/" + ("local_global" if norm == "both" else norm)
 
 
+#: what one background part returns: the outputs that failed inside it, if any
+Failures = list[tuple[str, BaseException]]
+#: (what and where, the part)
+Part = tuple[str, Callable[[], "Failures | None"]]
+
+
 def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> None:
     """Render, encode and write one epoch's pictures.
 
@@ -268,110 +274,131 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
     failure (a full disk, a codec) stops no other, and after every part has
     finished one `CAManimError` names each failed output and its cause.
     """
-    from ..viz.plots import curve_image, heatmap_image, save_png
-    from ..viz.render import render_frames
-    from ..viz.video import encode_gif, write_frames
-
     t0 = time.perf_counter()
-    jobs: list[tuple[str, Callable[[], None]]] = []   # (what and where, job)
-    tb = m.writer if m.log_videos else None
-
-    def frames_of(b: int, norm: str, size: Any) -> list[np.ndarray]:
-        return list(render_frames(m.images, m.maps, normalization=norm, road=m.road, index=b,
-                                  title=f"epoch {m.epoch}", **{**m.render, "size": size}))
-
-    def gif(b: int, probe: str, norm: str) -> None:
-        frames = frames_of(b, norm, m.tb_size)
-        add_gif(tb, gif_tag(probe, norm),
-                encode_gif(frames, m.fps, colors=m.tb_colors, shared_palette=True),
-                frames[0].shape[:2], m.step)
-
-    def video(b: int, path: Path, norm: str) -> None:
-        write_frames(path, frames_of(b, norm, m.render.get("size")), fps=m.fps)
-
-    for b, probe in enumerate(m.probes):
-        if tb is not None:
-            for norm in tensorboard_norms(m.normalization):
-                jobs.append((f"TensorBoard GIF {gif_tag(probe, norm)}",
-                             lambda b=b, p=probe, n=norm: gif(b, p, n)))
-        if m.save_videos:
-            for norm in m.normalization:
-                path = m.out_dir / "videos" / f"{probe}_epoch{m.epoch:03d}_{norm}.mp4"
-                jobs.append((f"video {path}", lambda b=b, p=path, n=norm: video(b, p, n)))
-
-    def heatmap_png(probe: str, img: np.ndarray) -> None:
-        save_png(m.out_dir / "heatmaps" / f"{probe}.png", img)
-
-    def tb_plots(b: int, probe: str, img: np.ndarray) -> None:
-        m.writer.add_image(f"ybroad/{probe}/heatmap", img, m.step, dataformats="HWC")
-        curve = curve_image(m.road[:, b], list(m.maps.names), ebpg=m.ebpg.get(probe),
-                            title=f"{probe}: ybROAD, epoch {m.epoch}", chance=m.chance.get(probe))
-        m.writer.add_image(f"ybroad/{probe}/curve", curve, m.step, dataformats="HWC")
-
-    def plots() -> list[tuple[str, BaseException]]:
-        # the PNG file and the TensorBoard images fail independently
-        failed = []
-        for b, probe in enumerate(m.probes):
-            if probe not in m.history:
-                continue
-            epochs, names, mat = m.history[probe]
-            mask = m.road_mask.get(probe)
-            img = heatmap_image(mat, epochs, names, mask=mask,
-                                title=f"{probe}: ybROAD by epoch ({m.method})"
-                                + ("; hatched: <= chance" if mask is not None else ""))
-            parts = [(f"heatmap {m.out_dir / 'heatmaps' / f'{probe}.png'}",
-                      lambda p=probe, i=img: heatmap_png(p, i))]
-            if m.writer is not None:
-                parts.append((f"TensorBoard ybroad/{probe}/heatmap and curve",
-                              lambda b=b, p=probe, i=img: tb_plots(b, p, i)))
-            for what, part in parts:
-                try:
-                    part()
-                except Exception as e:  # noqa: BLE001 - reported with the others
-                    failed.append((what, e))
-        return failed
-
-    def convergence_plots() -> None:
-        from ..viz.convergence import convergence_image
-
-        for probe, (epochs, names, mat) in m.convergence.items():
-            img = convergence_image(mat, epochs, names, title=f"{probe}: map change "
-                                    "(1 - Spearman vs previous)")
-            save_png(m.out_dir / "heatmaps" / f"{probe}_convergence.png", img)
-            if m.writer is not None:
-                m.writer.add_image(f"convergence/{probe}/heatmap", img, m.step, dataformats="HWC")
-
+    parts = _video_parts(m)
     if m.road is not None:
-        jobs.append(("plots", plots))
+        parts.append(("plots", partial(_road_plots, m)))
     if m.convergence:
-        jobs.append(("convergence heatmaps", convergence_plots))
+        parts.append(("convergence heatmaps", partial(_convergence_plots, m)))
     if m.save_maps:
         npz = m.out_dir / "maps" / f"epoch{m.epoch:03d}.npz"
-        jobs.append((f"maps {npz}", lambda: m.maps.save(npz)))
-
-    def run(what: str, job: Callable[[], Any]) -> list[tuple[str, BaseException]]:
-        try:
-            out = job()
-        except Exception as e:  # noqa: BLE001 - one output's failure stops no other
-            return [(what, e)]
-        return out if isinstance(out, list) else []
-
-    errors: list[tuple[str, BaseException]] = []
+        parts.append((f"maps {npz}", partial(_save_maps, m.maps, npz)))
+    errors: Failures = []
     if pool is None:
-        for what, job in jobs:
-            errors += run(what, job)
+        for what, part in parts:
+            errors += _run_part(what, part)
     else:
-        for fut in [pool.submit(run, what, job) for what, job in jobs]:
+        for fut in [pool.submit(_run_part, what, part) for what, part in parts]:
             errors += fut.result()
     if m.writer is not None:
         try:
             m.writer.flush()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - reported with the other outputs' failures
             errors.append(("TensorBoard event file", e))
     m.timing["media"] = time.perf_counter() - t0
     if errors:
         raise CAManimError(f"{len(errors)} output(s) failed: " + "; ".join(
             f"{what}: {_cause(e)}" for what, e in errors))
+
+
+def _run_part(what: str, part: Callable[[], Failures | None]) -> Failures:
+    try:
+        out = part()
+    except Exception as e:  # noqa: BLE001 - one output's failure stops no other
+        return [(what, e)]
+    return out or []
+
+
+def _frames(m: EpochMedia, b: int, norm: str,
+            size: int | tuple[int, int] | None) -> list[np.ndarray]:
+    from ..viz.render import render_frames
+
+    return list(render_frames(m.images, m.maps, normalization=norm, road=m.road, index=b,
+                              title=f"epoch {m.epoch}", **{**m.render, "size": size}))
+
+
+def _gif(m: EpochMedia, b: int, probe: str, norm: str) -> None:
+    from ..viz.video import encode_gif
+
+    frames = _frames(m, b, norm, m.tb_size)
+    add_gif(m.writer, gif_tag(probe, norm),
+            encode_gif(frames, m.fps, colors=m.tb_colors, shared_palette=True),
+            frames[0].shape[:2], m.step)
+
+
+def _video(m: EpochMedia, b: int, path: Path, norm: str) -> None:
+    from ..viz.video import write_frames
+
+    write_frames(path, _frames(m, b, norm, m.render.get("size")), fps=m.fps)
+
+
+def _video_parts(m: EpochMedia) -> list[Part]:
+    """One part per TensorBoard GIF and per MP4 file."""
+    parts: list[Part] = []
+    for b, probe in enumerate(m.probes):
+        if m.writer is not None and m.log_videos:
+            for norm in tensorboard_norms(m.normalization):
+                parts.append((f"TensorBoard GIF {gif_tag(probe, norm)}",
+                              partial(_gif, m, b, probe, norm)))
+        if m.save_videos:
+            for norm in m.normalization:
+                path = m.out_dir / "videos" / f"{probe}_epoch{m.epoch:03d}_{norm}.mp4"
+                parts.append((f"video {path}", partial(_video, m, b, path, norm)))
+    return parts
+
+
+def _road_plots(m: EpochMedia) -> Failures:
+    """Every probe's ybROAD heatmap (PNG file, TensorBoard) and curve
+    (TensorBoard); the file and the TensorBoard images fail independently."""
+    from ..viz.plots import heatmap_image
+
+    failed: Failures = []
+    for b, probe in enumerate(m.probes):
+        if probe not in m.history:
+            continue
+        epochs, names, mat = m.history[probe]
+        mask = m.road_mask.get(probe)
+        img = heatmap_image(mat, epochs, names, mask=mask,
+                            title=f"{probe}: ybROAD by epoch ({m.method})"
+                            + ("; hatched: <= chance" if mask is not None else ""))
+        png = m.out_dir / "heatmaps" / f"{probe}.png"
+        failed += _run_part(f"heatmap {png}", partial(_save_png, png, img))
+        if m.writer is not None:
+            failed += _run_part(f"TensorBoard ybroad/{probe}/heatmap and curve",
+                                partial(_tensorboard_plots, m, b, probe, img))
+    return failed
+
+
+def _tensorboard_plots(m: EpochMedia, b: int, probe: str, heatmap: np.ndarray) -> None:
+    from ..viz.plots import curve_image
+
+    assert m.road is not None and m.writer is not None
+    m.writer.add_image(f"ybroad/{probe}/heatmap", heatmap, m.step, dataformats="HWC")
+    curve = curve_image(m.road[:, b], list(m.maps.names), ebpg=m.ebpg.get(probe),
+                        title=f"{probe}: ybROAD, epoch {m.epoch}", chance=m.chance.get(probe))
+    m.writer.add_image(f"ybroad/{probe}/curve", curve, m.step, dataformats="HWC")
+
+
+def _convergence_plots(m: EpochMedia) -> None:
+    from ..viz.convergence import convergence_image
+    from ..viz.plots import save_png
+
+    for probe, (epochs, names, mat) in m.convergence.items():
+        img = convergence_image(mat, epochs, names, title=f"{probe}: map change "
+                                "(1 - Spearman vs previous)")
+        save_png(m.out_dir / "heatmaps" / f"{probe}_convergence.png", img)
+        if m.writer is not None:
+            m.writer.add_image(f"convergence/{probe}/heatmap", img, m.step, dataformats="HWC")
+
+
+def _save_png(path: Path, img: np.ndarray) -> None:
+    from ..viz.plots import save_png
+
+    save_png(path, img)
+
+
+def _save_maps(maps: LayerMaps, path: Path) -> None:
+    maps.save(path)
 
 
 def _cause(e: BaseException) -> str:

@@ -53,7 +53,7 @@ def summary_text(epoch: int, rec: EpochRecord, p: str, best: int | None,
              else f"class {t}")
     lines = [f"**{p}**, epoch {epoch} (step {rec.global_step}), {rec.method}, "
              f"{len(names)} layers" + (f", target {tname}" if tname else "")]
-    if best is not None:
+    if best is not None and rec.road is not None:
         s = rec.road[p]
         lines.append(f"best ybROAD layer: `{names[best]}` (#{best}/{len(names) - 1}), "
                      f"ROAD {s[best]:+.3f}; final layer `{names[-1]}` {s[-1]:+.3f}; "

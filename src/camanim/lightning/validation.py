@@ -248,7 +248,8 @@ def check_media(media: MediaOptions) -> MediaOptions:
     workers = check_count("media workers", media.workers)
     queue = check_count("media queue", media.queue, 0, allow_none=False)
     return replace(media, workers=workers or max(2, min(8, os.cpu_count() or 2)),
-                   queue=queue, save_maps=bool(media.save_maps))
+                   queue=int(media.queue if queue is None else queue),
+                   save_maps=bool(media.save_maps))
 
 
 def check_sanity(value: Any) -> tuple[str, ...]:

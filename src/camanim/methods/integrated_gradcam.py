@@ -48,19 +48,20 @@ model in its dtype; maps accumulate in float32 for a half-precision model.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.capture import capture
-from ..errors import CAManimError
 from ..core.images import IMAGENET_MEAN, IMAGENET_STD
 from ..core.inputs import check_images
 from ..core.layers import LayerInfo, Selector, list_layers
 from ..core.maps import LayerMaps, image_size, wide
+from ..errors import CAManimError
 from .seed_common import ExplanationMaps, clean_targets
 
 PATHS = ("paper", "authors")
@@ -216,7 +217,7 @@ def _ig_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[LayerInfo], tar
         bar.update(len(ii))
     bar.close()
     raw = [r.detach() for r in acc if r is not None]
-    bad = [i.name for i, r in zip(layers, raw) if not torch.isfinite(r).all()]
+    bad = [i.name for i, r in zip(layers, raw, strict=False) if not torch.isfinite(r).all()]
     if bad:
         raise CAManimError(f"non-finite values in the integrated-gradcam map of layer(s) "
                            f"{bad[:5]}; try float32/float64 instead of half precision")

@@ -24,14 +24,15 @@ value does not depend on the order of tied pixels in memory.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import CAManimError
 from ..core.maps import LayerMaps, exact_dtype
+from ..errors import CAManimError
 
 CHANCE_NAMES = ("random", "blob")
 DEFAULT_SETTLE_THRESHOLD = 0.1   # a Spearman correlation of 0.9 with the previous epoch's map

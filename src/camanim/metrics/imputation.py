@@ -59,8 +59,19 @@ import torch
 
 from ..core.maps import exact_dtype
 from ..errors import CAManimError
-from .multigrid import (MAX_ITER, NEIGHBOUR_WEIGHTS_12, OFFSETS, TOL, WORK_BYTES_CPU,
-                        WORK_BYTES_OTHER, FineOperator, Grid, quantum, solve_pcg, split)
+from .multigrid import (
+    MAX_ITER,
+    NEIGHBOUR_WEIGHTS_12,
+    OFFSETS,
+    TOL,
+    WORK_BYTES_CPU,
+    WORK_BYTES_OTHER,
+    FineOperator,
+    Grid,
+    quantum,
+    solve_pcg,
+    split,
+)
 
 __all__ = ["impute", "add_noise", "direct_solve", "masks_per_solve", "solve_dtype", "work_dtype",
            "cuda_free_bytes"]

@@ -8,12 +8,11 @@ The equations and the precision policy are explained in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
 
 # (dy, dx) of the 3x3 neighbourhood in row-major order; index 4 is the pixel.
 OFFSETS: tuple[tuple[int, int], ...] = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
@@ -78,7 +77,7 @@ class Grid:
     w: int
 
     @property
-    def coarse(self) -> "Grid":
+    def coarse(self) -> Grid:
         # Vertex-centred: coarse point I sits on fine point 2I; for even
         # sizes the last coarse point lies just outside, so that every fine
         # point has two interpolation neighbours.
@@ -166,7 +165,7 @@ class FineOperator:
         self._t: torch.Tensor = torch.empty(0)   # work buffers, sized at first use
         self._v: torch.Tensor = torch.empty(0)
 
-    def to(self, dtype: torch.dtype) -> "FineOperator":
+    def to(self, dtype: torch.dtype) -> FineOperator:
         op = FineOperator.__new__(FineOperator)
         op.grid, op._t, op._v = self.grid, torch.empty(0), torch.empty(0)
         op.u, op.s, op.diag = self.u.to(dtype), self.s.to(dtype), self.diag.to(dtype)
@@ -329,7 +328,7 @@ def _colors(grid: Grid, device: torch.device) -> torch.Tensor:
     return 3 * i[:, None] + j[None, :]
 
 
-def galerkin(op: "FineOperator | StencilOperator", active: torch.Tensor) -> StencilOperator:
+def galerkin(op: FineOperator | StencilOperator, active: torch.Tensor) -> StencilOperator:
     """Coarse operator ``P^T A P`` of a 9-point operator, by probing.
 
     With bilinear ``P`` the coarse operator is again 9-point. Applying it to
@@ -392,7 +391,7 @@ def pinv(a: torch.Tensor) -> torch.Tensor:
 class _Level:
     """One multigrid level: operator, smoother weights, work buffers."""
 
-    def __init__(self, op: "FineOperator | StencilOperator") -> None:
+    def __init__(self, op: FineOperator | StencilOperator) -> None:
         self.op = op
         self.grid: Grid = op.grid
         self.active = op.active
@@ -459,7 +458,7 @@ class Multigrid:
         return x.addcmul_(lv.inv_d, r)
 
     @property
-    def fine(self) -> "FineOperator | StencilOperator":
+    def fine(self) -> FineOperator | StencilOperator:
         """The finest operator, in the multigrid's dtype."""
         return self.levels[0].op if self.levels else self.coarsest.op
 

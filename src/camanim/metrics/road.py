@@ -27,16 +27,17 @@ CPU); see `ybroad`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from numbers import Integral, Real
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..core.inputs import SCORES, Target, check_images, resolve_targets, score_outputs
 from ..core.guard import eval_mode
 from ..core.inference import folded_model, outputs_agree
+from ..core.inputs import SCORES, Target, check_images, resolve_targets, score_outputs
 from ..core.maps import LayerMaps
 from ..errors import CAManimError
 from .imputation import add_noise, cuda_free_bytes, impute, masks_per_solve, solve_dtype, work_dtype
@@ -173,7 +174,10 @@ def _layer_cams(maps: Any, batch: int, size: tuple[int, int]) -> tuple[list[str]
 def _score_targets(targets: Any, maps: Any, logits: torch.Tensor, score: str
                    ) -> tuple[list[Target], list[int | None], str]:
     """Score callables per image, their class indices, and the score kind."""
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
+    from pytorch_grad_cam.utils.model_targets import (
+        ClassifierOutputSoftmaxTarget,
+        ClassifierOutputTarget,
+    )
 
     if targets is None and isinstance(maps, LayerMaps) and maps.targets is not None:
         targets = maps.targets
@@ -492,7 +496,8 @@ class _ForwardQueue:
     the model's dtype as they enter a batch.
     """
 
-    def __init__(self, model: nn.Module, scorer: _Scorer, out: torch.Tensor, size: int,
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], scorer: _Scorer,
+                 out: torch.Tensor, size: int,
                  n_images: int, dtype: torch.dtype, channels_last: bool = False) -> None:
         self.model, self.scorer, self.out, self.size = model, scorer, out, size
         self.b, self.dtype = n_images, dtype

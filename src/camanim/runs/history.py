@@ -11,9 +11,9 @@ import math
 import os
 import re
 import warnings
-from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -407,7 +407,8 @@ def read_rows(reader: Any) -> tuple[list[dict], int]:
     return good, bad
 
 
-def floats(a: np.ndarray) -> list[float | None]:
+def floats(a: np.ndarray | Sequence[float]) -> list[float | None]:
+    """Plain floats, None where not finite."""
     return [None if not math.isfinite(float(v)) else float(v) for v in np.asarray(a).reshape(-1)]
 
 

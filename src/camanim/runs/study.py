@@ -46,17 +46,17 @@ import io
 import math
 import sys
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..core.files import atomic_path, os_cause, remove_stale
 from ..errors import CAManimError
 from ..metrics.convergence import DEFAULT_SETTLE_THRESHOLD, kendall_tau, settle_epochs, share_below
 from ..viz.convergence import chance_tau_image, convergence_image, not_above_chance
 from ..viz.plots import heatmap_image, save_png, trajectories_image
-from ..core.files import atomic_path, os_cause, remove_stale
 from .history import CSV_COLUMNS, CSV_NAME, read_rows, safe_name
 
 __all__ = ["CSV_COLUMNS", "CSV_NAME", "ProbeSeries", "read_ybroad_csv", "find_csvs",
@@ -282,6 +282,7 @@ def mean_series(series: Sequence[ProbeSeries]) -> ProbeSeries | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
         road, ebpg, change, chance = (stack(a) for a in ("road", "ebpg", "change", "chance"))
+    assert road is not None  # every series has its ROAD matrix
     return ProbeSeries(run=same[0].run, method=same[0].method, probe="mean", epochs=common,
                        names=names, road=road, ebpg=ebpg, targets=[None] * len(common),
                        path=same[0].path, change=change, chance=chance)
@@ -336,7 +337,7 @@ def settle_rows(s: ProbeSeries, threshold: float = DEFAULT_SETTLE_THRESHOLD) -> 
     last = s.change[-1]
     return [{"run": s.run, "method": s.method, "probe": s.probe, "layer_index": i,
              "layer_name": n, "settle_epoch": e, "final_change": float(last[i])}
-            for i, (n, e) in enumerate(zip(s.names, s.settle_epochs(threshold)))]
+            for i, (n, e) in enumerate(zip(s.names, s.settle_epochs(threshold), strict=False))]
 
 
 def epoch_rows(s: ProbeSeries, threshold: float = DEFAULT_SETTLE_THRESHOLD) -> list[dict]:
@@ -369,7 +370,7 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS) -
     """Rows as an aligned plain-text table."""
     cells = [[c for c in columns]] + [[_fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

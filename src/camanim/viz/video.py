@@ -24,14 +24,15 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-from ..errors import CAManimError
 from ..core.files import fsync_path, os_cause, temp_path
 from ..core.maps import LayerMaps
+from ..errors import CAManimError
 from .render import FrameRenderer
 
 __all__ = ["write_video", "write_frames", "encode_gif", "iter_video", "video_format",
@@ -320,10 +321,10 @@ def write_video(path: str | Path, images: Any, maps: LayerMaps, normalization: s
                           unit="layer", leave=False)
         last: list[np.ndarray] = []
         for frames in layers:
-            for sink, frame in zip(sinks, frames):
+            for sink, frame in zip(sinks, frames, strict=False):
                 sink.write(frame)
             last = frames
-        for sink, frame in zip(sinks, last):
+        for sink, frame in zip(sinks, last, strict=False):
             sink.hold(frame, hold_last)
         done = [sink.finish() for sink in sinks]
     except BaseException:
