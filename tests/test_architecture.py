@@ -59,8 +59,16 @@ def test_every_stage_of_the_drawing_exists_and_is_named_in_the_doc():
     mods = _modules()
     for name in mods:
         leaf = name.split(".")[-1]
-        if len(name.split(".")) > 2 and leaf not in ("__main__", "core", "methods", "metrics", "viz", "runs",
-                                                     "lightning", "cli"):
+        if len(name.split(".")) > 2 and leaf not in (
+            "__main__",
+            "core",
+            "methods",
+            "metrics",
+            "viz",
+            "runs",
+            "lightning",
+            "cli",
+        ):
             if name.split(".")[1] != "methods":        # methods: one file per method
                 assert leaf in text, f"{name} is not in docs/ARCHITECTURE.md"
 

@@ -80,10 +80,14 @@ def test_training_is_bit_identical_with_and_without_callback(tmp_path):
     for k in o1:
         assert torch.equal(o1[k]["momentum_buffer"], o2[k]["momentum_buffer"])
     # what the next callback saw equals what the previous one saw, every epoch
-    for (m1, r1, g1, t1, n1, p1), (m2, r2, g2, t2, n2, p2) in zip(before.seen, after.seen, strict=False):
+    for (m1, r1, g1, t1, n1, p1), (m2, r2, g2, t2, n2, p2) in zip(
+        before.seen, after.seen, strict=False
+    ):
         assert m1 == m2 and False in m1 and True in m1  # mixed train/eval modes kept
         assert r1 == r2 and False in r1
-        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g1, g2, strict=False))
+        assert all(
+            (a is None and b is None) or torch.equal(a, b) for a, b in zip(g1, g2, strict=False)
+        )
         assert torch.equal(t1, t2) and np.array_equal(n1, n2) and p1 == p2
     assert torch.equal(torch.get_rng_state(), ref_rng[0])
     assert np.array_equal(np.random.get_state()[1], ref_rng[1]) and random.getstate() == ref_rng[2]

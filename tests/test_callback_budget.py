@@ -309,9 +309,12 @@ def test_ddp_shares_road_work_and_matches_one_process(tmp_path):
     one, two = read_csv(out1 / "ybroad.csv"), read_csv(out2 / "ybroad.csv")
     assert len(two) == 2 * 2 * N_LAYERS
     # the same file row for row, but for the step count (each rank sees half the batches)
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "global_step"} for r in rows]  # noqa: E731
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "global_step"} for r in rows]  # noqa: E731 - a one-line row filter
     assert drop(two) == drop(one)
-    assert {r["global_step"] for r in two} == {"1", "2"} and {r["global_step"] for r in one} == {"2", "4"}
+    assert {r["global_step"] for r in two} == {"1", "2"} and {r["global_step"] for r in one} == {
+        "2",
+        "4",
+    }
 
 
 @pytest.mark.slow

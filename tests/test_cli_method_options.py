@@ -40,7 +40,7 @@ def test_explain_integrated_gradcam_uses_mean_and_std_for_its_black_baseline(tmp
     want = camanim.CAManim(model, "integrated-gradcam", mean=mean, std=std, progress=False)(x)
     imagenet = camanim.CAManim(model, "integrated-gradcam", progress=False)(x)
     assert saved.names == want.names
-    for p, q, r in zip(saved.raw, want.raw, imagenet.raw, strict=False):
+    for p, q in zip(saved.raw, want.raw, strict=True):
         torch.testing.assert_close(p, q.to(p.dtype), rtol=1e-5, atol=1e-6)
     assert any(not torch.allclose(q, r) for q, r in zip(want.raw, imagenet.raw, strict=False))
 

@@ -146,7 +146,7 @@ def test_eigen_methods_match_reference_up_to_sign(r18, method, cls):
                 grads = (cam.activations_and_grads.gradients[0].numpy()
                          if cam.activations_and_grads.gradients else None)
 
-            def flipped():
+            def flipped(acts=acts, grads=grads):
                 m = acts if method == "eigencam" else grads * acts
                 p = -get_2d_projection(m)
                 s = scale_cam_image(np.maximum(p, 0), (64, 64))

@@ -48,7 +48,9 @@ def test_folded_resnet_equals_model_and_leaves_it_untouched():
     called = [own[n.target] for n in fast.graph.nodes if n.op == "call_module"]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in called)   # all 20 pairs folded
     assert len(fast.fused) == 20
-    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in fast.fused.values())
+    assert all(
+        m.weight.is_contiguous(memory_format=torch.channels_last) for m in fast.fused.values()
+    )
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(x)
@@ -96,7 +98,11 @@ class ReusedConv(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv, self.bn, self.fc = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Linear(3, 2)
+        self.conv, self.bn, self.fc = (
+            nn.Conv2d(3, 3, 3, padding=1),
+            nn.BatchNorm2d(3),
+            nn.Linear(3, 2),
+        )
 
     def forward(self, x):
         return self.fc(self.conv(self.bn(self.conv(x))).mean((2, 3)))

@@ -41,7 +41,7 @@ def test_policy():
 @pytest.fixture
 def accelerator_policy(monkeypatch):
     """The accelerator branch of every module that uses the policy."""
-    f32 = lambda device: torch.float32  # noqa: E731
+    f32 = lambda device: torch.float32  # noqa: E731 - a one-line stand-in for a patched function
     for mod in (pointing, otsu, imputation):
         monkeypatch.setattr(mod, "exact_dtype", f32)
 

@@ -68,7 +68,9 @@ def test_one_frame_per_layer_even_fixed_size():
     assert c == 3 and h % 2 == 0 and w % 2 == 0
     assert all(f.dtype == np.uint8 for f in frames)
     # consecutive frames differ (new map, new caption, progress strip)
-    assert all(np.abs(a.astype(int) - b).mean() > 1 for a, b in zip(frames, frames[1:], strict=False))
+    assert all(
+        np.abs(a.astype(int) - b).mean() > 1 for a, b in zip(frames, frames[1:], strict=False)
+    )
 
 
 def test_overlay_orientation_and_colormap():
@@ -241,7 +243,11 @@ def test_quantized_maps_equal_the_float_path_exactly():
     lut = np.random.default_rng(0).uniform(0, 255, (256, 3)).astype(np.float32)
     bg = np.zeros((24, 20, 3), np.float32)
     for norm in ("local", "global"):
-        for f, q in zip(iter_maps(maps, norm, (24, 20)), iter_maps(maps, norm, (24, 20), quantize=True), strict=False):
+        for f, q in zip(
+            iter_maps(maps, norm, (24, 20)),
+            iter_maps(maps, norm, (24, 20), quantize=True),
+            strict=False,
+        ):
             assert q.dtype == np.uint8 and q.shape == f.shape
             want = (np.clip(f, 0, 1) * 255.0 + 0.5).astype(np.uint8)
             assert np.array_equal(q, want)
@@ -290,4 +296,6 @@ def test_overlay_panels_on_cuda_equal_the_cpu_ones():
     bg = np.full((2, 32, 32, 3), 60.0, np.float32)
     a = next(iter_maps(cpu, "local", (32, 32), overlay_on=(bg, lut)))
     b = next(iter_maps(gpu, "local", (32, 32), overlay_on=(bg, lut)))
-    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1   # bilinear rounding may differ by one step
+    assert (
+        np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    )  # bilinear rounding may differ by one step

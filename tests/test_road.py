@@ -51,8 +51,12 @@ def reference(monkeypatch):
 
     def run(model, images, cams, targets, percentiles=PS):
         wrapped = nn.Sequential(ToDouble(), model)
-        return np.stack([ref_road.ROADCombined(list(percentiles))(images.float(), c, targets, wrapped)
-                         for c in cams])
+        return np.stack(
+            [
+                ref_road.ROADCombined(list(percentiles))(images.float(), c, targets, wrapped)
+                for c in cams
+            ]
+        )
     return run
 
 
@@ -78,7 +82,9 @@ def hand_maps(b, h, w, sizes=((6, 10), (3, 5), (12, 20)), seed=0, dtype=torch.fl
     layers = [LayerInfo(name=f"l{i}", module_name=f"l{i}", call=1, order=i, type="Conv2d",
                         output_shape=(b, 4) + tuple(s), params=0, params_total=0, depth=0,
                         layout="nchw") for i, s in enumerate(sizes)]
-    return LayerMaps(names=[f"l{i}" for i in range(len(sizes))], raw=raw, input_size=(h, w), layers=layers)
+    return LayerMaps(
+        names=[f"l{i}" for i in range(len(sizes))], raw=raw, input_size=(h, w), layers=layers
+    )
 
 
 def images(b=2, h=24, w=40, seed=1):
@@ -94,7 +100,9 @@ def test_equals_roadcombined_per_layer_softmax(reference):
     maps = hand_maps(2, 24, 40)
     res = ybroad(model, x, maps, targets=[1, 3], noise=0.0, progress=False)
     cams = maps.upsample("local").numpy()
-    ref = reference(model, x, cams, [ClassifierOutputSoftmaxTarget(1), ClassifierOutputSoftmaxTarget(3)])
+    ref = reference(
+        model, x, cams, [ClassifierOutputSoftmaxTarget(1), ClassifierOutputSoftmaxTarget(3)]
+    )
     assert res.scores.shape == (3, 2) and res.names == maps.names
     assert np.abs(res.scores).max() > 1e-3          # the comparison is not between zeros
     assert np.abs(res.scores - ref).max() < 1e-5
@@ -108,8 +116,13 @@ def test_equals_roadcombined_on_camanim_gradcam_maps(reference):
     res = ybroad(model, x, maps, noise=0.0, percentiles=(10, 50, 90), progress=False)
     assert res.targets == [0, 4]
     cams = maps.upsample("local").numpy()
-    ref = reference(model, x, cams, [ClassifierOutputSoftmaxTarget(0), ClassifierOutputSoftmaxTarget(4)],
-                    percentiles=(10, 50, 90))
+    ref = reference(
+        model,
+        x,
+        cams,
+        [ClassifierOutputSoftmaxTarget(0), ClassifierOutputSoftmaxTarget(4)],
+        percentiles=(10, 50, 90),
+    )
     assert res.scores.shape == (len(maps), 2)
     assert np.abs(res.scores).max() > 1e-3
     assert np.abs(res.scores - ref).max() < 1e-5
@@ -147,7 +160,10 @@ def test_default_targets_maps_then_prediction():
     maps.targets = torch.tensor(other)
     assert ybroad(model, x, maps, noise=0.0, progress=False).targets == other
     assert ybroad(model, x, maps, targets=[4, 4], noise=0.0, progress=False).targets == [4, 4]
-    assert ybroad(model, x, maps, targets=np.array([2, 0]), noise=0.0, progress=False).targets == [2, 0]
+    assert ybroad(model, x, maps, targets=np.array([2, 0]), noise=0.0, progress=False).targets == [
+        2,
+        0,
+    ]
     assert ybroad(model, x, maps, targets=3, noise=0.0, progress=False).targets == [3, 3]
 
 
@@ -180,7 +196,11 @@ def test_percentile_is_the_share_kept_per_percentile_against_reference(monkeypat
     ps = (10, 30, 50)
     res = ybroad(model, x, maps, targets=[1, 2], percentiles=ps, noise=0.0, progress=False)
     assert res.removed_percent == (90, 70, 50)
-    assert res.to_dict()["percentile_convention"] == "kept" == camanim.metrics.road.PERCENTILE_CONVENTION
+    assert (
+        res.to_dict()["percentile_convention"]
+        == "kept"
+        == camanim.metrics.road.PERCENTILE_CONVENTION
+    )
     wrapped = nn.Sequential(ToDouble(), model)
     calls = [ClassifierOutputSoftmaxTarget(1), ClassifierOutputSoftmaxTarget(2)]
     cams = maps.upsample("local").numpy()
@@ -308,7 +328,11 @@ def test_memory_probe_is_a_difference_and_leaves_peak_statistics_alone(monkeypat
         raise AssertionError("the user's CUDA peak-memory statistics must stay")
 
     n_modules = len(list(model.modules()))
-    monkeypatch.setattr(camanim.metrics.road, "_device_memory", lambda device: (allocated, 3 * 1000 * 5 * (n_modules + 1)))
+    monkeypatch.setattr(
+        camanim.metrics.road,
+        "_device_memory",
+        lambda device: (allocated, 3 * 1000 * 5 * (n_modules + 1)),
+    )
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", forbidden)
     monkeypatch.setattr(torch.cuda, "reset_max_memory_allocated", forbidden)
     rows = []

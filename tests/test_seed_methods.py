@@ -179,7 +179,7 @@ def test_sise_mu1_keeps_only_the_strongest_channel(tiny, tiny_input):
     assert maps.names == ["relu", "relu#3", "fused"]
     ref = twin(tiny)
     cls = tiny(tiny_input).argmax(-1)
-    for l, (call, info) in enumerate(((1, "relu"), (3, "relu#3"))):
+    for l, (call, _info) in enumerate(((1, "relu"), (3, "relu#3"))):
         a, gr = acts_grads(ref, tiny_input, "relu", call, softmax_score(cls))
         mean = gr.mean(dim=(2, 3))
         for b in range(2):

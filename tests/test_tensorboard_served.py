@@ -60,7 +60,7 @@ def text_tag_prefix(p: str) -> str:
 
 # ---------------------------------------------------------------- a tiny run
 
-def Net() -> TinyLitNet:  # noqa: N802
+def Net() -> TinyLitNet:
     return TinyLitNet(n_conv=3, lr=0.1)
 
 

@@ -26,7 +26,9 @@ def _mp4_frames(path) -> tuple[dict, list[np.ndarray]]:
 
 
 def _changes(frames: list[np.ndarray]) -> list[float]:
-    return [float(np.abs(a.astype(int) - b).mean()) for a, b in zip(frames, frames[1:], strict=False)]
+    return [
+        float(np.abs(a.astype(int) - b).mean()) for a, b in zip(frames, frames[1:], strict=False)
+    ]
 
 
 def test_mp4_one_frame_per_layer_h264_even_size(tmp_path):

@@ -141,8 +141,10 @@ class CAManim:
                 seconds.append(shared + time.perf_counter() - t1)
                 cap.activations[i] = None  # type: ignore[call-overload]  # free as we go
                 if cap.gradients is not None:
-                    cap.gradients[i] = None  # type: ignore[call-overload]
-        bad = [info.name for info, r in zip(layers, raw, strict=False) if not torch.isfinite(r).all()]
+                    cap.gradients[i] = None  # type: ignore[call-overload]  # freed as we go
+        bad = [
+            info.name for info, r in zip(layers, raw, strict=False) if not torch.isfinite(r).all()
+        ]
         if bad:
             raise CAManimError(
                 f"non-finite values in the {self.method.name} map of layer(s) {bad[:5]}: "

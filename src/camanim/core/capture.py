@@ -185,16 +185,22 @@ def capture(model: nn.Module, images: torch.Tensor, layers: Sequence[LayerInfo],
             if gradients:
                 score = score_outputs(tgt, logits).sum()
                 needs = [o.requires_grad for o in outs]
-                got = torch.autograd.grad(score, [o for o, n in zip(outs, needs, strict=False) if n],
-                                          allow_unused=True)
+                got = torch.autograd.grad(
+                    score, [o for o, n in zip(outs, needs, strict=False) if n], allow_unused=True
+                )
                 it = iter(got)
                 grads = []
                 for o, n in zip(outs, needs, strict=False):
                     g = next(it) if n else None
                     grads.append(torch.zeros_like(o) if g is None else g.detach())
-            acts = [to_nchw(o.detach(), i, reshape_transform) for o, i in zip(outs, layers, strict=False)]
+            acts = [
+                to_nchw(o.detach(), i, reshape_transform)
+                for o, i in zip(outs, layers, strict=False)
+            ]
             if grads is not None:
-                grads = [to_nchw(g, i, reshape_transform) for g, i in zip(grads, layers, strict=False)]
+                grads = [
+                    to_nchw(g, i, reshape_transform) for g, i in zip(grads, layers, strict=False)
+                ]
             return Captured(logits=logits.detach(), activations=acts, gradients=grads,
                             targets=tgt, target_idx=idx)
     raise AssertionError("unreachable")  # pragma: no cover

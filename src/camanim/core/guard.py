@@ -45,8 +45,8 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
-    # torch leaves is_initialized unannotated
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+    if not torch.cuda.is_available() or \
+            not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # torch: unannotated
         return []
     devs = {t.device.index for t in list(model.parameters()) + list(model.buffers())
             if t.device.type == "cuda"}

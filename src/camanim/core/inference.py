@@ -57,13 +57,19 @@ class FoldedModel:
         fused: qualified conv name -> its new folded, channels-last Conv2d.
     """
 
-    def __init__(self, model: nn.Module, graph: torch.fx.Graph, fused: dict[str, nn.Module]) -> None:
+    def __init__(
+        self, model: nn.Module, graph: torch.fx.Graph, fused: dict[str, nn.Module]
+    ) -> None:
         import torch.fx as fx
 
         class Run(fx.Interpreter):
             def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
                 mod = fused.get(target)
-                return mod(*args, **kwargs) if mod is not None else super().call_module(target, args, kwargs)
+                return (
+                    mod(*args, **kwargs)
+                    if mod is not None
+                    else super().call_module(target, args, kwargs)
+                )
 
         self.graph, self.fused = graph, fused
         self._run = Run(model, garbage_collect_values=True, graph=graph)

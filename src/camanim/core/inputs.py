@@ -77,7 +77,9 @@ def logit_target(category: int) -> Target:
     return target
 
 
-def resolve_targets(targets: Any, batch: int, logits: torch.Tensor) -> tuple[list[Target], torch.Tensor | None]:
+def resolve_targets(
+    targets: Any, batch: int, logits: torch.Tensor
+) -> tuple[list[Target], torch.Tensor | None]:
     """Turn ``targets`` into one score callable per image.
 
     Args:
@@ -97,7 +99,9 @@ def resolve_targets(targets: Any, batch: int, logits: torch.Tensor) -> tuple[lis
     n_classes = logits.shape[-1]
     if isinstance(targets, np.ndarray):
         if not np.issubdtype(targets.dtype, np.integer):
-            raise CAManimError(f"targets must be integer class indices, got a {targets.dtype} array")
+            raise CAManimError(
+                f"targets must be integer class indices, got a {targets.dtype} array"
+            )
         targets = torch.as_tensor(targets)
     if isinstance(targets, np.integer):
         targets = int(targets)
@@ -135,8 +139,11 @@ def resolve_targets(targets: Any, batch: int, logits: torch.Tensor) -> tuple[lis
 
 def _all_int(xs: Any) -> bool:
     try:
-        return all(isinstance(x, (int, np.integer)) or (isinstance(x, torch.Tensor) and x.numel() == 1
-                                          and not x.is_floating_point()) for x in xs)
+        return all(
+            isinstance(x, (int, np.integer))
+            or (isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_floating_point())
+            for x in xs
+        )
     except TypeError:
         return False
 

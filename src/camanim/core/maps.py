@@ -172,11 +172,17 @@ class LayerMaps:
     def image(self, b: int) -> LayerMaps:
         """The maps of image ``b`` alone (normalization is per image, so the
         normalized maps are the same)."""
-        return LayerMaps(names=self.names, raw=[r[b:b + 1] for r in self.raw],
-                         input_size=self.input_size, layers=self.layers,
-                         targets=None if self.targets is None else self.targets.reshape(-1)[b:b + 1],
-                         method=self.method, seconds=self.seconds, extra=self.extra,
-                         logits=None if self.logits is None else self.logits[b:b + 1])
+        return LayerMaps(
+            names=self.names,
+            raw=[r[b : b + 1] for r in self.raw],
+            input_size=self.input_size,
+            layers=self.layers,
+            targets=None if self.targets is None else self.targets.reshape(-1)[b : b + 1],
+            method=self.method,
+            seconds=self.seconds,
+            extra=self.extra,
+            logits=None if self.logits is None else self.logits[b : b + 1],
+        )
 
     def to(self, device: torch.device | str) -> LayerMaps:
         """The same maps on another device."""
@@ -243,7 +249,9 @@ class LayerMaps:
         """Write an ``.npz`` file (no pickle); `load` reads it back."""
         path = Path(path)
         if path.suffix != ".npz":
-            path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+            path = (
+                path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+            )
         meta = {
             "format": _FORMAT,
             "names": self.names,
@@ -261,7 +269,8 @@ class LayerMaps:
 
         with atomic_path(path) as tmp:  # never a half-written file under the real name
             # numpy's stub matches **arrays against the allow_pickle: bool keyword
-            np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)  # type: ignore[arg-type]
+            np.savez_compressed(tmp, meta=np.array(json.dumps(meta)),
+                                **arrays)  # type: ignore[arg-type]
         return path
 
     @classmethod

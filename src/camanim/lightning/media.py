@@ -186,7 +186,10 @@ def mark_restart(writer: Any, step: int) -> None:
     else:
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
     writer._get_file_writer().add_event(
-        Event(wall_time=time.time(), step=int(step), session_log=SessionLog(status=SessionLog.START)))
+        Event(
+            wall_time=time.time(), step=int(step), session_log=SessionLog(status=SessionLog.START)
+        )
+    )
     writer.flush()
 
 

@@ -17,7 +17,9 @@ def _array(values: Sequence[float | None]) -> np.ndarray:
     return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
 
 
-def epoch_metrics(rec: EpochRecord, probes: Sequence[str]) -> tuple[dict[str, float], dict[str, int]]:
+def epoch_metrics(
+    rec: EpochRecord, probes: Sequence[str]
+) -> tuple[dict[str, float], dict[str, int]]:
     """``(metrics, best layer index per probe)`` of one record: ``ybroad/<p>/
     {mean,max,best_layer,final_layer}``, ``ebpg/<p>/{max,best_road_layer}``
     and ``camanim/seconds``."""
@@ -48,9 +50,12 @@ def summary_text(epoch: int, rec: EpochRecord, p: str, best: int | None,
     """Markdown naming the probe's best layer, its score and the final layer's."""
     names = rec.names
     t = rec.targets.get(p)
-    named = t is not None and class_names and 0 <= t < len(class_names)
-    tname = ("" if t is None else f"{class_names[t]} ({t})" if named  # type: ignore[index]
-             else f"class {t}")
+    if t is None:
+        tname = ""
+    elif class_names and 0 <= t < len(class_names):
+        tname = f"{class_names[t]} ({t})"
+    else:
+        tname = f"class {t}"
     lines = [f"**{p}**, epoch {epoch} (step {rec.global_step}), {rec.method}, "
              f"{len(names)} layers" + (f", target {tname}" if tname else "")]
     if best is not None and rec.road is not None:

@@ -47,8 +47,8 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
         x: ``(N, n)`` tensor.
 
     Returns:
-        ``(N, n)`` ranks 1..n (float64 on the CPU, float32 elsewhere) (ties share the mean of their ranks,
-        as ``scipy.stats.rankdata(method="average")``).
+        ``(N, n)`` ranks 1..n (float64 on the CPU, float32 elsewhere) (ties
+        share the mean of their ranks, as ``scipy.stats.rankdata(method="average")``).
     """
     n_rows, n = x.shape
     s, order = x.sort(dim=1)
@@ -224,7 +224,9 @@ def share_below(changes: Any, threshold: float = DEFAULT_SETTLE_THRESHOLD) -> fl
 def _check_threshold(threshold: Any) -> None:
     if isinstance(threshold, bool) or not isinstance(threshold, (Real, np.number)) \
             or not math.isfinite(float(threshold)):
-        raise CAManimError(f"threshold must be a finite number (a map change, 0..2), got {threshold!r}")
+        raise CAManimError(
+            f"threshold must be a finite number (a map change, 0..2), got {threshold!r}"
+        )
 
 
 # ------------------------------------------------------------ Kendall tau
@@ -245,7 +247,9 @@ def kendall_tau(a: Any, b: Any) -> float:
     x = np.asarray(a, dtype=np.float64).ravel()
     y = np.asarray(b, dtype=np.float64).ravel()
     if x.shape != y.shape:
-        raise CAManimError(f"kendall_tau needs two vectors of the same length, got {x.size} and {y.size}")
+        raise CAManimError(
+            f"kendall_tau needs two vectors of the same length, got {x.size} and {y.size}"
+        )
     keep = ~(np.isnan(x) | np.isnan(y))
     x, y = x[keep], y[keep]
     if x.size < 2:
@@ -281,13 +285,15 @@ def chance_maps(shape: Sequence[int], seed: int = 0, cells: int | None = 7,
         map per image, ``[1]`` the same centred Gaussian blob for every
         image (the "the object is in the middle" prior).
     """
-    if len(tuple(shape)) != 3 or any(isinstance(s, bool) or not isinstance(s, (Integral, np.integer))
-                                     or s < 1 for s in shape):
+    if len(tuple(shape)) != 3 or any(
+        isinstance(s, bool) or not isinstance(s, (Integral, np.integer)) or s < 1 for s in shape
+    ):
         raise CAManimError(f"shape must be (B, H, W) positive ints, got {tuple(shape)!r}")
     if isinstance(seed, bool) or not isinstance(seed, (Integral, np.integer)):
         raise CAManimError(f"seed must be an int, got {seed!r}")
-    if cells is not None and (isinstance(cells, bool) or not isinstance(cells, (Integral, np.integer))
-                              or cells < 1):
+    if cells is not None and (
+        isinstance(cells, bool) or not isinstance(cells, (Integral, np.integer)) or cells < 1
+    ):
         raise CAManimError(f"cells must be None or an int >= 1, got {cells!r}")
     if isinstance(blob_sigma, bool) or not isinstance(blob_sigma, (Real, np.number)) \
             or not float(blob_sigma) > 0 or not math.isfinite(float(blob_sigma)):
@@ -355,7 +361,9 @@ def chance_road(model: torch.nn.Module, images: torch.Tensor, targets: Any = Non
     from .road import DEFAULT_PERCENTILES, ybroad
 
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise CAManimError("images must be a (B, C, H, W) tensor (the images the layers' maps explain)")
+        raise CAManimError(
+            "images must be a (B, C, H, W) tensor (the images the layers' maps explain)"
+        )
     b, _, h, w = images.shape
     if targets is None:                     # the predicted class, as the docstring says
         if logits is None:
@@ -371,5 +379,18 @@ def chance_road(model: torch.nn.Module, images: torch.Tensor, targets: Any = Non
                   progress=progress, logits=logits)
 
 
-__all__ = ["CHANCE_NAMES", "DEFAULT_SETTLE_THRESHOLD", "average_ranks", "chance_maps", "chance_road",
-           "kendall_tau", "map_change", "pearson_rows", "rank_change", "rank_maps", "settle_epochs", "share_below", "spearman"]
+__all__ = [
+    "CHANCE_NAMES",
+    "DEFAULT_SETTLE_THRESHOLD",
+    "average_ranks",
+    "chance_maps",
+    "chance_road",
+    "kendall_tau",
+    "map_change",
+    "pearson_rows",
+    "rank_change",
+    "rank_maps",
+    "settle_epochs",
+    "share_below",
+    "spearman",
+]

@@ -304,7 +304,9 @@ def restrict(x: torch.Tensor, fine: Grid, out: torch.Tensor | None = None) -> to
     return torch.mul(c, 0.25, out=out)
 
 
-def prolong_add(x: torch.Tensor, xc: torch.Tensor, active: torch.Tensor, fine: Grid) -> torch.Tensor:
+def prolong_add(
+    x: torch.Tensor, xc: torch.Tensor, active: torch.Tensor, fine: Grid
+) -> torch.Tensor:
     """``x += active * P xc``: bilinear interpolation of ``(N, C, hc, wc)``
     onto the padded fine grid ``(N, C, P)``, masked by ``(N, 1, P)``."""
     hc, wc = xc.shape[-2], xc.shape[-1]
@@ -348,7 +350,9 @@ def galerkin(op: FineOperator | StencilOperator, active: torch.Tensor) -> Stenci
     prolong_add(fine_probes, probes[None].expand(n, -1, -1, -1), active, fine)
     y = restrict(op.apply(fine_probes), fine)                        # (N, 9, hc, wc)
     cp = F.pad(colors, (1, 1, 1, 1))
-    idx = torch.stack([cp[1 + dy:1 + dy + coarse.h, 1 + dx:1 + dx + coarse.w] for dy, dx in OFFSETS])
+    idx = torch.stack(
+        [cp[1 + dy : 1 + dy + coarse.h, 1 + dx : 1 + dx + coarse.w] for dy, dx in OFFSETS]
+    )
     coef = y.gather(1, idx[None].expand(n, -1, -1, -1))
     # a neighbour outside the grid has no coefficient (its probe is 0 anyway)
     inside = F.pad(torch.ones((1, 1, coarse.h, coarse.w), dtype=dtype, device=dev), (1, 1, 1, 1))

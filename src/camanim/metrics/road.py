@@ -135,9 +135,14 @@ def _check_args(noise: Any, seed: Any, trials: Any, batch_size: Any, score: Any)
         raise CAManimError(f"seed must be an int, got {seed!r}")
     if isinstance(trials, bool) or not isinstance(trials, (Integral, np.integer)) or trials < 1:
         raise CAManimError(f"trials must be an int >= 1, got {trials!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or
-                                   not isinstance(batch_size, (Integral, np.integer)) or batch_size < 1):
-        raise CAManimError(f"batch_size must be None (automatic) or an int >= 1, got {batch_size!r}")
+    if batch_size is not None and (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (Integral, np.integer))
+        or batch_size < 1
+    ):
+        raise CAManimError(
+            f"batch_size must be None (automatic) or an int >= 1, got {batch_size!r}"
+        )
     if score not in SCORES:
         raise CAManimError(f"unknown score {score!r}: use 'softmax' (probability of the target "
                            "class, the default) or 'logit'")
@@ -167,8 +172,10 @@ def _layer_cams(maps: Any, batch: int, size: tuple[int, int]) -> tuple[list[str]
         if not maps.is_floating_point():
             raise CAManimError(f"maps must be float, got {maps.dtype}")
         return [str(i) for i in range(maps.shape[0])], iter(maps), int(maps.shape[0])
-    raise CAManimError(f"maps must be a camanim.LayerMaps (from camanim.CAManim) or an (L, B, H, W) "
-                       f"array of maps, got {type(maps).__name__}")
+    raise CAManimError(
+        f"maps must be a camanim.LayerMaps (from camanim.CAManim) or an (L, B, H, W) "
+        f"array of maps, got {type(maps).__name__}"
+    )
 
 
 def _score_targets(targets: Any, maps: Any, logits: torch.Tensor, score: str
@@ -191,7 +198,11 @@ def _score_targets(targets: Any, maps: Any, logits: torch.Tensor, score: str
     calls, idx = resolve_targets(targets, b, logits)
     if is_callables:
         cls = [getattr(t, "category", None) for t in calls]
-        return calls, [int(c) if isinstance(c, (int, np.integer)) else None for c in cls], "callable"
+        return (
+            calls,
+            [int(c) if isinstance(c, (int, np.integer)) else None for c in cls],
+            "callable",
+        )
     assert idx is not None  # class indices: resolve_targets made them from the logits
     classes: list[int | None] = [int(c) for c in idx]
     if score == "softmax" and logits.shape[-1] == 1:
@@ -227,7 +238,7 @@ def _probe_forward(model: nn.Module, x: torch.Tensor, allocated: Callable[[], in
     base = allocated()
     peak = [0]
 
-    def sample(module: nn.Module, args: Any, output: Any) -> None:
+    def sample(_module: nn.Module, _args: Any, _output: Any) -> None:  # a forward hook
         peak[0] = max(peak[0], allocated() - base)
 
     handles = [m.register_forward_hook(sample) for m in model.modules()]

@@ -21,8 +21,19 @@ import numpy as np
 from ..core.files import os_cause
 from ..errors import CAManimError
 
-__all__ = ["EpochRecord", "Scores", "CSV_NAME", "CSV_COLUMNS", "CSV_COLUMNS_V1", "History", "safe_name", "floats",
-           "append_all", "repair_csv", "read_rows"]
+__all__ = [
+    "EpochRecord",
+    "Scores",
+    "CSV_NAME",
+    "CSV_COLUMNS",
+    "CSV_COLUMNS_V1",
+    "History",
+    "safe_name",
+    "floats",
+    "append_all",
+    "repair_csv",
+    "read_rows",
+]
 
 CSV_NAME = "ybroad.csv"
 #: Columns of ``ybroad.csv``, one row per (epoch, probe, layer). ``road_mean``
@@ -305,7 +316,7 @@ class History:
         if skipped and not self._warned:
             self._warned = True
             warnings.warn(f"CAManimCallback: {path} already holds epoch {epoch} (a resumed "
-                           "run); rows already there are not written again")
+                           "run); rows already there are not written again", stacklevel=2)
         if not rows:
             return
         buf = io.StringIO()

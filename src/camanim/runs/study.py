@@ -136,6 +136,13 @@ def _float(s: str) -> float:
     return float(s) if s not in ("", "nan", "NaN", None) else math.nan
 
 
+def _cut_short(e: int, lists: dict[int, list[str]], whole: set[int]) -> bool:
+    """Epoch ``e`` lacks rows, or its layer list is a strict prefix of
+    another epoch's (rows missing at the end)."""
+    n = len(lists[e])
+    return e not in whole or any(len(o) > n and o[:n] == lists[e] for o in lists.values())
+
+
 def read_ybroad_csv(path: str | Path, run: str | None = None) -> list[ProbeSeries]:
     """Read one ``ybroad.csv`` into one `ProbeSeries` per (method, probe).
 
@@ -181,18 +188,14 @@ def read_ybroad_csv(path: str | Path, run: str | None = None) -> list[ProbeSerie
         lists = {e: [by_epoch[e][i]["layer_name"] for i in sorted(by_epoch[e])] for e in epochs}
         whole = {e for e in epochs if sorted(by_epoch[e]) == list(range(len(by_epoch[e])))}
 
-        def cut_short(e: int) -> bool:  # a strict prefix of another epoch's layer list
-            n = len(lists[e])
-            return e not in whole or any(len(lists[o]) > n and lists[o][:n] == lists[e]
-                                         for o in epochs)
-
-        ref = [e for e in epochs if not cut_short(e)]
+        short_of = {e: _cut_short(e, lists, whole) for e in epochs}
+        ref = [e for e in epochs if not short_of[e]]
         if not ref:
             print(f"camanim study: {path}: {probe}: no complete epoch; left out", file=sys.stderr)
             continue
         names = lists[ref[-1]]
         keep = [e for e in epochs if lists[e] == names and e in whole]
-        short = sum(1 for e in epochs if cut_short(e))
+        short = sum(1 for e in epochs if short_of[e])
         if short:
             print(f"camanim study: {path}: {probe}: {short} incomplete epoch(s) (rows missing) "
                   "were left out", file=sys.stderr)
@@ -205,8 +208,13 @@ def read_ybroad_csv(path: str | Path, run: str | None = None) -> list[ProbeSerie
                          for e in keep], dtype=np.float64).reshape(len(keep), len(names))
         change = np.array([[_float(by_epoch[e][i].get("map_change", "")) for i in range(len(names))]
                            for e in keep], dtype=np.float64).reshape(len(keep), len(names))
-        chance = np.array([[_float(by_epoch[e][0].get(f"road_chance_{k}", "")) for k in
-                            ("random", "blob")] for e in keep], dtype=np.float64).reshape(len(keep), 2)
+        chance = np.array(
+            [
+                [_float(by_epoch[e][0].get(f"road_chance_{k}", "")) for k in ("random", "blob")]
+                for e in keep
+            ],
+            dtype=np.float64,
+        ).reshape(len(keep), 2)
         targets = []
         for ep in keep:
             t = by_epoch[ep][0].get("target", "")
@@ -370,7 +378,9 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS) -
     """Rows as an aligned plain-text table."""
     cells = [[c for c in columns]] + [[_fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)).rstrip() for row in cells]
+    lines = [
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)).rstrip() for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -463,5 +473,7 @@ def study(run_dirs: Sequence[str | Path], out: str | Path = "camanim_study",
         raise CAManimError(f"cannot write the plots to --out {out} ({os_cause(e)})") from None
     if verbose:
         print(format_table(rows))
-        print(f"\nwrote {out / 'study.csv'}, settle.csv, epochs.csv" + (" and plots" if plots else ""))
+        print(
+            f"\nwrote {out / 'study.csv'}, settle.csv, epochs.csv" + (" and plots" if plots else "")
+        )
     return rows

@@ -109,7 +109,9 @@ def display_images(images: Any, mean: Sequence[float] | None = None,
 
 
 def _channel_vector(v: Sequence[float], c: int, what: str) -> torch.Tensor:
-    t = torch.as_tensor(list(v) if not isinstance(v, torch.Tensor) else v, dtype=torch.float32).reshape(-1)
+    t = torch.as_tensor(
+        list(v) if not isinstance(v, torch.Tensor) else v, dtype=torch.float32
+    ).reshape(-1)
     if t.numel() == 1:
         t = t.expand(c)
     if t.numel() != c:

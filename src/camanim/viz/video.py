@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from typing_extensions import override
 
 from ..core.files import fsync_path, os_cause, temp_path
 from ..core.maps import LayerMaps
@@ -179,6 +180,7 @@ class _GifSink(_Sink):
         self.durations.append(self.ms)
         self.count += 1
 
+    @override
     def hold(self, frame: np.ndarray, n: int) -> None:
         # GIF frames carry their own duration: one longer frame, not n copies
         # (Pillow would merge identical copies anyway).
@@ -223,13 +225,18 @@ class _PngSink(_Sink):
             self.tmp / f"frame_{self.count:04d}.png", compress_level=3))
         self.count += 1
 
+    @override
     def hold(self, frame: np.ndarray, n: int) -> None:
         pass  # a folder holds one picture per layer
 
     def finish(self) -> Path:
         if self.path.exists() and not self.path.is_dir():
             raise CAManimError(f"{self.path} exists and is not a folder; pick another path")
-        self._check_write(lambda: [fsync_path(f) for f in self.tmp.iterdir()])
+        def sync_all() -> None:
+            for f in self.tmp.iterdir():
+                fsync_path(f)
+
+        self._check_write(sync_all)
         if not self.path.exists():
             os.replace(self.tmp, self.path)
             return self.path
