@@ -123,10 +123,8 @@ class CAManimCallback(Callback):
     ``MediaOptions.queue`` epochs in flight). Under DDP every rank scores its share
     of the layers; rank zero gathers the scores and writes.
 
-    Every argument after ``probes`` is keyword-only. Related knobs come as
-    one small option object each (`VideoOptions`, `RoadOptions`,
-    `ConvergenceOptions`, `MediaOptions`); every value is checked here, at
-    construction (`camanim.lightning.validation`).
+    Arguments after ``probes`` are keyword-only; related knobs come as one
+    option object each, checked here (`camanim.lightning.validation`).
 
     Args:
         probes: the images to follow, fixed for the whole run: a
@@ -151,15 +149,11 @@ class CAManimCallback(Callback):
             on the training device) unless the last epoch was already done.
         sanity: ``"start"``, ``"end"`` or ``"start,end"``: `camanim.sanity_check`
             of the probes at fit start / end (rank zero; default off).
-        video: how the videos look and where they go (`VideoOptions`:
-            normalizations, fps, sizes, the probes' ``mean`` / ``std``,
-            class names); default ``VideoOptions()``.
-        road: ``True`` (default `RoadOptions`), a `RoadOptions`, or
-            ``False`` (no ybROAD).
-        convergence: ``True``, a `ConvergenceOptions` or ``False``: each
-            layer's map change since the previous callback epoch.
-        media: the background drawing (`MediaOptions`: threads, queue,
-            raw maps on disk); default ``MediaOptions()``.
+        video: the videos (`VideoOptions`: normalizations, fps, sizes, the
+            probes' ``mean`` / ``std``, class names).
+        road: ``True``, a `RoadOptions`, or ``False`` (no ybROAD).
+        convergence: ``True``, a `ConvergenceOptions` or ``False``.
+        media: the background drawing (`MediaOptions`).
         save_dir: folder for the CSV, videos, heatmaps and maps. Default: the
             TensorBoard logger's ``log_dir``, else
             ``<trainer.default_root_dir>/camanim``.
@@ -175,10 +169,8 @@ class CAManimCallback(Callback):
             ``"raise"`` stops training.
 
     Deprecated:
-        Positional arguments after ``probes`` and the flat keywords of 0.1.0
-        (``fps=``, ``road_noise=``, ``media_queue=``, ``mean=``, ...) still
-        work for one release, with a ``DeprecationWarning`` naming the new
-        spelling (`camanim.lightning.options.LEGACY_NAMES`).
+        Positional arguments and the flat keywords of 0.1.0 (``fps=``, ...)
+        warn for one release (`camanim.lightning.options.LEGACY_NAMES`).
 
     Example:
         >>> cb = CAManimCallback(images, layers="blocks", every_n_epochs=2,
