@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 import torch
@@ -53,11 +53,13 @@ def _how_to_get(arch: str) -> str:
         f"ImageNet weights for {arch} are not in torch's cache ({path}) and could not be "
         f"downloaded (no network?).\n"
         f"  - On a machine with network access run:\n"
-        f"      python -c \"import torchvision; torchvision.models.{arch}(weights='IMAGENET1K_V1')\"\n"
+        f"      python -c \"import torchvision; "
+        f"torchvision.models.{arch}(weights='IMAGENET1K_V1')\"\n"
         f"    then copy {path.name} into {path.parent}/ here (or set TORCH_HOME to a folder whose\n"
         f"    hub/checkpoints/ holds it), or pass the file itself: --weights /path/to/{path.name}\n"
         f"    (URL: {w.url})\n"
-        f"  - or train from random weights: --weights none")
+        f"  - or train from random weights: --weights none"
+    )
 
 
 def build_backbone(arch: str = "resnet50", num_classes: int = 2, weights: str = "none",
@@ -79,24 +81,30 @@ def build_backbone(arch: str = "resnet50", num_classes: int = 2, weights: str = 
             socket.setdefaulttimeout(download_timeout)
             try:
                 state = imagenet_weights(arch).get_state_dict(progress=True, check_hash=True)
-            except Exception as e:  # URLError, timeout, hash mismatch, ...
-                raise WeightsUnavailable(_how_to_get(arch) + f"\n  (error: {type(e).__name__}: {e})") from None
+            except Exception as e:  # noqa: BLE001 - URLError, timeout, hash mismatch, ...
+                raise WeightsUnavailable(
+                    _how_to_get(arch) + f"\n  (error: {type(e).__name__}: {e})"
+                ) from None
             finally:
                 socket.setdefaulttimeout(old)
         net.load_state_dict(state)
     elif weights not in (None, "none"):
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise WeightsUnavailable(f"--weights {weights}: no such file (use 'imagenet', 'none' or a "
-                                     f".pth state dict of torchvision's {arch})")
+            raise WeightsUnavailable(
+                f"--weights {weights}: no such file (use 'imagenet', 'none' or a "
+                f".pth state dict of torchvision's {arch})"
+            )
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint
             state = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
         if set(missing) - {"fc.weight", "fc.bias"} or unexpected:
-            raise ValueError(f"--weights {path}: not a {arch} state dict "
-                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+            raise ValueError(
+                f"--weights {path}: not a {arch} state dict "
+                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            )
     net.fc = nn.Linear(net.fc.in_features, num_classes)
     return net
 
@@ -111,7 +119,8 @@ class BUSClassifier(L.LightningModule):
     positive class, malignant)."""
 
     def __init__(self, arch: str = "resnet50", num_classes: int = 2, weights: str = "none",
-                 lr: float = 1e-3, weight_decay: float = 1e-4, max_epochs: int = 10,
+                 lr: float = 1e-3, weight_decay: float = 1e-4,  # noqa: ARG002 - in hparams
+                 max_epochs: int = 10,  # noqa: ARG002 - saved by save_hyperparameters
                  class_names: Sequence[str] | None = None):
         super().__init__()
         self.save_hyperparameters()
@@ -136,13 +145,15 @@ class BUSClassifier(L.LightningModule):
         p = logits.softmax(-1)
         return p[:, 1] if self.hparams.num_classes == 2 else p
 
-    def training_step(self, batch, batch_idx):
+    def training_step(self, batch, batch_idx):  # noqa: ARG002 - Lightning's hook signature
         logits = self(batch["image"])
         loss = F.cross_entropy(logits, batch["label"])
         self.train_acc(self._scores(logits.detach()), batch["label"])
         bs = batch["label"].shape[0]
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
-        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log(
+            "train_acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs
+        )
         return loss
 
     def _eval_step(self, batch, stage: str):
@@ -157,16 +168,20 @@ class BUSClassifier(L.LightningModule):
 
     def _eval_epoch_end(self, stage: str):
         for name, metric in self.metrics[stage].items():
-            self.log(f"{stage}_{name}", metric.compute(), prog_bar=stage == "val" and name in ("acc", "auroc"))
+            self.log(
+                f"{stage}_{name}",
+                metric.compute(),
+                prog_bar=stage == "val" and name in ("acc", "auroc"),
+            )
             metric.reset()
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx):  # noqa: ARG002 - Lightning's hook signature
         return self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self):
         self._eval_epoch_end("val")
 
-    def test_step(self, batch, batch_idx):
+    def test_step(self, batch, batch_idx):  # noqa: ARG002 - Lightning's hook signature
         return self._eval_step(batch, "test")
 
     def on_test_epoch_end(self):
@@ -175,5 +190,7 @@ class BUSClassifier(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr,
                                 weight_decay=self.hparams.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.hparams.max_epochs))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=max(1, self.hparams.max_epochs)
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

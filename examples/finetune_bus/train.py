@@ -5,7 +5,8 @@ The case study of the CAManim paper (Kaczmarek et al., PLOS ONE 2024):
 a ResNet-50 pre-trained on ImageNet, fine-tuned on BUSI (Al-Dhabyani et al.)
 to tell malignant from normal images, then explained layer by layer.
 
-    python examples/finetune_bus/train.py            # offline: synthetic set, ~4.5 min on 2 idle CPU cores
+    # offline: synthetic set, ~4.5 min on 2 idle CPU cores
+    python examples/finetune_bus/train.py
     python examples/finetune_bus/train.py --help
 
 Importable: ``main(argv) -> dict``, ``build_parser()``, ``build_callbacks()``.
@@ -19,8 +20,9 @@ import shlex
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 try:  # imported as part of the finetune_bus package (tests, python -m)
     from . import data as bus_data
@@ -37,91 +39,177 @@ except ImportError:  # run as a script: python examples/finetune_bus/train.py
 # 2 threads, idle); with --threads 1 and torch 2.14.1, beside another run, 17.5 min.
 DEFAULTS = dict(image_size=128, epochs=6, batch_size=16, limit=None, lr_none=1e-3, lr_imagenet=1e-4)
 
-PAPER = ("paper settings (BC-ResNet50): --data-dir /path/to/Dataset_BUSI_with_GT "
-         "--weights imagenet --image-size 224 --epochs 30 --accelerator gpu (the paper does not state its epoch count)")
+PAPER = (
+    "paper settings (BC-ResNet50): --data-dir /path/to/Dataset_BUSI_with_GT "
+    "--weights imagenet --image-size 224 --epochs 30 --accelerator gpu "
+    "(the paper does not state its epoch count)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python examples/finetune_bus/train.py",
         description=(
-            "Fine-tune a torchvision ResNet to classify breast ultrasound images (malignant vs normal, "
-            "as in the CAManim paper's BC-ResNet50 case study), with accuracy/AUROC, a best-model "
-            "checkpoint and TensorBoard logs.  Without --data-dir it runs offline on a synthetic "
-            "ultrasound set made in code; without --weights imagenet it starts from random weights."),
+            "Fine-tune a torchvision ResNet to classify breast ultrasound images (malignant vs "
+            "normal, as in the CAManim paper's BC-ResNet50 case study), with accuracy/AUROC, a "
+            "best-model checkpoint and TensorBoard logs.  Without --data-dir it runs offline on a "
+            "synthetic ultrasound set made in code; without --weights imagenet it starts from "
+            "random weights."
+        ),
         epilog=(
-            "Defaults are sized for a 2-core CPU without a GPU (ResNet-50, 128x128, 6 epochs: about "
-            "4.5 minutes on an idle 2-core CPU with the CAManim callback, ~2.5 without it "
-            "(--no-cam); 224x224 costs ~3x more).  The "
-            + PAPER + ".  "
+            "Defaults are sized for a 2-core CPU without a GPU (ResNet-50, 128x128, 6 epochs: "
+            "about 4.5 minutes on an idle 2-core CPU with the CAManim callback, ~2.5 without it "
+            "(--no-cam); 224x224 costs ~3x more).  The " + PAPER + ".  "
             "Quick smoke run: --arch resnet18 --image-size 64 --limit 40 --epochs 1.\n"
-            "Outputs: <out>/<name>/version_N/ holds checkpoints/, split.json, test_metrics.json and "
-            "the TensorBoard event file."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+            "Outputs: <out>/<name>/version_N/ holds checkpoints/, split.json, test_metrics.json "
+            "and the TensorBoard event file."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     d = p.add_argument_group("data")
-    d.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
-                   help="BUSI folder Dataset_BUSI_with_GT (sub-folders benign/, malignant/, normal/ with "
-                        "'name (N).png' and 'name (N)_mask[_k].png'), or the folder containing it. "
-                        "Omitted: a synthetic breast-ultrasound set made in code (133 normal, "
-                        "210 malignant, 437 benign images like BUSI; deterministic by --seed).")
-    d.add_argument("--include-benign", action="store_true",
-                   help="three classes (normal, benign, malignant) instead of the paper's malignant vs normal")
-    d.add_argument("--limit", type=int, default=DEFAULTS["limit"], metavar="N",
-                   help="use about N images in total (class proportions kept, seeded) before splitting; "
-                        "for quick runs. Default: all")
-    d.add_argument("--split-file", type=Path, default=None, metavar="JSON",
-                   help="re-use the train/val/test split of an earlier run (its split.json) so runs are "
-                        "comparable. Default: a new stratified, seeded 80/10/10 split, written to "
-                        "<run dir>/split.json")
-    d.add_argument("--image-size", type=int, default=DEFAULTS["image_size"], metavar="S",
-                   help="images are resized to S x S (the paper: 224; a ResNet-50 step costs ~3x more at "
-                        "224 than at 128 on CPU)")
-    d.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], metavar="B",
-                   help="images per training step (also for validation/test); BatchNorm wants 8 or more")
-    d.add_argument("--num-workers", type=int, default=0, metavar="W",
-                   help="DataLoader worker processes (0: load in the main process, best on a 2-core CPU; "
-                        "4-8 on a GPU machine)")
+    d.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="BUSI folder Dataset_BUSI_with_GT (sub-folders benign/, malignant/, normal/ with "
+        "'name (N).png' and 'name (N)_mask[_k].png'), or the folder containing it. "
+        "Omitted: a synthetic breast-ultrasound set made in code (133 normal, "
+        "210 malignant, 437 benign images like BUSI; deterministic by --seed).",
+    )
+    d.add_argument(
+        "--include-benign",
+        action="store_true",
+        help="three classes (normal, benign, malignant) instead of the paper's malignant vs normal",
+    )
+    d.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULTS["limit"],
+        metavar="N",
+        help="use about N images in total (class proportions kept, seeded) before splitting; "
+        "for quick runs. Default: all",
+    )
+    d.add_argument(
+        "--split-file",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="re-use the train/val/test split of an earlier run (its split.json) so runs are "
+        "comparable. Default: a new stratified, seeded 80/10/10 split, written to "
+        "<run dir>/split.json",
+    )
+    d.add_argument(
+        "--image-size",
+        type=int,
+        default=DEFAULTS["image_size"],
+        metavar="S",
+        help="images are resized to S x S (the paper: 224; a ResNet-50 step costs ~3x more at "
+        "224 than at 128 on CPU)",
+    )
+    d.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULTS["batch_size"],
+        metavar="B",
+        help="images per training step (also for validation/test); BatchNorm wants 8 or more",
+    )
+    d.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        metavar="W",
+        help="DataLoader worker processes (0: load in the main process, best on a 2-core CPU; "
+        "4-8 on a GPU machine)",
+    )
     m = p.add_argument_group("model and training")
     m.add_argument("--arch", choices=bus_model.ARCHS, default="resnet50",
                    help="torchvision ResNet (resnet50 as in the paper; resnet18 for quick runs)")
-    m.add_argument("--weights", default="none", metavar="{none,imagenet,PATH}",
-                   help="'imagenet': torchvision's ImageNet-1k weights (the paper; read from the torch cache "
-                        "$TORCH_HOME/hub/checkpoints, downloaded if missing, else the run stops and says how "
-                        "to get them); 'none': random initialization (offline default); or a path to a "
-                        "torchvision .pth state dict")
-    m.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], metavar="E",
-                   help="training epochs (each ends with validation; the best epoch is checkpointed)")
-    m.add_argument("--lr", type=float, default=None,
-                   help=f"AdamW learning rate (cosine schedule over the epochs). Default: "
-                        f"{DEFAULTS['lr_none']:g} from random weights, {DEFAULTS['lr_imagenet']:g} when "
-                        f"fine-tuning pre-trained weights")
-    m.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (decoupled L2 penalty)")
-    m.add_argument("--monitor", choices=("val_auroc", "val_acc", "val_loss"), default="val_auroc",
-                   help="validation metric that picks the best checkpoint (max for auroc/acc, min for loss; "
-                        "ties keep the earlier epoch)")
-    m.add_argument("--seed", type=int, default=0,
-                   help="seeds everything: synthetic images, split, weights init, augmentation, batch order")
-    m.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="CPU threads for PyTorch (0: PyTorch's default, one per core). On a CPU shared "
-                        "with other jobs use 1: busy cores make parallel threads wait for each other "
-                        "(measured 5-7x slower with 2 threads on a loaded 2-core machine)")
+    m.add_argument(
+        "--weights",
+        default="none",
+        metavar="{none,imagenet,PATH}",
+        help="'imagenet': torchvision's ImageNet-1k weights (the paper; read from the torch cache "
+        "$TORCH_HOME/hub/checkpoints, downloaded if missing, else the run stops and says how "
+        "to get them); 'none': random initialization (offline default); or a path to a "
+        "torchvision .pth state dict",
+    )
+    m.add_argument(
+        "--epochs",
+        type=int,
+        default=DEFAULTS["epochs"],
+        metavar="E",
+        help="training epochs (each ends with validation; the best epoch is checkpointed)",
+    )
+    m.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"AdamW learning rate (cosine schedule over the epochs). Default: "
+        f"{DEFAULTS['lr_none']:g} from random weights, {DEFAULTS['lr_imagenet']:g} when "
+        f"fine-tuning pre-trained weights",
+    )
+    m.add_argument(
+        "--weight-decay", type=float, default=1e-4, help="AdamW weight decay (decoupled L2 penalty)"
+    )
+    m.add_argument(
+        "--monitor",
+        choices=("val_auroc", "val_acc", "val_loss"),
+        default="val_auroc",
+        help="validation metric that picks the best checkpoint (max for auroc/acc, min for loss; "
+        "ties keep the earlier epoch)",
+    )
+    m.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds everything: synthetic images, split, weights init, augmentation, batch order",
+    )
+    m.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="CPU threads for PyTorch (0: PyTorch's default, one per core). On a CPU shared "
+        "with other jobs use 1: busy cores make parallel threads wait for each other "
+        "(measured 5-7x slower with 2 threads on a loaded 2-core machine)",
+    )
     m.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda", "mps"),
                    help="Lightning accelerator (auto: a GPU when there is one)")
     c = p.add_argument_group("CAManim (the callback that watches training)")
     c.add_argument("--cam-method", default="gradcam", metavar="M",
                    help="CAM method: gradcam, hirescam, gradcam++, layercam, xgradcam, eigencam, "
                         "scorecam, ablationcam, integrated-gradcam, sise, ada-sise, ...")
-    c.add_argument("--cam-layers", default="conv", metavar="SEL",
-                   help="layers to animate: conv (every Conv2d call; ResNet-50 has 53), all, blocks, "
-                        "or comma-separated layer names")
-    c.add_argument("--cam-max-layers", type=int, default=16, metavar="N",
-                   help="keep N evenly spaced layers of --cam-layers (0: all of them, as in the paper; "
-                        "ybROAD of all 53 ResNet-50 layers x 4 probes costs ~1-2 min per epoch on a 2-core CPU)")
-    c.add_argument("--cam-every", type=int, default=1, metavar="K",
-                   help="run CAManim and ybROAD on the probes every K epochs (and once at the end of fit)")
-    c.add_argument("--cam-probes", type=int, default=4, metavar="P",
-                   help="fixed probe images from the test split, malignant first, with their lesion masks "
-                        "(so the energy-based pointing game is logged beside ybROAD)")
+    c.add_argument(
+        "--cam-layers",
+        default="conv",
+        metavar="SEL",
+        help="layers to animate: conv (every Conv2d call; ResNet-50 has 53), all, blocks, "
+        "or comma-separated layer names",
+    )
+    c.add_argument(
+        "--cam-max-layers",
+        type=int,
+        default=16,
+        metavar="N",
+        help="keep N evenly spaced layers of --cam-layers (0: all of them, as in the paper; "
+        "ybROAD of all 53 ResNet-50 layers x 4 probes costs ~1-2 min per epoch on a 2-core CPU)",
+    )
+    c.add_argument(
+        "--cam-every",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run CAManim and ybROAD on the probes every K epochs (and once at the end of fit)",
+    )
+    c.add_argument(
+        "--cam-probes",
+        type=int,
+        default=4,
+        metavar="P",
+        help="fixed probe images from the test split, malignant first, with their lesion masks "
+        "(so the energy-based pointing game is logged beside ybROAD)",
+    )
     c.add_argument("--no-road", action="store_true", help="skip ybROAD (videos and EBPG only)")
     c.add_argument("--no-cam", action="store_true", help="train without the CAManim callback")
     c.add_argument("--no-explain", action="store_true",
@@ -162,7 +250,9 @@ def build_datamodule(args: argparse.Namespace) -> bus_data.BUSDataModule:
         split_file=args.split_file)
 
 
-def build_model(args: argparse.Namespace, datamodule: bus_data.BUSDataModule) -> bus_model.BUSClassifier:
+def build_model(
+    args: argparse.Namespace, datamodule: bus_data.BUSDataModule
+) -> bus_model.BUSClassifier:
     return bus_model.BUSClassifier(
         arch=args.arch, num_classes=datamodule.num_classes, weights=args.weights, lr=args.lr,
         weight_decay=args.weight_decay, max_epochs=args.epochs, class_names=datamodule.classes)
@@ -176,11 +266,19 @@ def build_callbacks(args: argparse.Namespace, datamodule: bus_data.BUSDataModule
     import lightning.pytorch.callbacks as plc
     mode = "min" if args.monitor == "val_loss" else "max"
     checkpoint = plc.ModelCheckpoint(
-        dirpath=Path(args.run_dir) / "checkpoints", monitor=args.monitor, mode=mode, save_top_k=1,
+        dirpath=Path(args.run_dir) / "checkpoints",
+        monitor=args.monitor,
+        mode=mode,
+        save_top_k=1,
         save_last=True,
         save_weights_only=True,  # ResNet-50: ~95 MB per file (~280 MB with the optimizer state)
-        filename="best-epoch{epoch:02d}-" + args.monitor.split("_")[1] + "{" + args.monitor + ":.3f}",
-        auto_insert_metric_name=False)
+        filename="best-epoch{epoch:02d}-"
+        + args.monitor.split("_")[1]
+        + "{"
+        + args.monitor
+        + ":.3f}",
+        auto_insert_metric_name=False,
+    )
     callbacks: list = [checkpoint]
     if not args.no_cam:
         import camanim
@@ -206,7 +304,8 @@ def _probe_name(image_id: str) -> str:
     return "_".join(part for part in name.split("_") if part)
 
 
-def camanim_outputs(args: argparse.Namespace, callbacks: list) -> dict[str, str]:
+def camanim_outputs(args: argparse.Namespace,
+                    callbacks: list) -> dict[str, str]:  # noqa: ARG001 - public signature
     """Where the CAManim callback wrote its outputs, for the final summary."""
     if args.no_cam:
         return {}
@@ -232,15 +331,37 @@ def explain_best(args: argparse.Namespace, datamodule: bus_data.BUSDataModule,
     probe = datamodule.probes(n=1, part="test")
     mean = torch.tensor(bus_data.IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(bus_data.IMAGENET_STD)[:, None, None]
-    rgb = ((probe["image"][0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    rgb = (
+        ((probe["image"][0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    )
     out = args.run_dir / "explain"
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{datamodule.classes[int(probe['label'][0])]}_{_probe_name(probe['id'][0])}.png"
     Image.fromarray(np.ascontiguousarray(rgb)).save(png)
-    argv = ["explain", str(png), "--model", args.arch, "--checkpoint", str(checkpoint),
-            "--num-classes", str(datamodule.num_classes), "--classes", ",".join(datamodule.classes),
-            "--method", args.cam_method, "--layers", args.cam_layers, "--size", str(args.image_size),
-            "--out", str(out), "--norm", "local,global", "--device", device]
+    argv = [
+        "explain",
+        str(png),
+        "--model",
+        args.arch,
+        "--checkpoint",
+        str(checkpoint),
+        "--num-classes",
+        str(datamodule.num_classes),
+        "--classes",
+        ",".join(datamodule.classes),
+        "--method",
+        args.cam_method,
+        "--layers",
+        args.cam_layers,
+        "--size",
+        str(args.image_size),
+        "--out",
+        str(out),
+        "--norm",
+        "local,global",
+        "--device",
+        device,
+    ]
     if not args.no_road:
         argv.append("--road")
     if args.no_progress:
@@ -340,8 +461,18 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     test_results = trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=False)
     test = {k: float(v) for k, v in (test_results[0] if test_results else {}).items()}
     seconds = time.time() - t0
-    (args.run_dir / "test_metrics.json").write_text(json.dumps(
-        {"checkpoint": best, "test": test, "last_val": val, "fit_seconds": t_fit, "seconds": seconds}, indent=1))
+    (args.run_dir / "test_metrics.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": best,
+                "test": test,
+                "last_val": val,
+                "fit_seconds": t_fit,
+                "seconds": seconds,
+            },
+            indent=1,
+        )
+    )
 
     dev_type = trainer.strategy.root_device.type
     explained = explain_best(args, dm, best, dev_type if dev_type in ("cuda", "mps") else "cpu")
@@ -350,12 +481,20 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     best_score = ckpt.best_model_score
     print()
     device = trainer.strategy.root_device
-    print(f"done in {seconds:.0f} s (fit: {t_fit:.0f} s for {trainer.current_epoch} epochs) on {device}")
+    print(
+        f"done in {seconds:.0f} s (fit: {t_fit:.0f} s for {trainer.current_epoch} epochs) "
+        f"on {device}"
+    )
     print(f"last validation: {_fmt_metrics(val)}")
-    print(f"best checkpoint ({args.monitor} {float(best_score):.3f}): {best}" if best_score is not None
-          else f"best checkpoint: {best}")
-    print(f"test ({'best checkpoint' if best else 'last weights'}, {len(dm.parts['test'])} images): "
-          f"{_fmt_metrics(test)}")
+    print(
+        f"best checkpoint ({args.monitor} {float(best_score):.3f}): {best}"
+        if best_score is not None
+        else f"best checkpoint: {best}"
+    )
+    print(
+        f"test ({'best checkpoint' if best else 'last weights'}, {len(dm.parts['test'])} images): "
+        f"{_fmt_metrics(test)}"
+    )
     print()
     print(f"outputs in {args.run_dir}:")
     outputs = {"checkpoints": str(args.run_dir / "checkpoints"), "split": str(split_path),

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import CAManimError
 from .common import FORMATS, Parser, input_args, model_args
@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"camanim {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,layers,study,sanity}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{explain,layers,study,sanity}"
+    )
 
     ex = sub.add_parser("explain", help="CAManim videos, contact sheet and summary for images",
                         description="Write a CAManim video per image and normalization, a "
@@ -45,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "method's own, conv; blocks for sise and ada-sise)")
     ex.add_argument("--max-layers", type=int, default=None, metavar="N",
                     help="keep at most N evenly spaced layers")
-    ex.add_argument("--norm", default="local,global", metavar="local,global,both",
-                    help="normalizations, one video each; 'both' = side by side (default local,global)")
+    ex.add_argument(
+        "--norm",
+        default="local,global",
+        metavar="local,global,both",
+        help="normalizations, one video each; 'both' = side by side (default local,global)",
+    )
     ex.add_argument("--size", default="224", metavar="224|HxW|none",
                     help="model input size; none keeps the original resolution (default 224)")
     ex.add_argument("--out", type=Path, default=Path("camanim_out"), metavar="DIR",
@@ -73,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(ly)
     ly.add_argument("--layers", default="all", metavar="SEL",
                     help="conv, all (default), blocks, or comma-separated layer names")
-    ly.add_argument("--size", default="224", metavar="224|HxW", help="example input size (default 224)")
+    ly.add_argument(
+        "--size", default="224", metavar="224|HxW", help="example input size (default 224)"
+    )
     ly.set_defaults(func=cmd_layers)
     from .sanity import add_sanity_parser
     from .study import add_study_parser

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
-
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -46,11 +46,21 @@ def input_args(p: argparse.ArgumentParser) -> None:
 
 
 def model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="NAME|module:callable",
-                   help="a torchvision model name (resnet50, densenet161, ...) or an importable "
-                        "'package.module:callable' / 'path/to/file.py:callable' returning an nn.Module")
-    p.add_argument("--num-classes", type=int, default=None, metavar="K",
-                   help="output classes of a torchvision model (default: 1000; explain: or what --checkpoint holds)")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="NAME|module:callable",
+        help="a torchvision model name (resnet50, densenet161, ...) or an importable "
+        "'package.module:callable' / 'path/to/file.py:callable' returning an nn.Module",
+    )
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        metavar="K",
+        help="output classes of a torchvision model (default: 1000; explain: or what "
+             "--checkpoint holds)",
+    )
 
 
 
@@ -104,7 +114,10 @@ def target_index(text: str, classes: list[str] | None, n_out: int | None) -> int
     if text.lstrip("-").isdigit():
         k = int(text)
         if k < 0 or (n_out is not None and k >= n_out):
-            raise CAManimError(f"--target {k} is out of range: the model has {n_out} classes (0..{(n_out or 1) - 1})")
+            raise CAManimError(
+                f"--target {k} is out of range: the model has {n_out} classes "
+                f"(0..{(n_out or 1) - 1})"
+            )
         return k
     if not classes:
         raise CAManimError(f"--target {text!r}: class names are unknown for this model; pass an "
@@ -113,7 +126,9 @@ def target_index(text: str, classes: list[str] | None, n_out: int | None) -> int
     if text.lower() in low:
         return low.index(text.lower())
     close = difflib.get_close_matches(text.lower(), low, n=4, cutoff=0.5)
-    hint = f"; did you mean {', '.join(repr(classes[low.index(c)]) for c in close)}?" if close else ""
+    hint = (
+        f"; did you mean {', '.join(repr(classes[low.index(c)]) for c in close)}?" if close else ""
+    )
     raise CAManimError(f"--target {text!r} is not a class name of this model{hint}")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -11,6 +11,7 @@ from ..core.images import parse_size
 from ..errors import CAManimError
 from .common import layer_selector
 from .models import build_model, in_channels
+
 
 def cmd_layers(args: argparse.Namespace) -> int:
     """``camanim layers``: print the layer table."""
@@ -30,8 +31,9 @@ def cmd_layers(args: argparse.Namespace) -> int:
           f"({len(table.calls)} module calls in one forward at {size[0]}x{size[1]})")
     if table.skipped:
         print(f"\nskipped ({len(table.skipped)}):")
-        rows = [(s.name, s.type, _shape(s.output_shape), s.skipped or "") for s in table.skipped]
-        print(_table(("name", "type", "output shape", "reason"), rows))
+        skipped = [(s.name, s.type, _shape(s.output_shape), s.skipped or "")
+                   for s in table.skipped]
+        print(_table(("name", "type", "output shape", "reason"), skipped))
     return 0
 
 
@@ -41,12 +43,14 @@ def _shape(shape: Sequence[int]) -> str:
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)
+    ]
     right = {"#", "params"}
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if h in right else c.ljust(w)
-                         for c, w, h in zip(cells, widths, head)).rstrip()
+                         for c, w, h in zip(cells, widths, head, strict=False)).rstrip()
 
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 

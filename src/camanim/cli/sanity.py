@@ -16,12 +16,19 @@ from typing import Any
 
 import torch
 
-from ..errors import CAManimError
 from ..core.files import write_text
-from .common import (float_list, input_args, layer_selector, parse_class_names, prepare_out,
-                     target_index, torch_device)
-from .models import build_model, import_callable, in_channels, n_outputs
 from ..core.images import load_image, parse_size, to_model_input
+from ..errors import CAManimError
+from .common import (
+    float_list,
+    input_args,
+    layer_selector,
+    parse_class_names,
+    prepare_out,
+    target_index,
+    torch_device,
+)
+from .models import build_model, import_callable, in_channels, n_outputs
 
 FAIL_ON = ("never", "method", "layer")
 
@@ -43,16 +50,22 @@ def add_sanity_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="conv (default), all, blocks, or comma-separated layer names")
     p.add_argument("--max-layers", type=int, default=None, metavar="N",
                    help="keep at most N evenly spaced layers")
-    p.add_argument("--blocks", default="children", metavar="children|leaves|A,B,...",
-                   help="what one randomization step covers: the model's top-level children "
-                        "(default), every module with parameters (leaves), or module names, top first")
+    p.add_argument(
+        "--blocks",
+        default="children",
+        metavar="children|leaves|A,B,...",
+        help="what one randomization step covers: the model's top-level children "
+        "(default), every module with parameters (leaves), or module names, top first",
+    )
     p.add_argument("--threshold", type=float, default=0.9,
                    help="flag a layer whose mean Spearman after full randomization is above this "
                         "(default 0.9)")
     p.add_argument("--fail-on", default="never", choices=FAIL_ON,
                    help="exit with status 1 when the method (mean over layers) or any layer is "
                         "flagged (default never)")
-    p.add_argument("--size", default="224", metavar="224|HxW", help="model input size (default 224)")
+    p.add_argument(
+        "--size", default="224", metavar="224|HxW", help="model input size (default 224)"
+    )
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random weights drawn by the check (and of random init)")
     p.add_argument("--out", type=Path, default=Path("camanim_sanity"), metavar="DIR",
@@ -104,7 +117,9 @@ def run_sanity(args: argparse.Namespace) -> int:
     model = model.to(device)
     channels = in_channels(model)
     x = torch.cat([to_model_input(r, size, mean, std, channels) for r in rgbs]).to(device)
-    target = target_index(args.target, parse_class_names(args.classes, categories), n_outputs(model, x[:1]))
+    target = target_index(
+        args.target, parse_class_names(args.classes, categories), n_outputs(model, x[:1])
+    )
     report = sanity_check(model, x, method, layer_selector(args.layers),
                           targets=None if target is None else [target] * x.shape[0],
                           blocks=_blocks(args.blocks), threshold=args.threshold, seed=args.seed,
@@ -119,8 +134,10 @@ def run_sanity(args: argparse.Namespace) -> int:
                     f"flagged layer)")
     if not args.quiet:
         print(table)
-        print(f"\nwrote sanity.txt, sanity.json, sanity.csv{'' if args.no_plot else ', sanity.png'} "
-              f"to {out}/")
+        print(
+            f"\nwrote sanity.txt, sanity.json, sanity.csv{'' if args.no_plot else ', sanity.png'} "
+            f"to {out}/"
+        )
     if args.fail_on == "method" and report.method_flagged:
         return 1
     if args.fail_on == "layer" and report.flagged_layers:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import CAManimError
 from ..runs.study import study
 from .common import prepare_out
+
 
 def add_study_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``study`` subcommand to an ``argparse`` subparsers object;

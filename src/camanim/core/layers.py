@@ -32,8 +32,9 @@ from __future__ import annotations
 import difflib
 import math
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +51,9 @@ VECTOR = "vector"    # (B, F) or (B, C, 1, 1): no spatial extent
 UNKNOWN = "unknown"  # cannot be told (MaxViT windows, tuples, ...)
 SPATIAL = (NCHW, NHWC)
 
-Selector = Union[str, Sequence[str], Callable[[str, nn.Module], bool]]
+#: a user's token -> (B, C, h, w) transform
+Transform = Callable[[torch.Tensor], torch.Tensor]
+Selector = str | Sequence[str] | Callable[[str, nn.Module], bool]
 
 # Pooling layers: their output only carries a map to the next resolution, it
 # is never "the last layer before a downsampling" (see block_layers).
@@ -134,7 +137,7 @@ class LayerInfo:
         return None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LayerInfo":
+    def from_dict(cls, d: dict[str, Any]) -> LayerInfo:
         d = dict(d)
         d["output_shape"] = tuple(d["output_shape"])
         d["aliases"] = tuple(d.get("aliases", ()))
@@ -154,7 +157,7 @@ class LayerTable:
     selected: list[LayerInfo]
     skipped: list[LayerInfo] = field(default_factory=list)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[LayerInfo]:
         return iter(self.selected)
 
     def __len__(self) -> int:
@@ -252,7 +255,9 @@ def _layout(module: nn.Module, out: Any, known_sizes: set[tuple[int, int]],
         elif nchw and nhwc:
             # (B, h, h, h)-like shapes: only trust NCHW when the module keeps
             # its input's layout (element-wise or channel-mixing conv).
-            layout = NCHW if isinstance(module, (nn.ReLU, nn.SiLU, nn.GELU, nn.Sequential)) else UNKNOWN
+            layout = (
+                NCHW if isinstance(module, (nn.ReLU, nn.SiLU, nn.GELU, nn.Sequential)) else UNKNOWN
+            )
         elif in_layout is not None and _downsized(in_layout[1], (b, c) if in_layout[0] == NCHW
                                                  else (a, b)):
             # a new, smaller size with the input's aspect ratio (Swin's patch
@@ -280,7 +285,7 @@ def _stride_one_resize(module: nn.Module, inp: Any, out: Any) -> tuple[tuple[int
     strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
     if any(int(s) != 1 for s in strides):
         return None
-    a, b = tuple(x.shape[2:4]), tuple(out.shape[2:4])
+    a, b = (int(x.shape[2]), int(x.shape[3])), (int(out.shape[2]), int(out.shape[3]))
     return (a, b) if a != b else None
 
 
@@ -300,7 +305,7 @@ def discover(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo]:
     calls: list[dict[str, Any]] = []
     counts: dict[nn.Module, int] = {}
     last_child_call: dict[nn.Module, int] = {}  # parent -> index into calls
-    image_size = tuple(int(v) for v in example_input.shape[-2:])
+    image_size = (int(example_input.shape[-2]), int(example_input.shape[-1]))
     known_sizes = {image_size}
     same_stage: list[tuple[tuple[int, int], tuple[int, int]]] = []
 
@@ -309,14 +314,15 @@ def discover(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo]:
         k = counts[module]
         mname = names[module]
         in_layout = _input_layout(inp, known_sizes)
-        layout, reason, grid = _layout(module, out, known_sizes, image_size,  # type: ignore[arg-type]
+        layout, reason, grid = _layout(module, out, known_sizes, image_size,
                                        in_layout)
         if layout == NCHW and isinstance(module, _NCHW_TYPES):
-            known_sizes.add(tuple(out.shape[2:4]))
+            known_sizes.add((int(out.shape[2]), int(out.shape[3])))
         elif layout in SPATIAL and in_layout is not None:
-            size = tuple(out.shape[2:4]) if layout == NCHW else tuple(out.shape[1:3])
-            if size not in known_sizes and _downsized(in_layout[1], size):  # type: ignore[arg-type]
-                known_sizes.add(size)  # type: ignore[arg-type]
+            h = 2 if layout == NCHW else 1
+            size = (int(out.shape[h]), int(out.shape[h + 1]))
+            if size not in known_sizes and _downsized(in_layout[1], size):
+                known_sizes.add(size)
         pair = _stride_one_resize(module, inp, out)
         if pair is not None:
             same_stage.append(pair)
@@ -412,7 +418,7 @@ def _call_name(rec: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------
 # selection
 
-def _drawable(info: LayerInfo, reshape_transform: Callable | None) -> str | None:
+def _drawable(info: LayerInfo, reshape_transform: Transform | None) -> str | None:
     """Reason why ``info`` cannot be drawn, or ``None``."""
     if info.layout in SPATIAL:
         return None
@@ -451,7 +457,7 @@ def block_layers(cands: list[LayerInfo], calls: list[LayerInfo]) -> list[LayerIn
     return sorted(chosen, key=lambda i: i.order)
 
 
-def _token_notice(chosen: list[LayerInfo], reshape_transform: Callable | None) -> None:
+def _token_notice(chosen: list[LayerInfo], reshape_transform: Transform | None) -> None:
     """One warning for all token layers drawn on a grid told from their length."""
     if reshape_transform is not None:
         return
@@ -465,7 +471,7 @@ def _token_notice(chosen: list[LayerInfo], reshape_transform: Callable | None) -
 
 
 def select(calls: list[LayerInfo], layers: Selector, model: nn.Module | None = None,
-           reshape_transform: Callable | None = None,
+           reshape_transform: Transform | None = None,
            max_layers: int | None = None) -> LayerTable:
     """Pick the drawable calls named by ``layers`` (see module docstring)."""
     merged = {i.name for i in calls if i.merged}
@@ -506,7 +512,7 @@ def select(calls: list[LayerInfo], layers: Selector, model: nn.Module | None = N
             f"unknown layer selector {layers!r}: use 'conv', 'all', 'blocks', a list "
             "of layer names, or a callable (name, module) -> bool")
     elif callable(layers):
-        chosen = keep([i for i in calls if layers(i.name, modules.get(i.module_name))])
+        chosen = keep([i for i in calls if layers(i.name, modules[i.module_name])])
         if not chosen:
             raise CAManimError("the layer callable selected no drawable layer; "
                                "see camanim.list_layers(model, x) for what exists")
@@ -546,7 +552,7 @@ def select(calls: list[LayerInfo], layers: Selector, model: nn.Module | None = N
 
 
 def list_layers(model: nn.Module, example_input: torch.Tensor, layers: Selector = "all",
-                reshape_transform: Callable | None = None,
+                reshape_transform: Transform | None = None,
                 max_layers: int | None = None) -> LayerTable:
     """Discover the layer calls of ``model`` on ``example_input`` and select.
 

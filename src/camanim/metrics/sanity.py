@@ -53,21 +53,22 @@ import copy
 import csv
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import CAManim
-from ..core.guard import eval_mode
 from ..core.files import atomic_path, save_figure, write_json
-from ..errors import CAManimError
+from ..core.guard import eval_mode
 from ..core.maps import exact_dtype
+from ..engine import CAManim
+from ..errors import CAManimError
 from .convergence import average_ranks, pearson_rows
 
 METRICS = ("spearman", "ssim", "hog")
@@ -120,18 +121,18 @@ class SanityReport:
     @property
     def final_spearman(self) -> np.ndarray:
         """``(L,)`` mean Spearman after full randomization."""
-        return self.mean("spearman")[-1]
+        return np.asarray(self.mean("spearman")[-1])
 
     @property
     def flagged(self) -> np.ndarray:
         """``(L,)`` bool: the layer's maps did not change (see module doc).
         A layer whose maps are all undefined (constant) is not flagged."""
         f = self.final_spearman
-        return np.nan_to_num(f, nan=-np.inf) > self.threshold
+        return np.asarray(np.nan_to_num(f, nan=-np.inf) > self.threshold)
 
     @property
     def flagged_layers(self) -> list[str]:
-        return [n for n, f in zip(self.layers, self.flagged) if f]
+        return [n for n, f in zip(self.layers, self.flagged, strict=False) if f]
 
     @property
     def method_flagged(self) -> bool:
@@ -183,11 +184,21 @@ class SanityReport:
         and after full randomization, and the flag."""
         sp, ss, hg = (self.mean(m) for m in METRICS)
         head = ("#", "layer", "spearman@1", "spearman@all", "ssim@all", "hog@all", "flag")
-        rows = [(str(i), n, _fmt(sp[0, i]), _fmt(sp[-1, i]), _fmt(ss[-1, i]), _fmt(hg[-1, i]),
-                 "FLAG" if f else "") for i, (n, f) in enumerate(zip(self.layers, self.flagged))]
+        rows = [
+            (
+                str(i),
+                n,
+                _fmt(sp[0, i]),
+                _fmt(sp[-1, i]),
+                _fmt(ss[-1, i]),
+                _fmt(hg[-1, i]),
+                "FLAG" if f else "",
+            )
+            for i, (n, f) in enumerate(zip(self.layers, self.flagged, strict=False))
+        ]
         widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
         lines = ["  ".join(c.ljust(w) if j == 1 else c.rjust(w)
-                           for j, (c, w) in enumerate(zip(r, widths))).rstrip()
+                           for j, (c, w) in enumerate(zip(r, widths, strict=False))).rstrip()
                  for r in [head, tuple("-" * w for w in widths)] + rows]
         verdict = ("FLAGGED: the maps barely change when the model is randomized; they do not "
                    "explain the model" if self.method_flagged else
@@ -213,7 +224,7 @@ class SanityReport:
         label_size = 7 if n_layers <= 40 else (6 if n_layers <= 70 else 5)
         every = max(1, math.ceil(n_layers / 90))
         flags = self.flagged
-        for ax, m in zip(axes[0], METRICS):
+        for ax, m in zip(axes[0], METRICS, strict=False):
             data = self.mean(m).T                                    # (L, K)
             im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap="viridis",
                            vmin=-1, vmax=1, interpolation="nearest")
@@ -228,7 +239,7 @@ class SanityReport:
         ticks = list(range(0, n_layers, every))
         ax0.set_yticks(ticks)
         ax0.set_yticklabels([f"{i} {self.layers[i]}" for i in ticks], fontsize=label_size)
-        for t, i in zip(ax0.get_yticklabels(), ticks):
+        for t, i in zip(ax0.get_yticklabels(), ticks, strict=False):
             if flags[i]:
                 t.set_color("red")
         verdict = "FLAGGED" if self.method_flagged else "passed"
@@ -261,7 +272,9 @@ def _short(name: str, n: int = 28) -> str:
 
 # ------------------------------------------------------------- similarity
 
-def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _gaussian_window(
+    size: int, sigma: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
     g = torch.exp(-x.square() / (2 * sigma * sigma))
     g = g / g.sum()
@@ -393,7 +406,9 @@ def _has_params(m: nn.Module, recurse: bool = True) -> bool:
     return any(True for _ in m.parameters(recurse=recurse))
 
 
-def find_blocks(model: nn.Module, x: torch.Tensor, blocks: Any = "children") -> list[tuple[str, list[nn.Module]]]:
+def find_blocks(
+    model: nn.Module, x: torch.Tensor, blocks: Any = "children"
+) -> list[tuple[str, list[nn.Module]]]:
     """The blocks to randomize, top (closest to the logits) first.
 
     Args:
@@ -489,7 +504,9 @@ def sanity_check(model: nn.Module, images: torch.Tensor, method: Any = "gradcam"
         raise CAManimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(threshold, bool) or not isinstance(threshold, (Real, np.number)) \
             or not -1 <= float(threshold) <= 1:
-        raise CAManimError(f"threshold must be a Spearman correlation in [-1, 1], got {threshold!r}")
+        raise CAManimError(
+            f"threshold must be a Spearman correlation in [-1, 1], got {threshold!r}"
+        )
     if isinstance(seed, bool) or not isinstance(seed, (Integral, np.integer)):
         raise CAManimError(f"seed must be an int, got {seed!r}")
     try:

@@ -26,20 +26,21 @@ at a time, so memory does not grow with the number of layers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..errors import CAManimError
 from ..core.guard import one_torch_thread
-from .fonts import fit_text, join_fit, sans_font, short_names
-from .overlay import colormap_lut, display_images, iter_maps, overlay
 from ..core.images import IMAGENET_MEAN, IMAGENET_STD
 from ..core.layers import LayerInfo
 from ..core.maps import NORMALIZATIONS, LayerMaps
+from ..errors import CAManimError
+from .fonts import fit_text, join_fit, sans_font, short_names
+from .overlay import colormap_lut, display_images, iter_maps, overlay
 
 __all__ = ["render_frames", "FrameRenderer", "colormap_lut", "display_images", "iter_maps",
            "overlay", "panel_size", "road_scores", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -96,7 +97,9 @@ def _even(n: float) -> int:
     return max(2, int(round(n / 2.0)) * 2)
 
 
-def panel_size(image_hw: tuple[int, int], size: int | Sequence[int] | None = None) -> tuple[int, int]:
+def panel_size(
+    image_hw: tuple[int, int], size: int | Sequence[int] | None = None
+) -> tuple[int, int]:
     """Even ``(H, W)`` of one image panel.
 
     ``size=None``: the image size, upscaled to at least `MIN_PANEL_WIDTH`
@@ -253,7 +256,9 @@ class FrameRenderer:
         size = (self.layout.ph, self.layout.pw)
         streams = [iter_maps(self.maps, n, size, overlay_on=(self.backgrounds, self.lut))
                    for n in self.norms]
-        for i, cams in enumerate(zip(*streams)):  # each: overlay panels (B, ph, pw, 3) uint8
+        for i, cams in enumerate(
+            zip(*streams, strict=False)
+        ):  # each: overlay panels (B, ph, pw, 3) uint8
             yield [self._frame(i, cams, out) for out in range(self.n_outputs)]
 
     # ..................................................... drawing
@@ -328,7 +333,8 @@ class FrameRenderer:
         # method and normalization first and whole; target, then title, shortened first
         norm = self.norms[0] if len(self.norms) == 1 else ""  # else the panels are labelled
         target = self._target_text(imgs[0]) if len(imgs) == 1 else ""
-        bits = [self.maps.method or "CAM", norm, target and f"target: {target}", self.title]
+        bits = [b for b in (self.maps.method or "CAM", norm, target and f"target: {target}",
+                            self.title) if b]
         d.text((self._pad, lay.grid_h + self._row_y(2)),
                join_fit(bits, self.font, self._text_width(imgs), keep=1 + bool(norm)),
                font=self.font, fill=_DIM)
@@ -344,7 +350,7 @@ class FrameRenderer:
         """Top of caption row ``k`` inside the band."""
         return self._pad // 2 + k * self.line + (2 if k else 0)
 
-    def _text_width(self, imgs: tuple[int, ...]) -> int:
+    def _text_width(self, imgs: tuple[int, ...]) -> int:  # noqa: ARG002 - same call as _panel
         """Room for caption rows 2-3 (left of the ybROAD curve, if any)."""
         if self.scores is None:
             return self.layout.width - 2 * self._pad
@@ -434,7 +440,8 @@ def render_frames(images: Any, maps: LayerMaps, normalization: str = "local",
             raise CAManimError(f"index {index} is out of range for {B} images")
         b = int(index) % B
         maps = maps.image(b)
-        road = None if road is None else road_scores(road, len(maps), B)[:, b:b + 1]
+        scores = None if road is None else road_scores(road, len(maps), B)
+        road = None if scores is None else scores[:, b:b + 1]
         images = _take(images, b)
     r = FrameRenderer(images, maps, normalization=normalization, colormap=colormap,
                       alpha=alpha, mean=mean, std=std, denormalize=denormalize, road=road,
