@@ -27,7 +27,7 @@ CPU); see `ybroad`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from numbers import Integral, Real
 from typing import Any
 
@@ -373,35 +373,15 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
     """
     import time
 
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise CAManimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    ps = _check_percentiles(percentiles)
-    _check_args(noise, seed, trials, batch_size, score)
-    if not isinstance(fold, bool):
-        raise CAManimError(f"fold must be True or False, got {fold!r}")
-    x = check_images(images, model)
+    ps, x, (names, cams, n_layers), logits, ids = _ybroad_inputs(
+        model, images, maps, targets, percentiles, noise, seed, trials, batch_size, score,
+        logits, layer_ids, fold)
     b, c, h, w = x.shape
-    names, cams, n_layers = _layer_cams(maps, b, (h, w))
-    if targets is None and isinstance(maps, LayerMaps) and maps.targets is None:
-        raise CAManimError(
-            "these maps were computed for target callables without a class index "
-            "(maps.targets is None), so ybroad cannot tell which class they explain; pass the "
-            "same callables (or the class indices) as ybroad(..., targets=...)")
-    if logits is None and isinstance(maps, LayerMaps):
-        logits = maps.logits                  # the CAM pass's outputs spare a clean forward
-    if logits is not None:
-        logits = _check_logits(logits, b, x.device)
-    ids = list(range(n_layers)) if layer_ids is None else [int(i) for i in layer_ids]
-    if len(ids) != n_layers:
-        raise CAManimError(f"layer_ids has {len(ids)} entries for {n_layers} layers")
     acc = work_dtype(x.dtype)
     # half-precision models: impute from the float32 images, not the rounded input
     x_acc = x if acc == x.dtype else images.detach().to(device=x.device, dtype=acc)
-    n_p = len(ps)
-    per_layer = 2 * n_p * b
+    per_layer = 2 * len(ps) * b
     sdt = solve_dtype(x.device, x_acc.dtype)
     layers_per_solve = max(1, min(n_layers, masks_per_solve(c, h, w, x.device, sdt) // per_layer))
 
@@ -416,43 +396,13 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
         clean = scorer(logits, torch.arange(b))                              # (B,) CPU
         runner, channels_last = _runner(model, x, logits, bs, fold)
         n_trials = int(trials) if noise else 1   # without noise every trial is the same
-        pert = torch.full((n_trials, n_layers, 2 * n_p, b), float("nan"), dtype=torch.float64)
+        pert = torch.full((n_trials, n_layers, per_layer // b, b), float("nan"),
+                          dtype=torch.float64)
         queue = _ForwardQueue(runner, scorer, pert, bs, b, x.dtype, channels_last)
-        with tqdm(total=n_layers, desc="ybROAD", unit="layer", disable=not progress) as bar:
-            layer = 0
-            while layer < n_layers:
-                group: list[torch.Tensor] = []
-                for cam in cams:
-                    cam = cam.to(x.device)
-                    if not bool(torch.isfinite(cam).all()):
-                        raise CAManimError(f"the map of layer {names[layer + len(group)]!r} "
-                                           "contains NaN or inf")
-                    group.append(road_masks(cam, ps).reshape(per_layer, h, w))
-                    if len(group) == layers_per_solve:
-                        break
-                if not group:
-                    break
-                keep = torch.cat(group)
-                filled = impute(x_acc.repeat(len(group) * 2 * n_p, 1, 1, 1), keep,
-                                chunk=layers_per_solve * per_layer, dtype=sdt)
-                for t in range(n_trials):
-                    for g in range(len(group)):
-                        rows = slice(g * per_layer, (g + 1) * per_layer)
-                        imgs = (add_noise(filled[rows], keep[rows], float(noise),
-                                          noise_generator(seed, t, ids[layer + g], x.device))
-                                if noise else filled[rows])
-                        queue.push(imgs, t, layer + g)
-                del filled, keep
-                layer += len(group)
-                bar.update(len(group))
-            queue.flush()
+        _perturb_and_score(queue, x_acc, cams, names, ps, layers_per_solve, sdt,
+                           float(noise), int(seed), ids, n_trials, progress)
 
-    diff = (pert - clean).numpy()                          # (T', L, 2P, B)
-    morf = diff[:, :, :n_p].transpose(0, 1, 3, 2)          # (T', L, B, P)
-    lerf = diff[:, :, n_p:].transpose(0, 1, 3, 2)
-    if n_trials < trials:                                  # noise 0: all trials equal
-        morf, lerf = (np.repeat(a, int(trials), axis=0) for a in (morf, lerf))
-    road = ((lerf - morf) / 2).mean(axis=-1)               # (T, L, B)
+    morf, lerf, road = _combine(pert, clean, len(ps), int(trials))
     std = road.std(axis=0, ddof=1) if trials > 1 else np.zeros(road.shape[1:])
     return YbRoad(scores=road.mean(axis=0), names=names, targets=classes, percentiles=ps,
                   std=std, trials=road, morf=morf, lerf=lerf, clean=clean.numpy(),
@@ -460,6 +410,98 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
                   seconds=time.perf_counter() - t0,
                   extra={"batch_size": bs, "layers_per_solve": layers_per_solve,
                          "folded": channels_last})
+
+
+def _ybroad_inputs(model: nn.Module, images: torch.Tensor,
+                   maps: LayerMaps | torch.Tensor | np.ndarray, targets: Any,
+                   percentiles: Sequence[float], noise: float, seed: int, trials: int,
+                   batch_size: int | None, score: str, logits: torch.Tensor | None,
+                   layer_ids: Sequence[int] | None, fold: bool
+                   ) -> tuple[tuple[float, ...], torch.Tensor,
+                              tuple[list[str], Iterable[torch.Tensor], int],
+                              torch.Tensor | None, list[int]]:
+    """`ybroad`'s arguments checked: ``(percentiles, images on the model's
+    device, (layer names, (B, H, W) maps, L), logits or None, layer ids)``."""
+    if not isinstance(model, nn.Module):
+        raise CAManimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    ps = _check_percentiles(percentiles)
+    _check_args(noise, seed, trials, batch_size, score)
+    if not isinstance(fold, bool):
+        raise CAManimError(f"fold must be True or False, got {fold!r}")
+    x = check_images(images, model)
+    b, _, h, w = x.shape
+    layers = _layer_cams(maps, b, (h, w))
+    if targets is None and isinstance(maps, LayerMaps) and maps.targets is None:
+        raise CAManimError(
+            "these maps were computed for target callables without a class index "
+            "(maps.targets is None), so ybroad cannot tell which class they explain; pass the "
+            "same callables (or the class indices) as ybroad(..., targets=...)")
+    if logits is None and isinstance(maps, LayerMaps):
+        logits = maps.logits                  # the CAM pass's outputs spare a clean forward
+    if logits is not None:
+        logits = _check_logits(logits, b, x.device)
+    n_layers = layers[2]
+    ids = list(range(n_layers)) if layer_ids is None else [int(i) for i in layer_ids]
+    if len(ids) != n_layers:
+        raise CAManimError(f"layer_ids has {len(ids)} entries for {n_layers} layers")
+    return ps, x, layers, logits, ids
+
+
+def _perturb_and_score(queue: _ForwardQueue, x_acc: torch.Tensor, cams: Iterable[torch.Tensor],
+                       names: Sequence[str], ps: tuple[float, ...], layers_per_solve: int,
+                       sdt: torch.dtype, noise: float, seed: int, ids: Sequence[int],
+                       n_trials: int, progress: bool) -> None:
+    """Impute the MoRF / LeRF images of ``layers_per_solve`` layers at a
+    time (one solve), add each trial's noise and push them through
+    ``queue``, which scores them into its ``(T', L, 2P, B)`` output."""
+    from tqdm.auto import tqdm
+
+    b, _, h, w = x_acc.shape
+    n_p, n_layers = len(ps), len(names)
+    per_layer = 2 * n_p * b
+    with tqdm(total=n_layers, desc="ybROAD", unit="layer", disable=not progress) as bar:
+        layer = 0
+        cams = iter(cams)
+        while layer < n_layers:
+            group: list[torch.Tensor] = []
+            for cam in cams:
+                cam = cam.to(x_acc.device)
+                if not bool(torch.isfinite(cam).all()):
+                    raise CAManimError(f"the map of layer {names[layer + len(group)]!r} "
+                                       "contains NaN or inf")
+                group.append(road_masks(cam, ps).reshape(per_layer, h, w))
+                if len(group) == layers_per_solve:
+                    break
+            if not group:
+                break
+            keep = torch.cat(group)
+            filled = impute(x_acc.repeat(len(group) * 2 * n_p, 1, 1, 1), keep,
+                            chunk=layers_per_solve * per_layer, dtype=sdt)
+            for t in range(n_trials):
+                for g in range(len(group)):
+                    rows = slice(g * per_layer, (g + 1) * per_layer)
+                    imgs = (add_noise(filled[rows], keep[rows], noise,
+                                      noise_generator(seed, t, ids[layer + g], x_acc.device))
+                            if noise else filled[rows])
+                    queue.push(imgs, t, layer + g)
+            del filled, keep
+            layer += len(group)
+            bar.update(len(group))
+        queue.flush()
+
+
+def _combine(pert: torch.Tensor, clean: torch.Tensor, n_p: int, trials: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(MoRF, LeRF, ROAD)``: ``(T, L, B, P)`` score drops of the perturbed
+    images ``pert`` ``(T', L, 2P, B)`` against the clean scores ``(B,)``,
+    and their ``(T, L, B)`` combination ``mean_p (LeRF - MoRF) / 2``."""
+    diff = (pert - clean).numpy()                          # (T', L, 2P, B)
+    morf = diff[:, :, :n_p].transpose(0, 1, 3, 2)          # (T', L, B, P)
+    lerf = diff[:, :, n_p:].transpose(0, 1, 3, 2)
+    if diff.shape[0] < trials:                             # noise 0: all trials equal
+        morf, lerf = (np.repeat(a, trials, axis=0) for a in (morf, lerf))
+    road = ((lerf - morf) / 2).mean(axis=-1)               # (T, L, B)
+    return morf, lerf, road
 
 
 def _batch_size(model: nn.Module, x: torch.Tensor, batch_size: int | None, need_first: bool
