@@ -160,31 +160,7 @@ def load_probes(probes: Any, masks: Any, probe_names: Sequence[str] | None) -> P
         raise CAManimError("probe images contain NaN or infinite values")
     B, hw = images.shape[0], image_size(images)
 
-    # masks: the argument wins over the dataset's
-    mask_list: list[Any]
-    if masks is not None:
-        if isinstance(masks, (torch.Tensor, np.ndarray)):
-            mt = torch.as_tensor(masks)
-            if mt.dim() == 4 and mt.shape[1] == 1:
-                mt = mt[:, 0]
-            if mt.dim() != 3:
-                raise CAManimError(f"masks must be (B, H, W), got shape {tuple(mt.shape)}")
-            mask_list = list(mt)
-        elif isinstance(masks, (list, tuple)):
-            mask_list = list(masks)
-        else:
-            raise CAManimError(f"masks must be a (B, H, W) tensor or a list of (H, W) "
-                               f"tensors / None, got {type(masks).__name__}")
-        if len(mask_list) != B:
-            raise CAManimError(f"got {len(mask_list)} masks for {B} probe images; pass one "
-                               "per probe (None for a probe without one)")
-    else:
-        mask_list = item_masks if item_masks else [None] * B
-    has_mask = [m is not None for m in mask_list]
-    mask_t = None
-    if any(has_mask):
-        mask_t = torch.stack([_as_mask(m, hw, f"mask {k}") if m is not None
-                              else torch.zeros(hw) for k, m in enumerate(mask_list)])
+    has_mask, mask_t = _load_masks(masks, item_masks, B, hw)
 
     if probe_names is not None:
         names = [str(n) for n in probe_names]
@@ -210,3 +186,33 @@ def probe_batch(images: torch.Tensor, model: torch.nn.Module) -> tuple[torch.Ten
     with torch.inference_mode(False):
         x = images.to(device=dev, dtype=dtype)
     return x, dev
+
+
+def _load_masks(masks: Any, item_masks: list[Any], b: int, hw: tuple[int, int]
+                ) -> tuple[list[bool], torch.Tensor | None]:
+    """``(which probes have a mask, (B, H, W) masks or None)``: the
+    ``masks=`` argument wins over the dataset items' masks."""
+    mask_list: list[Any]
+    if masks is not None:
+        if isinstance(masks, (torch.Tensor, np.ndarray)):
+            mt = torch.as_tensor(masks)
+            if mt.dim() == 4 and mt.shape[1] == 1:
+                mt = mt[:, 0]
+            if mt.dim() != 3:
+                raise CAManimError(f"masks must be (B, H, W), got shape {tuple(mt.shape)}")
+            mask_list = list(mt)
+        elif isinstance(masks, (list, tuple)):
+            mask_list = list(masks)
+        else:
+            raise CAManimError(f"masks must be a (B, H, W) tensor or a list of (H, W) "
+                               f"tensors / None, got {type(masks).__name__}")
+        if len(mask_list) != b:
+            raise CAManimError(f"got {len(mask_list)} masks for {b} probe images; pass one "
+                               "per probe (None for a probe without one)")
+    else:
+        mask_list = item_masks if item_masks else [None] * b
+    has_mask = [m is not None for m in mask_list]
+    if not any(has_mask):
+        return has_mask, None
+    return has_mask, torch.stack([_as_mask(m, hw, f"mask {k}") if m is not None
+                                  else torch.zeros(hw) for k, m in enumerate(mask_list)])

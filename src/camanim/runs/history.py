@@ -11,7 +11,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -215,7 +215,6 @@ class History:
         if not path.exists() or path.stat().st_size == 0:
             return
         repair_csv(path)
-        found: dict[int, dict] = {}
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             cols = tuple(reader.fieldnames or ())
@@ -233,44 +232,17 @@ class History:
         if bad:
             warnings.warn(f"CAManimCallback: {path}: {bad} malformed row(s) left out (lines "
                           "written by a crashed or older run)", stacklevel=2)
-        for row in rows:
-            e, p = int(row["epoch"]), row["probe"]
-            self._csv_rows.setdefault((e, p, row["method"]), set()).add(int(row["layer_index"]))
-            if row["method"] != method or p not in self.probes:
-                continue
-            rec = found.setdefault(e, {"global_step": int(row["global_step"]),
-                                       "method": method, "rows": {}})
-            rec["rows"].setdefault(p, {})[int(row["layer_index"])] = row
-        for e, rec in found.items():
-            if e in self.records or set(rec["rows"]) != set(self.probes):
-                continue
-            first = rec["rows"][self.probes[0]]
-            names = [first[i]["layer_name"] for i in sorted(first)]
-            road, ebpg, targets, change = {}, {}, {}, {}
-            chance: dict[str, dict] = {"random": {}, "blob": {}}
-            for p, rows_p in rec["rows"].items():
-                ordered = [rows_p[i] for i in sorted(rows_p)]
-                if [r["layer_name"] for r in ordered] != names or \
-                        sorted(rows_p) != list(range(len(names))):
-                    break
-                road[p] = [_parse(r["road"]) for r in ordered]
-                eb = [_parse(r["ebpg"]) for r in ordered]
-                if any(v is not None for v in eb):
-                    ebpg[p] = eb
-                change[p] = [_parse(r.get("map_change") or "") for r in ordered]
-                for k in chance:
-                    chance[k][p] = _parse(ordered[0].get(f"road_chance_{k}") or "")
-                t = ordered[0]["target"]
-                targets[p] = int(t) if t != "" else None
-            else:
-                self.records[e] = EpochRecord(
-                    global_step=rec["global_step"], names=names, method=method,
-                    targets=targets,
-                    road=road if any(any(v is not None for v in r) for r in road.values())
-                    else None,
-                    ebpg=ebpg or None, change=change,
-                    chance=chance if any(v is not None for v in chance["random"].values())
-                    else None)
+        groups = group_rows(rows)
+        for (m, p), by_epoch in groups.items():
+            for e, by_layer in by_epoch.items():
+                self._csv_rows[(e, p, m)] = set(by_layer)
+        mine = [groups.get((method, p), {}) for p in self.probes]
+        for e in sorted(set.intersection(*(set(g) for g in mine)) if mine else ()):
+            if e not in self.records:
+                rec = record_from_rows({p: g[e] for p, g in zip(self.probes, mine, strict=True)},
+                                       method)
+                if rec is not None:
+                    self.records[e] = rec
 
     def _in_csv(self, key: tuple[int, str, str], n_layers: int) -> bool:
         assert self._csv_keys is not None
@@ -335,6 +307,54 @@ class History:
                                f"({os_cause(e)}); they are written again at the next "
                                "monitored epoch") from None
         self._csv_keys.update(keys)
+
+
+#: (method, probe) -> epoch -> layer index -> row, as `group_rows` makes it
+RowGroups = dict[tuple[str, str], dict[int, dict[int, dict[str, str]]]]
+
+
+def group_rows(rows: Iterable[dict[str, str]]) -> RowGroups:
+    """``ybroad.csv`` rows (`read_rows`) by (method, probe), epoch and layer
+    index; a row repeated for the same keys keeps its last value."""
+    groups: RowGroups = {}
+    for row in rows:
+        key = (row.get("method") or "", row["probe"])
+        by_epoch = groups.setdefault(key, {}).setdefault(int(row["epoch"]), {})
+        by_epoch[int(row["layer_index"])] = row
+    return groups
+
+
+def record_from_rows(by_probe: dict[str, dict[int, dict[str, str]]],
+                     method: str) -> EpochRecord | None:
+    """The `EpochRecord` of one epoch's rows (probe -> layer index -> row),
+    or None when a probe's rows are incomplete or name other layers."""
+    first = next(iter(by_probe.values()))
+    names = [first[i]["layer_name"] for i in sorted(first)]
+    road: Scores = {}
+    ebpg: Scores = {}
+    change: Scores = {}
+    targets: dict[str, int | None] = {}
+    chance: dict[str, dict[str, float | None]] = {"random": {}, "blob": {}}
+    for p, rows_p in by_probe.items():
+        ordered = [rows_p[i] for i in sorted(rows_p)]
+        if [r["layer_name"] for r in ordered] != names or \
+                sorted(rows_p) != list(range(len(names))):
+            return None
+        road[p] = [parse_cell(r["road"]) for r in ordered]
+        eb = [parse_cell(r["ebpg"]) for r in ordered]
+        if any(v is not None for v in eb):
+            ebpg[p] = eb
+        change[p] = [parse_cell(r.get("map_change") or "") for r in ordered]
+        for k in chance:
+            chance[k][p] = parse_cell(ordered[0].get(f"road_chance_{k}") or "")
+        t = ordered[0]["target"]
+        targets[p] = int(t) if t != "" else None
+    return EpochRecord(
+        global_step=int(first[min(first)]["global_step"]), names=names, method=method,
+        targets=targets,
+        road=road if any(any(v is not None for v in r) for r in road.values()) else None,
+        ebpg=ebpg or None, change=change,
+        chance=chance if any(v is not None for v in chance["random"].values()) else None)
 
 
 def append_all(path: Path, data: bytes) -> None:
@@ -410,7 +430,7 @@ def read_rows(reader: Any) -> tuple[list[dict], int]:
             for k in ("road", "road_mean", "road_max", "ebpg", "map_change", "road_chance_random",
                       "road_chance_blob"):
                 if k in row:
-                    _parse(row[k])
+                    parse_cell(row[k])
         except (TypeError, ValueError):
             bad += 1
             continue
@@ -423,8 +443,10 @@ def floats(a: np.ndarray | Sequence[float]) -> list[float | None]:
     return [None if not math.isfinite(float(v)) else float(v) for v in np.asarray(a).reshape(-1)]
 
 
-def _parse(s: str) -> float | None:
-    if s in ("", "nan", "NaN"):
+def parse_cell(s: str | None) -> float | None:
+    """A ``ybroad.csv`` score cell: a float, or None when empty or NaN (the
+    one parser of the callback's history and of `camanim study`)."""
+    if s in ("", "nan", "NaN", None):
         return None
     return float(s)
 

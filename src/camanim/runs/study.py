@@ -57,7 +57,7 @@ from ..errors import CAManimError
 from ..metrics.convergence import DEFAULT_SETTLE_THRESHOLD, kendall_tau, settle_epochs, share_below
 from ..viz.convergence import chance_tau_image, convergence_image, not_above_chance
 from ..viz.plots import heatmap_image, save_png, trajectories_image
-from .history import CSV_COLUMNS, CSV_NAME, read_rows, safe_name
+from .history import CSV_COLUMNS, CSV_NAME, group_rows, parse_cell, read_rows, safe_name
 
 __all__ = ["CSV_COLUMNS", "CSV_NAME", "ProbeSeries", "read_ybroad_csv", "find_csvs",
            "settle_epoch", "study"]
@@ -132,8 +132,9 @@ class ProbeSeries:
         return settle_epochs(self.change, self.epochs, threshold)
 
 
-def _float(s: str) -> float:
-    return float(s) if s not in ("", "nan", "NaN", None) else math.nan
+def _float(s: str | None) -> float:
+    v = parse_cell(s)
+    return math.nan if v is None else v
 
 
 def _cut_short(e: int, lists: dict[int, list[str]], whole: set[int]) -> bool:
@@ -175,12 +176,7 @@ def read_ybroad_csv(path: str | Path, run: str | None = None) -> list[ProbeSerie
         print(f"camanim study: {path}: skipped {bad + torn} malformed row(s)"
               + (" (a torn last line)" if torn else "")
               + " (an append cut short by a crash or a full disk)", file=sys.stderr)
-    # (method, probe) -> epoch -> layer_index -> row
-    groups: dict[tuple[str, str], dict[int, dict[int, dict]]] = {}
-    for row in rows:
-        key = (row.get("method") or "", row["probe"])
-        by_epoch = groups.setdefault(key, {}).setdefault(int(row["epoch"]), {})
-        by_epoch[int(row["layer_index"])] = row
+    groups = group_rows(rows)
     label = run if run is not None else path.parent.name
     out = []
     for (method, probe), by_epoch in sorted(groups.items()):
