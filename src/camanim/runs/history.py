@@ -120,11 +120,15 @@ class EpochRecord:
     def above_chance(self, probe: str) -> tuple[int, int, float] | None:
         """``(layers whose ybROAD beats the random map's, layers with a
         score, that chance ROAD)``, or None without both."""
+        from ..viz.convergence import not_above_chance  # the one "above chance" rule
+
         chance = self.chance_of(probe)
         if chance is None or self.road is None:
             return None
-        s = [v for v in self.road[probe] if v is not None and math.isfinite(v)]
-        return sum(1 for v in s if v > chance), len(s), float(chance)
+        s = np.array([math.nan if v is None else v for v in self.road[probe]], dtype=np.float64)
+        scored = np.isfinite(s)
+        below = not_above_chance(s[None], np.array([chance], dtype=np.float64))[0]
+        return int((scored & ~below).sum()), int(scored.sum()), float(chance)
 
 
 def safe_name(s: str) -> str:
