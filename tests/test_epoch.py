@@ -10,8 +10,7 @@ import torch
 
 from camanim import CAManimError
 from camanim.engine import CAManim
-from camanim.lightning.epoch import (build_engine, epoch_record, finite_probes, pick,
-                                     state_key_parts)
+from camanim.lightning.epoch import build_engine, epoch_record, finite_probes, pick, state_key_parts
 from camanim.runs.history import EpochRecord, History, group_rows, record_from_rows
 
 NET = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
