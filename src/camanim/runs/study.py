@@ -414,20 +414,7 @@ def study(run_dirs: Sequence[str | Path], out: str | Path = "camanim_study",
     if not run_dirs:
         raise CAManimError("pass at least one run folder or ybroad.csv file")
     out = Path(out)
-    wanted = set(probes) if probes is not None else None
-    all_series: list[ProbeSeries] = []
-    for label, path in find_csvs(run_dirs):
-        series = read_ybroad_csv(path, run=label)
-        if wanted is not None:
-            series = [s for s in series if s.probe in wanted]
-        by_method: dict[str, list[ProbeSeries]] = {}
-        for s in series:
-            by_method.setdefault(s.method, []).append(s)
-        for group in by_method.values():
-            all_series.extend(group)
-            m = mean_series(group)
-            if m is not None:
-                all_series.append(m)
+    all_series = _read_series(run_dirs, probes)
     if not all_series:
         raise CAManimError("no probe matched: check --probe against the probe names in the CSVs")
     thr = settle_threshold
@@ -443,33 +430,59 @@ def study(run_dirs: Sequence[str | Path], out: str | Path = "camanim_study",
     except OSError as e:
         raise CAManimError(f"cannot write to --out {out} ({os_cause(e)}); pass a writable "
                            "folder") from None
-    try:
-        if plots:
-            methods = {s.method for s in all_series}
-            for s in all_series:
-                tag = safe_name(s.run.replace("/", "__"))
-                meth = f"_{safe_name(s.method)}" if len(methods) > 1 else ""
-                label = f"{s.run} · {s.method} · {s.probe}"
-                mask = None if s.chance is None else not_above_chance(s.road, s.chance[:, 0])
-                save_png(out / f"heatmap_{tag}{meth}_{safe_name(s.probe)}.png",
-                         heatmap_image(s.road, s.epochs, s.names, mask=mask,
-                                       title=f"{label}: ybROAD"
-                                       + ("; hatched: <= chance" if mask is not None else "")))
-                if s.change is not None:
-                    save_png(out / f"convergence_{tag}{meth}_{safe_name(s.probe)}.png",
-                             convergence_image(s.change, s.epochs, s.names,
-                                               title=f"{label}: map change (1 - Spearman)"))
-            save_png(out / "best_layer.png", trajectories_image(all_series))
-            lines = [(f"{s.run} · {s.method} · {s.probe}", s.epochs, s.above_chance(),
-                      s.rank_tau()) for s in all_series
-                     if s.chance is not None or s.change is not None]
-            if lines:
-                save_png(out / "chance_tau.png", chance_tau_image(lines))
-    except OSError as e:
-        raise CAManimError(f"cannot write the plots to --out {out} ({os_cause(e)})") from None
+    if plots:
+        _write_plots(out, all_series)
     if verbose:
         print(format_table(rows))
         print(
             f"\nwrote {out / 'study.csv'}, settle.csv, epochs.csv" + (" and plots" if plots else "")
         )
     return rows
+
+
+def _read_series(run_dirs: Sequence[str | Path],
+                 probes: Iterable[str] | None) -> list[ProbeSeries]:
+    """Every run's probe series (only ``probes`` when given), each method's
+    followed by its mean over probes."""
+    wanted = set(probes) if probes is not None else None
+    all_series: list[ProbeSeries] = []
+    for label, path in find_csvs(run_dirs):
+        series = read_ybroad_csv(path, run=label)
+        if wanted is not None:
+            series = [s for s in series if s.probe in wanted]
+        by_method: dict[str, list[ProbeSeries]] = {}
+        for s in series:
+            by_method.setdefault(s.method, []).append(s)
+        for group in by_method.values():
+            all_series.extend(group)
+            m = mean_series(group)
+            if m is not None:
+                all_series.append(m)
+    return all_series
+
+
+def _write_plots(out: Path, all_series: Sequence[ProbeSeries]) -> None:
+    """The heatmaps, the best-layer trajectories and the chance / tau plot."""
+    try:
+        methods = {s.method for s in all_series}
+        for s in all_series:
+            tag = safe_name(s.run.replace("/", "__"))
+            meth = f"_{safe_name(s.method)}" if len(methods) > 1 else ""
+            label = f"{s.run} · {s.method} · {s.probe}"
+            mask = None if s.chance is None else not_above_chance(s.road, s.chance[:, 0])
+            save_png(out / f"heatmap_{tag}{meth}_{safe_name(s.probe)}.png",
+                     heatmap_image(s.road, s.epochs, s.names, mask=mask,
+                                   title=f"{label}: ybROAD"
+                                   + ("; hatched: <= chance" if mask is not None else "")))
+            if s.change is not None:
+                save_png(out / f"convergence_{tag}{meth}_{safe_name(s.probe)}.png",
+                         convergence_image(s.change, s.epochs, s.names,
+                                           title=f"{label}: map change (1 - Spearman)"))
+        save_png(out / "best_layer.png", trajectories_image(all_series))
+        lines = [(f"{s.run} · {s.method} · {s.probe}", s.epochs, s.above_chance(),
+                  s.rank_tau()) for s in all_series
+                 if s.chance is not None or s.change is not None]
+        if lines:
+            save_png(out / "chance_tau.png", chance_tau_image(lines))
+    except OSError as e:
+        raise CAManimError(f"cannot write the plots to --out {out} ({os_cause(e)})") from None
