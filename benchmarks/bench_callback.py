@@ -76,7 +76,7 @@ def main() -> None:
         "--media-queue",
         type=int,
         default=1,
-        help="CAManimCallback(media_queue=): 0 draws everything before training resumes",
+        help="MediaOptions(queue=): 0 draws everything before training resumes",
     )
     args = ap.parse_args()
     if args.threads:
@@ -118,6 +118,7 @@ def run(args: argparse.Namespace, convergence: bool, chance: bool) -> dict:
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from camanim import MediaOptions, RoadOptions, VideoOptions
     from camanim.lightning.callback import CAManimCallback
     from camanim.lightning.media import events_bytes
 
@@ -170,10 +171,10 @@ def run(args: argparse.Namespace, convergence: bool, chance: bool) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         cb = Cam(probes, masks=masks, epochs=cam_epochs, on_fit_end=False,
-                 road=not args.no_road, log_videos=not args.no_videos,
-                 save_videos=not args.no_videos,
-                 max_layers=args.layers or None, media_queue=args.media_queue,
-                 convergence=convergence, chance=chance)
+                 road=RoadOptions(chance=chance) if not args.no_road else False,
+                 video=VideoOptions(log=not args.no_videos, save=not args.no_videos),
+                 cam_options={"max_layers": args.layers or None},
+                 media=MediaOptions(queue=args.media_queue), convergence=convergence)
         timer = EpochTimer()
         trainer = L.Trainer(max_epochs=epochs, accelerator="gpu" if args.device.startswith("cuda")
                             else "cpu", devices=1, logger=TensorBoardLogger(tmp),
