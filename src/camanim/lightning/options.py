@@ -18,10 +18,11 @@ with a ``DeprecationWarning`` naming the new spelling.
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
+
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ..errors import CAManimError
 
@@ -203,8 +204,10 @@ def translate_legacy(args: Sequence[Any], kwargs: Mapping[str, Any],
     for group, values in groups.items():
         out[group] = _merge(group, out.get(group), values)
     if moved:
-        warnings.warn("CAManimCallback: " + "; ".join(moved) + ". The old spelling goes away "
-                      "in the next release.", DeprecationWarning, stacklevel=stacklevel)
+        # once under DDP (rank zero); +3: the frames of Lightning's rank-zero wrappers
+        rank_zero_warn("CAManimCallback: " + "; ".join(moved) + ". The old spelling goes "
+                       "away in the next release.", category=DeprecationWarning,
+                       stacklevel=stacklevel + 3)
     return out
 
 
