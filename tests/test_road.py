@@ -543,3 +543,32 @@ def test_maps_logits_are_used_without_being_passed():
         handle.remove()
     assert sum(rows) == n_own + 2                 # only the clean forward of the 2 images is spared
     assert np.allclose(own.scores, clean.scores, atol=1e-12, rtol=0)
+
+
+def test_fold_cache_folds_once_per_model_state_and_scores_as_fold_true():
+    """One FoldCache serves calls with the same model state, images and
+    logits (the callback's layers and chance ROAD of one epoch); an in-place
+    weight update folds again."""
+    from camanim.metrics.road import FoldCache
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    x = torch.rand(2, 3, 16, 16)
+    maps = camanim.CAManim(net, "gradcam", "conv", progress=False)(x)
+    kw = dict(noise=0.0, progress=False)
+    cache = FoldCache()
+    a = camanim.ybroad(net, x, maps, fold=cache, **kw)
+    b = camanim.ybroad(net, x, maps, fold=cache, **kw)
+    ref = camanim.ybroad(net, x, maps, fold=True, **kw)
+    assert cache.builds == 1 and a.extra["folded"] and b.extra["folded"]
+    np.testing.assert_array_equal(a.scores, ref.scores)   # same stand-in, same scores
+    np.testing.assert_array_equal(b.scores, ref.scores)
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)                            # an optimizer step, in place
+    maps2 = camanim.CAManim(net, "gradcam", "conv", progress=False)(x)
+    camanim.ybroad(net, x, maps2, fold=cache, **kw)
+    assert cache.builds == 2
+    with pytest.raises(camanim.CAManimError, match="fold must be True, False or a FoldCache"):
+        camanim.ybroad(net, x, maps, fold="yes", **kw)

@@ -75,6 +75,7 @@ from ..core.maps import LayerMaps
 from ..errors import CAManimError
 from ..metrics.convergence import DEFAULT_SETTLE_THRESHOLD
 from ..metrics.pointing import energy_pointing_game
+from ..metrics.road import FoldCache
 from ..runs.history import EpochRecord, History
 from .convergence import Convergence, media_fields, run_sanity
 from .distributed import Share, gather_objects, merge_shares, score_share
@@ -452,9 +453,10 @@ class CAManimCallback(Callback):
             timing["cam"] = time.perf_counter() - t
             share, chance = None, None
             if self.road is not None:
+                # one fold of the model serves the layers' and the chance ROAD
                 kw = dict(percentiles=self.road.percentiles, noise=self.road.noise,
                           seed=self.seed, progress=self.progress, batch_size=self.batch_size,
-                          score=self._road_score)
+                          score=self._road_score, fold=FoldCache())
                 # the user's own score callables are kept; class indices otherwise
                 road_targets = (targets if self._targets_mode == "callables"
                                 or maps.targets is None else maps.targets)

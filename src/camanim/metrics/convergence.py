@@ -26,13 +26,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..core.maps import LayerMaps, exact_dtype
 from ..errors import CAManimError
+
+if TYPE_CHECKING:
+    from .road import FoldCache
 
 CHANCE_NAMES = ("random", "blob")
 DEFAULT_SETTLE_THRESHOLD = 0.1   # a Spearman correlation of 0.9 with the previous epoch's map
@@ -334,7 +337,8 @@ def chance_road(model: torch.nn.Module, images: torch.Tensor, targets: Any = Non
                 percentiles: Sequence[float] | None = None, noise: float = 0.01, seed: int = 0,
                 *, map_seed: int | None = None, cells: int | None = 7, blob_sigma: float = 0.25,
                 batch_size: int | None = None, score: str = "softmax", trials: int = 1,
-                progress: bool = False, logits: torch.Tensor | None = None) -> Any:
+                progress: bool = False, logits: torch.Tensor | None = None,
+                fold: bool | FoldCache = True) -> Any:
     """ROAD of the two chance maps (`chance_maps`), scored like the layers.
 
     Call it with the same targets, percentiles, noise, seed and score as
@@ -347,9 +351,9 @@ def chance_road(model: torch.nn.Module, images: torch.Tensor, targets: Any = Non
         targets: the classes the layers' maps explain (pass ``maps.targets``
             so that the baseline scores the same class); ``None`` = predicted.
         percentiles: default ``camanim.metrics.road.DEFAULT_PERCENTILES``.
-        noise, seed, batch_size, score, trials, progress, logits: as for
-            ``ybroad`` (pass the layers' ``maps.logits`` to spare a clean
-            forward).
+        noise, seed, batch_size, score, trials, progress, logits, fold: as
+            for ``ybroad`` (pass the layers' ``maps.logits`` to spare a clean
+            forward, and their `FoldCache` to spare a second fold).
         map_seed: seed of the random map (default ``seed``).
         cells, blob_sigma: see `chance_maps`.
 
@@ -376,7 +380,7 @@ def chance_road(model: torch.nn.Module, images: torch.Tensor, targets: Any = Non
     return ybroad(model, images, lm, targets=targets,
                   percentiles=DEFAULT_PERCENTILES if percentiles is None else percentiles,
                   noise=noise, seed=seed, batch_size=batch_size, score=score, trials=trials,
-                  progress=progress, logits=logits)
+                  progress=progress, logits=logits, fold=fold)
 
 
 __all__ = [

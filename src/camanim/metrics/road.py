@@ -43,7 +43,7 @@ from ..errors import CAManimError
 from .imputation import add_noise, cuda_free_bytes, impute, masks_per_solve, solve_dtype, work_dtype
 from .road_result import DEFAULT_PERCENTILES, PERCENTILE_CONVENTION, RoadSummary, YbRoad
 
-__all__ = ["ybroad", "road_masks", "percentile_thresholds", "YbRoad", "RoadSummary",
+__all__ = ["FoldCache", "ybroad", "road_masks", "percentile_thresholds", "YbRoad", "RoadSummary",
            "DEFAULT_PERCENTILES", "PERCENTILE_CONVENTION"]
 
 
@@ -309,7 +309,7 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
            noise: float = 0.01, seed: int = 0, batch_size: int | None = None,
            score: str = "softmax", trials: int = 1, progress: bool = True,
            logits: torch.Tensor | None = None,
-           layer_ids: Sequence[int] | None = None, fold: bool = True) -> YbRoad:
+           layer_ids: Sequence[int] | None = None, fold: bool | FoldCache = True) -> YbRoad:
     """ROAD of every layer's map (ybROAD), as ``ROADCombined`` per layer.
 
     Args:
@@ -357,6 +357,8 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
             images agree with the model's (relative 1e-4; float rounding
             gives ~1e-6); models it cannot trace run as they are. The
             model itself is never changed. ``False``: always run the model.
+            A `FoldCache` folds as ``True`` does, once for every call that
+            passes it with the same model state, images and logits.
 
     Precision: the model runs in its dtype. For float16/bfloat16 models the
     imputation starts from ``images`` in float32 (not the rounded model
@@ -396,7 +398,9 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
         calls, classes, kind = _score_targets(targets, maps, logits, score)
         scorer = _Scorer(calls, classes, kind)
         clean = scorer(logits, torch.arange(b))                              # (B,) CPU
-        runner, channels_last = _runner(model, x, logits, bs, fold)
+        runner, channels_last = (fold.runner(model, images, x, logits, bs)
+                                 if isinstance(fold, FoldCache) else
+                                 _runner(model, x, logits, bs, fold))
         n_trials = int(trials) if noise else 1   # without noise every trial is the same
         pert = torch.full((n_trials, n_layers, per_layer // b, b), float("nan"),
                           dtype=torch.float64)
@@ -418,7 +422,7 @@ def _ybroad_inputs(model: nn.Module, images: torch.Tensor,
                    maps: LayerMaps | torch.Tensor | np.ndarray, targets: Any,
                    percentiles: Sequence[float], noise: float, seed: int, trials: int,
                    batch_size: int | None, score: str, logits: torch.Tensor | None,
-                   layer_ids: Sequence[int] | None, fold: bool
+                   layer_ids: Sequence[int] | None, fold: bool | FoldCache
                    ) -> tuple[tuple[float, ...], torch.Tensor,
                               tuple[list[str], Iterable[torch.Tensor], int],
                               torch.Tensor | None, list[int]]:
@@ -428,8 +432,8 @@ def _ybroad_inputs(model: nn.Module, images: torch.Tensor,
         raise CAManimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     ps = _check_percentiles(percentiles)
     _check_args(noise, seed, trials, batch_size, score)
-    if not isinstance(fold, bool):
-        raise CAManimError(f"fold must be True or False, got {fold!r}")
+    if not isinstance(fold, (bool, FoldCache)):
+        raise CAManimError(f"fold must be True, False or a FoldCache, got {fold!r}")
     x = check_images(images, model)
     b, _, h, w = x.shape
     layers = _layer_cams(maps, b, (h, w))
@@ -541,6 +545,38 @@ def _runner(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, bs: int, fo
     if not outputs_agree(out, logits[:n]):
         return model, False
     return fast, True
+
+
+class FoldCache:
+    """The folded stand-in of `ybroad` (``fold=``), traced and checked once
+    for every call with the same model state, images and logits.
+
+    `CAManimCallback` passes one per epoch to the layers' ybROAD and to the
+    chance ROAD, which score the same probes with the same model. The key
+    holds each parameter's and buffer's storage and version counter (an
+    optimizer step or a BatchNorm update changes it), the caller's image
+    tensor and the logits: any change folds and checks again. Drop the
+    cache with the epoch: it holds the folded copy and the model.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._value: tuple[Callable[[torch.Tensor], torch.Tensor], bool] | None = None
+        #: how many times the stand-in was built (a test's window on the cache)
+        self.builds = 0
+
+    def runner(self, model: nn.Module, images: torch.Tensor, x: torch.Tensor,
+               logits: torch.Tensor, bs: int
+               ) -> tuple[Callable[[torch.Tensor], torch.Tensor], bool]:
+        """`_runner` for ``x`` (``images`` on the model's device), cached."""
+        state = tuple((t.data_ptr(), t._version)
+                      for t in (*model.parameters(), *model.buffers()))
+        key = (id(model), state, images.data_ptr(), images._version, tuple(images.shape),
+               x.dtype, x.device, logits.data_ptr(), logits._version, min(bs, x.shape[0]))
+        if self._value is None or key != self._key:
+            self._value, self._key = _runner(model, x, logits, bs, True), key
+            self.builds += 1
+        return self._value
 
 
 class _ForwardQueue:
