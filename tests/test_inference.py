@@ -16,7 +16,6 @@ from torch import nn
 from camanim import CAManimError
 from camanim.core import inference
 from camanim.core.inference import folded_model, outputs_agree
-from camanim.metrics import road
 from camanim.metrics.imputation import solve_dtype
 from camanim.metrics.road import ybroad
 from helpers import TinyCNN
@@ -180,7 +179,7 @@ def test_ybroad_falls_back_when_the_stand_in_disagrees(monkeypatch):
         def forward(self, x):
             return model(x.contiguous()) + 1.0
 
-    monkeypatch.setattr(road, "folded_model", lambda m: Wrong())
+    monkeypatch.setattr(inference, "folded_model", lambda m: Wrong())  # scoring_runner
     res = ybroad(model, x, maps, progress=False)
     ref = ybroad(model, x, maps, progress=False, fold=False)
     assert res.extra["folded"] is False
@@ -189,7 +188,7 @@ def test_ybroad_falls_back_when_the_stand_in_disagrees(monkeypatch):
 
 def test_fold_argument_checked():
     model, x, maps = _maps_model()
-    with pytest.raises(CAManimError, match="fold must be True or False"):
+    with pytest.raises(CAManimError, match="fold must be True, False or a FoldCache"):
         ybroad(model, x, maps, progress=False, fold="yes")
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..core.guard import eval_mode
-from ..core.inference import folded_model, outputs_agree
+from ..core.inference import FoldCache, scoring_runner
 from ..core.inputs import SCORES, Target, check_images, resolve_targets, score_outputs
 from ..core.maps import LayerMaps
 from ..errors import CAManimError
@@ -400,7 +400,7 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
         clean = scorer(logits, torch.arange(b))                              # (B,) CPU
         runner, channels_last = (fold.runner(model, images, x, logits, bs)
                                  if isinstance(fold, FoldCache) else
-                                 _runner(model, x, logits, bs, fold))
+                                 scoring_runner(model, x, logits, bs, fold))
         n_trials = int(trials) if noise else 1   # without noise every trial is the same
         pert = torch.full((n_trials, n_layers, per_layer // b, b), float("nan"),
                           dtype=torch.float64)
@@ -524,59 +524,6 @@ def _batch_size(model: nn.Module, x: torch.Tensor, batch_size: int | None, need_
     out, per_image = _probe_forward(model, x[:1], allocated)
     bs = int(max(1, min(1024, (free // 3) // per_image)))
     return bs, (out if need_first else None)
-
-
-def _runner(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, bs: int, fold: bool
-            ) -> tuple[Callable[[torch.Tensor], torch.Tensor], bool]:
-    """The module that scores perturbed images, and whether it wants
-    channels-last inputs: the folded copy (CPU, float32/64, ``fold``) when
-    its outputs on the first clean batch agree with ``logits``, else the
-    model."""
-    if not fold or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-        return model, False
-    fast = folded_model(model)
-    if fast is None:
-        return model, False
-    n = min(bs, x.shape[0])
-    try:
-        out = fast(x[:n].contiguous(memory_format=torch.channels_last))
-    except Exception:  # noqa: BLE001 - a graph that fails on real inputs: run the model
-        return model, False
-    if not outputs_agree(out, logits[:n]):
-        return model, False
-    return fast, True
-
-
-class FoldCache:
-    """The folded stand-in of `ybroad` (``fold=``), traced and checked once
-    for every call with the same model state, images and logits.
-
-    `CAManimCallback` passes one per epoch to the layers' ybROAD and to the
-    chance ROAD, which score the same probes with the same model. The key
-    holds each parameter's and buffer's storage and version counter (an
-    optimizer step or a BatchNorm update changes it), the caller's image
-    tensor and the logits: any change folds and checks again. Drop the
-    cache with the epoch: it holds the folded copy and the model.
-    """
-
-    def __init__(self) -> None:
-        self._key: tuple[Any, ...] | None = None
-        self._value: tuple[Callable[[torch.Tensor], torch.Tensor], bool] | None = None
-        #: how many times the stand-in was built (a test's window on the cache)
-        self.builds = 0
-
-    def runner(self, model: nn.Module, images: torch.Tensor, x: torch.Tensor,
-               logits: torch.Tensor, bs: int
-               ) -> tuple[Callable[[torch.Tensor], torch.Tensor], bool]:
-        """`_runner` for ``x`` (``images`` on the model's device), cached."""
-        state = tuple((t.data_ptr(), t._version)
-                      for t in (*model.parameters(), *model.buffers()))
-        key = (id(model), state, images.data_ptr(), images._version, tuple(images.shape),
-               x.dtype, x.device, logits.data_ptr(), logits._version, min(bs, x.shape[0]))
-        if self._value is None or key != self._key:
-            self._value, self._key = _runner(model, x, logits, bs, True), key
-            self.builds += 1
-        return self._value
 
 
 class _ForwardQueue:
