@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import sync  # noqa: E402
+from _util import sync  # noqa: E402 - after the sys.path set-up above
 
 
 def main() -> None:
@@ -72,8 +72,12 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true",
                     help="run without, then with convergence and chance; report the growth")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    ap.add_argument("--media-queue", type=int, default=1,
-                    help="CAManimCallback(media_queue=): 0 draws everything before training resumes")
+    ap.add_argument(
+        "--media-queue",
+        type=int,
+        default=1,
+        help="MediaOptions(queue=): 0 draws everything before training resumes",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,11 +88,21 @@ def main() -> None:
     on = run(args, True, True)
     conv = on["callback_phases_s"]["convergence"] + on["callback_phases_s"]["chance"]
     out = {
-        "benchmark": "callback_convergence_overhead", "off": off, "on": on,
-        "overhead_pct_added": round(100 * (on["added_s_per_epoch"] - off["added_s_per_epoch"])
-                                    / max(off["added_s_per_epoch"], 1e-9), 1),
-        "overhead_pct_blocking": round(100 * (on["blocking_s_per_epoch"] - off["blocking_s_per_epoch"])
-                                       / max(off["blocking_s_per_epoch"], 1e-9), 1),
+        "benchmark": "callback_convergence_overhead",
+        "off": off,
+        "on": on,
+        "overhead_pct_added": round(
+            100
+            * (on["added_s_per_epoch"] - off["added_s_per_epoch"])
+            / max(off["added_s_per_epoch"], 1e-9),
+            1,
+        ),
+        "overhead_pct_blocking": round(
+            100
+            * (on["blocking_s_per_epoch"] - off["blocking_s_per_epoch"])
+            / max(off["blocking_s_per_epoch"], 1e-9),
+            1,
+        ),
         "addition_phases_s": {k: on["callback_phases_s"][k] for k in ("convergence", "chance")},
         "overhead_pct_phases": round(100 * conv / max(on["blocking_s_per_epoch"] - conv, 1e-9), 1),
         "target_pct": 15,
@@ -104,6 +118,7 @@ def run(args: argparse.Namespace, convergence: bool, chance: bool) -> dict:
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from camanim import MediaOptions, RoadOptions, VideoOptions
     from camanim.lightning.callback import CAManimCallback
     from camanim.lightning.media import events_bytes
 
@@ -156,10 +171,10 @@ def run(args: argparse.Namespace, convergence: bool, chance: bool) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         cb = Cam(probes, masks=masks, epochs=cam_epochs, on_fit_end=False,
-                 road=not args.no_road, log_videos=not args.no_videos,
-                 save_videos=not args.no_videos,
-                 max_layers=args.layers or None, media_queue=args.media_queue,
-                 convergence=convergence, chance=chance)
+                 road=RoadOptions(chance=chance) if not args.no_road else False,
+                 video=VideoOptions(log=not args.no_videos, save=not args.no_videos),
+                 cam_options={"max_layers": args.layers or None},
+                 media=MediaOptions(queue=args.media_queue), convergence=convergence)
         timer = EpochTimer()
         trainer = L.Trainer(max_epochs=epochs, accelerator="gpu" if args.device.startswith("cuda")
                             else "cpu", devices=1, logger=TensorBoardLogger(tmp),

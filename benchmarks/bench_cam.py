@@ -27,9 +27,9 @@ import torchvision
 from pytorch_grad_cam import GradCAM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import peak_memory, timed  # noqa: E402
+from _util import peak_memory, timed  # noqa: E402 - after the sys.path set-up above
 
-import camanim  # noqa: E402
+import camanim  # noqa: E402 - after the sys.path set-up above
 
 
 def reference(model, layers, x, targets):
@@ -43,16 +43,24 @@ def reference(model, layers, x, targets):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--selectors", nargs="+", default=["conv", "all"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ref-repeats", type=int, default=1)
-    ap.add_argument("--ref-layers", type=int, default=0,
-                    help="time the reference on N evenly spaced layers only and extrapolate (0 = all)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument(
+        "--ref-layers",
+        type=int,
+        default=0,
+        help="time the reference on N evenly spaced layers only and extrapolate (0 = all)",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,7 +76,9 @@ def main() -> None:
             anim(x)  # warm-up (discovery is cached per input shape)
             ref_layers = layers
             if args.ref_layers and args.ref_layers < len(layers):
-                idx = np.unique(np.linspace(0, len(layers) - 1, args.ref_layers).round().astype(int))
+                idx = np.unique(
+                    np.linspace(0, len(layers) - 1, args.ref_layers).round().astype(int)
+                )
                 ref_layers = [layers[i] for i in idx]
             ours_t, ref_t, ours_mem, ref_mem = [], [], [], []
             diff, trapped_diff = 0.0, 0.0
@@ -80,13 +90,14 @@ def main() -> None:
             for rep in range(max(args.repeats, args.ref_repeats)):
                 if rep < args.repeats:
                     with peak_memory(device) as mem:
-                        (up, targets), t = timed(lambda: _ours(anim, x), device)
+                        (up, targets), t = timed(lambda: _ours(anim, x), device)  # noqa: B023 - run now
                     ours_t.append(t)
                     ours_mem.append(mem["peak_mib"])
                 if rep < args.ref_repeats:
                     tg = [camanim.core.inputs.logit_target(int(c)) for c in targets]
                     with peak_memory(device) as mem:
-                        ref, t = timed(lambda: reference(model, ref_layers, x, tg), device)
+                        ref, t = timed(lambda: reference(model, ref_layers, x, tg),  # noqa: B023 - run now
+                                   device)
                     ref_t.append(t * len(layers) / len(ref_layers))
                     ref_mem.append(mem["peak_mib"])
                     for j, info in enumerate(ref_layers):
@@ -96,25 +107,42 @@ def main() -> None:
                         else:
                             diff = max(diff, d)
             ours, refm = statistics.median(ours_t), statistics.median(ref_t)
-            results.append({
-                "batch": batch, "layers": sel, "n_layers": len(layers),
-                "ours_s": round(ours, 4), "reference_s": round(refm, 3),
-                "reference_layers_timed": len(ref_layers),
-                "reference_extrapolated": len(ref_layers) < len(layers),
-                "speedup": round(refm / ours, 1),
-                "max_abs_map_diff": diff,
-                "layers_where_reference_is_trapped": len(trapped),
-                "max_abs_map_diff_on_trapped_layers": trapped_diff,
-                "ours_peak_mib": round(max(ours_mem), 1), "reference_peak_mib": round(max(ref_mem), 1),
-            })
+            results.append(
+                {
+                    "batch": batch,
+                    "layers": sel,
+                    "n_layers": len(layers),
+                    "ours_s": round(ours, 4),
+                    "reference_s": round(refm, 3),
+                    "reference_layers_timed": len(ref_layers),
+                    "reference_extrapolated": len(ref_layers) < len(layers),
+                    "speedup": round(refm / ours, 1),
+                    "max_abs_map_diff": diff,
+                    "layers_where_reference_is_trapped": len(trapped),
+                    "max_abs_map_diff_on_trapped_layers": trapped_diff,
+                    "ours_peak_mib": round(max(ours_mem), 1),
+                    "reference_peak_mib": round(max(ref_mem), 1),
+                }
+            )
             print(json.dumps(results[-1]), file=sys.stderr)
-    print(json.dumps({
-        "benchmark": "bench_cam", "model": "resnet50 (random weights)", "method": "gradcam",
-        "size": args.size, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "results": results,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "bench_cam",
+                "model": "resnet50 (random weights)",
+                "method": "gradcam",
+                "size": args.size,
+                "device": str(device),
+                "device_name": torch.cuda.get_device_name(device)
+                if device.type == "cuda"
+                else platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 def _ours(anim, x):

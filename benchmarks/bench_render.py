@@ -134,8 +134,13 @@ def bench_memory(small: int, big: int, formats: tuple[str, ...] = ("mp4", "gif")
                                capture_output=True, text=True, check=True)
             rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
         a, b = rows
-        res[fmt] = {f"{small}_layers": a, f"{big}_layers": b,
-                    "tracemalloc_ratio": round(b["tracemalloc_peak_mib"] / max(a["tracemalloc_peak_mib"], 1e-6), 2)}
+        res[fmt] = {
+            f"{small}_layers": a,
+            f"{big}_layers": b,
+            "tracemalloc_ratio": round(
+                b["tracemalloc_peak_mib"] / max(a["tracemalloc_peak_mib"], 1e-6), 2
+            ),
+        }
     return res
 
 

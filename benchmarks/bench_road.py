@@ -15,7 +15,8 @@ Usage:
     python benchmarks/bench_road.py                 # all 53 Conv2d layers
     python benchmarks/bench_road.py --layers 4      # quick check
     python benchmarks/bench_road.py --device cuda --threads 2
-    python benchmarks/bench_road.py --solve-dtype float32   # the accelerators' solver path on the CPU
+    # the accelerators' solver path on the CPU:
+    python benchmarks/bench_road.py --solve-dtype float32
 
 The imputation solves float32 images in float32 (``solve_dtype``); the
 JSON says which dtype each part used and whether ybROAD's forwards ran
@@ -63,7 +64,9 @@ def gradcam_maps(model, x, target):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--layers", type=int, default=None,
                     help="evenly spaced subset of the 53 Conv2d layers (default: all)")
     ap.add_argument("--device", default="cpu")
@@ -71,15 +74,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--group", type=int, default=4, help="layers per interleaved group")
     ap.add_argument("--masks", type=int, default=32,
                     help="masks for the imputation-alone comparison (from the selected layers)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=("end-to-end", "imputation"), default=None,
                     help="run one of the two comparisons")
     ap.add_argument("--solve-dtype", choices=("auto", "float32", "float64"), default="auto",
                     help="dtype of the imputation-alone solve (auto: solve_dtype of the device and "
                          "the float32 images: float32)")
-    ap.add_argument("--no-fold", action="store_true",
-                    help="ybroad(fold=False): run the model itself, not the BatchNorm-folded stand-in")
+    ap.add_argument(
+        "--no-fold",
+        action="store_true",
+        help="ybroad(fold=False): run the model itself, not the BatchNorm-folded stand-in",
+    )
     args = ap.parse_args(argv)
 
     import torchvision
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     cams = maps.upsample("local")                       # (L, 1, H, W)
 
     class NoiselessImputer(ref_road.NoisyLinearImputer):
-        def __init__(self, noise=0.0, weighting=ref_road.neighbors_weights):
+        def __init__(self, noise=0.0, weighting=ref_road.neighbors_weights):  # noqa: ARG002 - the reference's signature; noise is forced to 0
             super().__init__(noise=0.0, weighting=weighting)
 
     ref_road.NoisyLinearImputer = NoiselessImputer
@@ -140,7 +148,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ------------------------------------------------- imputation alone
     keep = torch.cat([road_masks(c.to(device), (20, 40, 60, 80))[:, 0] for c in cams])  # (8L, H, W)
-    pick = np.unique(np.round(np.linspace(0, keep.shape[0] - 1, min(args.masks, keep.shape[0]))).astype(int))
+    pick = np.unique(
+        np.round(np.linspace(0, keep.shape[0] - 1, min(args.masks, keep.shape[0]))).astype(int)
+    )
     keep = keep[torch.as_tensor(pick, device=device)]
     if args.only == "end-to-end":
         keep = keep[:0]
@@ -159,7 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         refs = [NoiselessImputer()(x[0].cpu(), m.cpu().float()) for m in k]
         ref_i += time.perf_counter() - t
-        diff = max(diff, max(float((f.cpu() - r).abs().max()) for f, r in zip(filled, refs)))
+        diff = max(
+            diff, max(float((f.cpu() - r).abs().max()) for f, r in zip(filled, refs, strict=False))
+        )
     n_masks = int(keep.shape[0])
 
     out = {

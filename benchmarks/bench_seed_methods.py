@@ -7,7 +7,8 @@ for a quick run on a busy CPU.
 
     python benchmarks/bench_seed_methods.py                       # ResNet-50, 224
     python benchmarks/bench_seed_methods.py --arch resnet18 --size 64
-    python benchmarks/bench_seed_methods.py --bus-checkpoint runs/finetune_bus/version_0/checkpoints/best-*.ckpt
+    python benchmarks/bench_seed_methods.py \\
+        --bus-checkpoint runs/finetune_bus/version_0/checkpoints/best-*.ckpt
         # the fine-tuning example's trained model on its malignant synthetic test
         # images: ROAD and EBPG (share of map energy inside the lesion mask) per method
 
@@ -36,8 +37,8 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import camanim  # noqa: E402
-from camanim.methods.sise import ada_sise, sise  # noqa: E402
+import camanim  # noqa: E402 - after the sys.path set-up above
+from camanim.methods.sise import ada_sise, sise  # noqa: E402 - after the sys.path set-up above
 
 ANCHORS_T4 = {"sise_mu0_s": 9.21, "sise_mu0.3_s": 2.18, "sise_mu0.5_s": 0.65,
               "gradcam_s": 0.019}
@@ -132,10 +133,14 @@ def main() -> None:
 
     def entry(seconds, cpu, maps):
         n = maps.extra["n_masks"][-1]
-        e = {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "mask_forwards": n,
-             "ms_per_mask_forward": round(1000 * seconds / max(n, 1), 1),
-             "masks_per_layer": dict(zip(maps.names[:-1], maps.extra["n_masks"][:-1])),
-             "channels": maps.extra["n_channels"][-1]}
+        e = {
+            "seconds": round(seconds, 3),
+            "cpu_seconds": round(cpu, 3),
+            "mask_forwards": n,
+            "ms_per_mask_forward": round(1000 * seconds / max(n, 1), 1),
+            "masks_per_layer": dict(zip(maps.names[:-1], maps.extra["n_masks"][:-1], strict=False)),
+            "channels": maps.extra["n_channels"][-1],
+        }
         if not args.no_road:
             e["road"] = road_of(model, x, maps, args.road_trials, note)
         if masks is not None:
@@ -143,7 +148,8 @@ def main() -> None:
         return e
 
     for mu in [float(m) for m in args.mus.split(",")]:
-        t, c, maps = timed(lambda: sise(model, x, mu=mu, batch_size=args.batch_size),
+        t, c, maps = timed(lambda: sise(model, x, mu=mu,  # noqa: B023 - run now
+                                        batch_size=args.batch_size),
                            args.repeat)
         result["sise"][f"mu={mu:g}"] = entry(t, c, maps)
     t, c, maps = timed(lambda: ada_sise(model, x, batch_size=args.batch_size), args.repeat)
@@ -173,9 +179,9 @@ def bus_model_and_probes(args):
     first ``args.images`` malignant test probes of its synthetic set."""
     root = Path(__file__).resolve().parents[1] / "examples"
     sys.path.insert(0, str(root))
-    from finetune_bus import train  # noqa: PLC0415
+    from finetune_bus import train
 
-    from camanim.cli.models import load_checkpoint  # noqa: PLC0415
+    from camanim.cli.models import load_checkpoint
     ckpt = Path(args.bus_checkpoint)
     run = json.loads((ckpt.parent.parent / "args.json").read_text())
     args.arch, args.size = run["arch"], int(run["image_size"])

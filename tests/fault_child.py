@@ -18,12 +18,12 @@ import torch
 
 torch.set_num_threads(1)
 
-import lightning as L  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+import lightning as L  # noqa: E402 - after the sys.path set-up above
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402 - after the sys.path set-up above
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402 - after the sys.path set-up above
 
-from camanim.lightning.callback import CAManimCallback  # noqa: E402
-from lit_models import TinyLitNet  # noqa: E402
+from camanim.lightning.callback import CAManimCallback  # noqa: E402 - after the sys.path set-up above
+from lit_models import TinyLitNet  # noqa: E402 - after the sys.path set-up above
 
 
 def Net() -> TinyLitNet:  # noqa: N802 - the name the script always used

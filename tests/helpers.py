@@ -1,8 +1,6 @@
 """Helpers shared by tests (importable: pytest puts tests/ on sys.path)."""
 
-import torch
 from torch import nn
-
 
 
 class TinyCNN(nn.Module):

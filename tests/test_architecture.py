@@ -60,8 +60,17 @@ def test_every_stage_of_the_drawing_exists_and_is_named_in_the_doc():
     mods = _modules()
     for name in mods:
         leaf = name.split(".")[-1]
-        if len(name.split(".")) > 2 and leaf not in ("__main__", "core", "methods", "metrics", "viz", "runs",
-                                                     "viewer", "lightning", "cli"):
+        if len(name.split(".")) > 2 and leaf not in (
+            "__main__",
+            "core",
+            "methods",
+            "metrics",
+            "viz",
+            "runs",
+            "viewer",
+            "lightning",
+            "cli",
+        ):
             if name.split(".")[1] != "methods":        # methods: one file per method
                 assert leaf in text, f"{name} is not in docs/ARCHITECTURE.md"
 

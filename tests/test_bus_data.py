@@ -13,9 +13,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from finetune_bus import data as bd  # noqa: E402
-from finetune_bus import synthetic as bs  # noqa: E402
-
+from finetune_bus import data as bd  # noqa: E402 - after the sys.path set-up above
+from finetune_bus import synthetic as bs  # noqa: E402 - after the sys.path set-up above
 
 # ---------------------------------------------------------------------------
 # a small fake BUSI folder
@@ -93,7 +92,10 @@ def test_scan_classes_and_counts(busi):
 
 def test_multiple_masks_merged_by_or(busi):
     rec = _by_id(bd.scan_busi(busi))["malignant/malignant (2).png"]
-    assert [Path(m).name for m in rec["masks"]] == ["malignant (2)_mask.png", "malignant (2)_mask_1.png"]
+    assert [Path(m).name for m in rec["masks"]] == [
+        "malignant (2)_mask.png",
+        "malignant (2)_mask_1.png",
+    ]
     m = bd.load_record(rec)["mask"]
     assert m.dtype == np.uint8 and set(np.unique(m)) == {0, 1}
     assert m[4:10, 6:14].all() and m[15:20, 20:30].all()
@@ -134,7 +136,11 @@ def test_wrong_layout_raises_clear_error(tmp_path, busi):
     (bad / "tumours").mkdir()
     with pytest.raises(bd.BUSILayoutError, match="malignant/") as e:
         bd.scan_busi(bad)
-    assert "malignant/" in str(e.value) and "tumours/" in str(e.value) and "Dataset_BUSI_with_GT" in str(e.value)
+    assert (
+        "malignant/" in str(e.value)
+        and "tumours/" in str(e.value)
+        and "Dataset_BUSI_with_GT" in str(e.value)
+    )
     # benign is only required with --include-benign
     import shutil
     shutil.rmtree(busi / "benign")
@@ -183,8 +189,16 @@ def test_stratified_split_proportions_and_determinism():
     def count(part, c):
         return sum(cls[i] == c for i in s0[part])
 
-    assert (count("train", "malignant"), count("val", "malignant"), count("test", "malignant")) == (168, 21, 21)
-    assert (count("train", "normal"), count("val", "normal"), count("test", "normal")) == (107, 13, 13)
+    assert (count("train", "malignant"), count("val", "malignant"), count("test", "malignant")) == (
+        168,
+        21,
+        21,
+    )
+    assert (count("train", "normal"), count("val", "normal"), count("test", "normal")) == (
+        107,
+        13,
+        13,
+    )
     all_ids = s0["train"] + s0["val"] + s0["test"]
     assert len(all_ids) == len(set(all_ids)) == 343
     assert bd.stratified_split(recs, seed=0) == s0
@@ -262,7 +276,9 @@ def test_synthetic_lesions(index):
     assert (bx1 - bx0) > (by1 - by0), "benign: wider than tall"
     from scipy import ndimage
     f, inside = img.astype(float), m > 0
-    ring = ndimage.binary_dilation(inside, iterations=6) & ~ndimage.binary_dilation(inside, iterations=2)
+    ring = ndimage.binary_dilation(inside, iterations=6) & ~ndimage.binary_dilation(
+        inside, iterations=2
+    )
     assert f[inside].mean() < 0.8 * f[ring].mean(), "malignant: hypoechoic (darker than around it)"
 
 
@@ -274,7 +290,9 @@ def _posterior_ratio(img, m):
     cx0, cx1 = x0 + (x1 - x0) // 4, x1 - (x1 - x0) // 4
     rows = slice(y1 + 3, min(size, y1 + 3 + size // 6))
     under = f[rows, cx0:cx1 + 1].mean()
-    side = np.concatenate([f[rows, :max(1, x0 - 8)].ravel(), f[rows, min(size - 1, x1 + 8):].ravel()]).mean()
+    side = np.concatenate(
+        [f[rows, : max(1, x0 - 8)].ravel(), f[rows, min(size - 1, x1 + 8) :].ravel()]
+    ).mean()
     return under / side
 
 
@@ -341,7 +359,11 @@ def test_augmentation_deterministic_by_seed():
         return next(iter(dm.train_dataloader()))
 
     a, b, c = first_batch(0), first_batch(0), first_batch(1)
-    assert a["id"] == b["id"] and torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    assert (
+        a["id"] == b["id"]
+        and torch.equal(a["image"], b["image"])
+        and torch.equal(a["mask"], b["mask"])
+    )
     assert a["id"] != c["id"] or not torch.equal(a["image"], c["image"])
 
 
@@ -349,7 +371,9 @@ def test_probes_prefer_malignant_and_match_eval_transform():
     dm = bd.BUSDataModule(image_size=32, limit=60, seed=0)
     p = dm.probes(n=3)
     assert p["image"].shape == (3, 3, 32, 32) and p["mask"].shape == (3, 32, 32)
-    assert p["label"].tolist() == [1, 1, 1] and all(i.startswith("synthetic/malignant/") for i in p["id"])
+    assert p["label"].tolist() == [1, 1, 1] and all(
+        i.startswith("synthetic/malignant/") for i in p["id"]
+    )
     assert (p["mask"].flatten(1).sum(1) > 0).all()
     assert torch.equal(p["image"][0], dm.dataset("test")[
         [r["id"] for r in dm.parts["test"]].index(p["id"][0])]["image"])
@@ -373,7 +397,11 @@ def test_exported_synthetic_set_reads_back_as_busi(tmp_path):
     synth = {(r["class"], r["synthetic"]["index"] + 1): r
              for r in bd.limit_records(bd.synthetic_records(True, 0, 48), 12, 0)}
     # "about" 12: the minimum of 3 per class adds one normal image
-    assert len(recs) == len(synth) == 13 and {r["class"] for r in recs} == {"normal", "benign", "malignant"}
+    assert len(recs) == len(synth) == 13 and {r["class"] for r in recs} == {
+        "normal",
+        "benign",
+        "malignant",
+    }
     for r in recs:
         n = int(Path(r["image"]).stem.split("(")[1].rstrip(")"))
         a, b = bd.load_record(r), bd.load_record(synth[(r["class"], n)])

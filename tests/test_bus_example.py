@@ -4,7 +4,6 @@ training run as a script, split re-use, and (slow) that it learns."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import urllib.error
@@ -16,9 +15,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "finetune_bus" / "train.py"
 sys.path.insert(0, str(ROOT / "examples"))
-from finetune_bus import model as bm  # noqa: E402
-from finetune_bus import train  # noqa: E402
-
+from finetune_bus import model as bm  # noqa: E402 - after the sys.path set-up above
+from finetune_bus import train  # noqa: E402 - after the sys.path set-up above
 
 
 @pytest.fixture
@@ -40,9 +38,24 @@ def test_help_explains_every_flag():
     parser = train.build_parser()
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     names = {o for a in flags for o in a.option_strings}
-    for required in ("--data-dir", "--include-benign", "--split-file", "--image-size", "--epochs",
-                     "--limit", "--batch-size", "--num-workers", "--seed", "--accelerator", "--arch", "--threads",
-                     "--weights", "--out", "--lr", "--monitor"):
+    for required in (
+        "--data-dir",
+        "--include-benign",
+        "--split-file",
+        "--image-size",
+        "--epochs",
+        "--limit",
+        "--batch-size",
+        "--num-workers",
+        "--seed",
+        "--accelerator",
+        "--arch",
+        "--threads",
+        "--weights",
+        "--out",
+        "--lr",
+        "--monitor",
+    ):
         assert required in names
     for a in flags:
         assert a.help and len(a.help) > 15, f"{a.option_strings} has no real help"
@@ -91,8 +104,9 @@ def test_help_archs_match_the_model():
 
 
 def test_callbacks_checkpoint_and_camanim(tmp_path):
-    import camanim
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import camanim
     args = train.parse_args(["--monitor", "val_loss", "--no-cam"])
     args.run_dir = tmp_path
     cbs = train.build_callbacks(args, None)
@@ -100,7 +114,9 @@ def test_callbacks_checkpoint_and_camanim(tmp_path):
     assert cbs[0].monitor == "val_loss" and cbs[0].mode == "min"
     assert Path(cbs[0].dirpath) == tmp_path / "checkpoints" and cbs[0].filename.startswith("best-")
 
-    args = train.parse_args(TINY + ["--cam-probes", "3", "--cam-max-layers", "5", "--cam-every", "2"])
+    args = train.parse_args(
+        TINY + ["--cam-probes", "3", "--cam-max-layers", "5", "--cam-every", "2"]
+    )
     args.run_dir = tmp_path
     dm = train.build_datamodule(args)
     cbs = train.build_callbacks(args, dm)
@@ -229,7 +245,9 @@ def test_smoke_end_to_end(tmp_path, capsys, one_thread):
     assert any(t.startswith("ybroad/") and t.endswith("/mean") for t in tags)
 
     # --split-file (and another seed): exactly that split
-    res2 = train.main(TINY + ["--seed", "7", "--split-file", str(run / "split.json"), "--out", str(out)])
+    res2 = train.main(
+        TINY + ["--seed", "7", "--split-file", str(run / "split.json"), "--out", str(out)]
+    )
     assert res2["run_dir"] == out / "finetune_bus" / "version_1"
     split2 = json.loads((res2["run_dir"] / "split.json").read_text())
     assert all(split2[k] == split[k] for k in ("train", "val", "test"))
@@ -253,8 +271,13 @@ def test_runs_as_a_script_from_the_repo_root():
 def test_script_trains_end_to_end(tmp_path):
     """``python examples/finetune_bus/train.py`` (script mode), tiny settings."""
     out = tmp_path / "runs"
-    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--threads", "1", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *TINY, "--threads", "1", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _check_run(out / "finetune_bus" / "version_0", out, proc.stdout)
 

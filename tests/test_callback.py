@@ -3,7 +3,6 @@ resume, DDP, memory, validation, EBPG."""
 
 from __future__ import annotations
 
-import csv
 import gc
 import json
 import os
@@ -13,90 +12,21 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from camanim import CAManimError, LayerMaps
-from camanim.lightning.callback import CAManimCallback, energy_pointing_game
+from camanim import CAManimError, LayerMaps, RoadOptions
 from camanim.core.layers import LayerInfo
+from camanim.lightning.callback import CAManimCallback, energy_pointing_game
 from camanim.runs.study import CSV_COLUMNS
-
 from helpers import no_hooks
-
-N_LAYERS = 4  # Conv2d layers of Net
-
+from lit_models import N_LAYERS, Frozen, Net, data, loader, quick, read_csv, trainer
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-class Net(L.LightningModule):
-    """Tiny classifier with BatchNorm and Dropout (so RNG use matters)."""
-
-    def __init__(self, classes: int = 3) -> None:
-        super().__init__()
-        self.f = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
-            nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(), nn.Dropout(0.3),
-            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(8, classes))
-        self.order: list[tuple[str, int]] = []
-
-    def forward(self, x):
-        return self.f(x)
-
-    def training_step(self, batch, _):
-        x, y = batch[0], batch[1]
-        return nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, _):
-        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
-
-    def on_validation_epoch_end(self):
-        if not self.trainer.sanity_checking:
-            self.order.append(("val", self.current_epoch))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-
-def data(n: int = 24, size: int = 16, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, size, size, generator=g)
-    y = torch.randint(0, 3, (n,), generator=g)
-    m = x[:, 0] > 0.3
-    return x, y, m
-
-
-def loader(x, y, shuffle=True, bs=8):
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=bs,
-                                       shuffle=shuffle, num_workers=0)
-
-
-def trainer(tmp_path, callbacks=(), max_epochs=3, logger=False, **kw):
-    kw.setdefault("enable_checkpointing", False)
-    return L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, deterministic=True,
-                     logger=logger, enable_progress_bar=False, enable_model_summary=False,
-                     default_root_dir=str(tmp_path), log_every_n_steps=1,
-                     callbacks=list(callbacks), **kw)
-
-
-def quick(probes, **kw):
-    """A cheap callback: no videos unless asked."""
-    kw.setdefault("log_videos", False)
-    kw.setdefault("save_videos", False)
-    return CAManimCallback(probes, **kw)
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # --------------------------------------------------------------- untouched training
@@ -116,18 +46,6 @@ class _Record(Callback):
                           random.getstate()))
 
 
-class _Frozen(Net):
-    """Mixed modes and flags: the first BatchNorm frozen in eval mode, the first
-    convolution not trained."""
-
-    def on_train_epoch_start(self):
-        self.f[1].eval()
-
-    def configure_optimizers(self):
-        self.f[0].requires_grad_(False)
-        return super().configure_optimizers()
-
-
 class _RngEater(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         torch.rand(1)
@@ -136,7 +54,7 @@ class _RngEater(Callback):
 def _fit(tmp_path, extra, validate=True):
     L.seed_everything(0, workers=True)
     x, y, _ = data()
-    model = _Frozen()
+    model = Frozen()
     before, after = _Record(), _Record()
     tr = trainer(tmp_path, [before, *extra, after], max_epochs=3,
                  limit_val_batches=1 if validate else 0)
@@ -153,7 +71,7 @@ def test_training_is_bit_identical_with_and_without_callback(tmp_path):
     model, tr, before, after = _fit(tmp_path / "cb", [cb])
     assert cb.epochs_done == [0, 1, 2]  # the callback did its work every epoch
     assert len(read_csv(tmp_path / "cam" / "ybroad.csv")) == 3 * 2 * N_LAYERS
-    for (k, a), (_, b) in zip(ref.state_dict().items(), model.state_dict().items()):
+    for (k, a), (_, b) in zip(ref.state_dict().items(), model.state_dict().items(), strict=False):
         assert torch.equal(a, b), k  # parameters and BN buffers, bit for bit
     assert int(model.f[7].num_batches_tracked) == int(ref.f[7].num_batches_tracked) > 0
     assert int(model.f[1].num_batches_tracked) == int(ref.f[1].num_batches_tracked)
@@ -162,10 +80,14 @@ def test_training_is_bit_identical_with_and_without_callback(tmp_path):
     for k in o1:
         assert torch.equal(o1[k]["momentum_buffer"], o2[k]["momentum_buffer"])
     # what the next callback saw equals what the previous one saw, every epoch
-    for (m1, r1, g1, t1, n1, p1), (m2, r2, g2, t2, n2, p2) in zip(before.seen, after.seen):
+    for (m1, r1, g1, t1, n1, p1), (m2, r2, g2, t2, n2, p2) in zip(
+        before.seen, after.seen, strict=False
+    ):
         assert m1 == m2 and False in m1 and True in m1  # mixed train/eval modes kept
         assert r1 == r2 and False in r1
-        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g1, g2))
+        assert all(
+            (a is None and b is None) or torch.equal(a, b) for a, b in zip(g1, g2, strict=False)
+        )
         assert torch.equal(t1, t2) and np.array_equal(n1, n2) and p1 == p2
     assert torch.equal(torch.get_rng_state(), ref_rng[0])
     assert np.array_equal(np.random.get_state()[1], ref_rng[1]) and random.getstate() == ref_rng[2]
@@ -179,7 +101,7 @@ def test_identity_check_detects_rng_use(tmp_path):
     ref, *_ = _fit(tmp_path / "ref", [], validate=False)
     eaten, *_ = _fit(tmp_path / "eat", [_RngEater()], validate=False)
     assert not all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(),
-                                                     eaten.state_dict().values()))
+                                                     eaten.state_dict().values(), strict=False))
 
 
 # --------------------------------------------------------------- TensorBoard
@@ -521,7 +443,7 @@ import torch
 torch.set_num_threads(1)
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
-from test_callback import Net, data, loader
+from lit_models import Net, data, loader
 from camanim.lightning.callback import CAManimCallback
 
 if __name__ == "__main__":
@@ -579,7 +501,7 @@ def test_target_callables_are_scored_as_given(tmp_path):
     import camanim
     x, y, _ = data(n=8)
     targets = [ClassifierOutputTarget(2), ClassifierOutputTarget(1)]
-    cb = quick(x[:2], targets=targets, road_noise=0.0)
+    cb = quick(x[:2], targets=targets, road=RoadOptions(noise=0.0))
     model = Net()
     trainer(tmp_path, [cb], max_epochs=1).fit(model, loader(x, y))
     _, _, got = cb.road_history(0)

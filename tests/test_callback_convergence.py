@@ -12,21 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.stats import kendalltau
-
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from scipy.stats import kendalltau
 
-from camanim import CAManimError, LayerMaps
+from camanim import CAManimError, LayerMaps, MediaOptions, RoadOptions
 from camanim.lightning.callback import CAManimCallback
-from camanim.lightning.convergence import check_sanity, epoch_scalars, epoch_text
+from camanim.lightning.convergence import epoch_scalars, epoch_text
+from camanim.lightning.validation import check_sanity
 from camanim.metrics.convergence import chance_road, map_change
-from camanim.runs.history import CSV_COLUMNS, CSV_COLUMNS_V1
+from camanim.runs.history import CSV_COLUMNS, CSV_COLUMNS_V1, EpochRecord
 from camanim.runs.study import read_ybroad_csv, study
 from camanim.viz.plots import curve_image, heatmap_image
-
-from test_callback import N_LAYERS, Net, data, loader, quick, read_csv, trainer
-
+from lit_models import N_LAYERS, Net, data, loader, quick, read_csv, trainer
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -50,7 +48,7 @@ def test_csv_columns_tags_and_scalars_match_recomputation(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     x, y, _ = data()
-    cb = quick(x[:2], probe_names=["cat", "dog"], save_maps=True)
+    cb = quick(x[:2], probe_names=["cat", "dog"], media=MediaOptions(save_maps=True))
     logger = TensorBoardLogger(str(tmp_path / "runs"), name="exp")
     model = Net()
     trainer(tmp_path, [cb], max_epochs=3, logger=logger).fit(model, loader(x, y))
@@ -72,8 +70,8 @@ def test_csv_columns_tags_and_scalars_match_recomputation(tmp_path):
 
     # chance: the last epoch's model is the trained model; same percentiles/noise/seed/targets
     targets = torch.tensor([int(rows[0]["target"]), int(rows[N_LAYERS]["target"])])
-    ref = chance_road(model, x[:2], targets, percentiles=cb.road_percentiles,
-                      noise=cb.road_noise, seed=cb.seed, progress=False)
+    ref = chance_road(model, x[:2], targets, percentiles=cb.road.percentiles,
+                      noise=cb.road.noise, seed=cb.seed, progress=False)
     for b, p in enumerate(("cat", "dog")):
         for k, col in enumerate(("road_chance_random", "road_chance_blob")):
             got = _column(rows, p, 2, col)
@@ -87,12 +85,12 @@ def test_csv_columns_tags_and_scalars_match_recomputation(tmp_path):
         assert [e.step for e in ea.Images(f"convergence/{p}/heatmap")] == steps
         settled = ea.Scalars(f"convergence/{p}/share_settled")
         assert [e.step for e in settled] == steps[1:]  # nothing to compare at epoch 0
-        for e, ev in zip((1, 2), settled):
+        for e, ev in zip((1, 2), settled, strict=False):
             ch = _column(rows, p, e, "map_change")
             assert ev.value == pytest.approx(float((ch[np.isfinite(ch)] < 0.1).mean()))
         above = ea.Scalars(f"ybroad/{p}/above_chance")
         assert [e.step for e in above] == steps
-        for e, ev in zip(range(3), above):
+        for e, ev in zip(range(3), above, strict=False):
             road, chance = _column(rows, p, e, "road"), _column(rows, p, e, "road_chance_random")
             assert ev.value == pytest.approx(float((road > chance[0]).mean()), abs=1e-6)
         epochs, _, mat = cb.road_history(p)
@@ -109,7 +107,7 @@ def test_csv_columns_tags_and_scalars_match_recomputation(tmp_path):
 
 def test_switched_off_leaves_columns_empty_and_tags_out(tmp_path):
     x, y, _ = data(n=8)
-    cb = quick(x[:1], save_dir=tmp_path / "c", convergence=False, chance=False)
+    cb = quick(x[:1], save_dir=tmp_path / "c", convergence=False, road=RoadOptions(chance=False))
     trainer(tmp_path, [cb], max_epochs=2).fit(Net(), loader(x, y))
     rows = read_csv(tmp_path / "c" / "ybroad.csv")
     assert list(rows[0]) == list(CSV_COLUMNS)
@@ -157,17 +155,18 @@ def test_model_that_finds_the_class_at_no_layer_shows_nothing_above_chance(tmp_p
 
 
 def test_epoch_text_and_scalars_from_a_record():
-    rec = {"names": ["a", "b", "c"], "road": {"p": [0.1, 0.3, None]},
-           "chance": {"random": {"p": 0.2}, "blob": {"p": 0.25}},
-           "change": {"p": [0.05, 0.5, None]}, "change_from": 3,
-           "rank_tau": {"p": 0.5}, "rank_tau_from": 3}
+    rec = EpochRecord(global_step=9, names=["a", "b", "c"], method="gradcam",
+                      targets={"p": 1}, road={"p": [0.1, 0.3, None]},
+                      chance={"random": {"p": 0.2}, "blob": {"p": 0.25}},
+                      change={"p": [0.05, 0.5, None]}, change_from=3,
+                      rank_tau={"p": 0.5}, rank_tau_from=3)
     m = epoch_scalars(rec, ["p"], threshold=0.1)
     assert m["ybroad/p/above_chance"] == 0.5  # 0.3 beats 0.2; 0.1 does not; None unscored
     assert m["convergence/p/share_settled"] == 0.5 and m["ybroad/rank_tau_mean"] == 0.5
     assert m["ybroad/p/chance_blob"] == 0.25
     t = epoch_text(rec, "p", 0.1)
     assert "1 of 2 layers above chance" in t and "1 of 3 layers settled" in t
-    rec["road"]["p"] = [0.1, 0.2, None]  # equal to the chance line is not above it
+    rec.road = {"p": [0.1, 0.2, None]}  # equal to the chance line is not above it
     assert "nothing above chance" in epoch_text(rec, "p")
     assert epoch_scalars(rec, ["p"])["ybroad/p/above_chance"] == 0.0
 
@@ -179,7 +178,7 @@ def test_resume_keeps_the_map_change_continuous(tmp_path):
     probes = x[:2]
     ck, save = tmp_path / "ckpt", tmp_path / "cam"
     mc = ModelCheckpoint(dirpath=ck, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
-    cb1 = quick(probes, save_dir=save, save_maps=True)
+    cb1 = quick(probes, save_dir=save, media=MediaOptions(save_maps=True))
     trainer(tmp_path, [cb1, mc], max_epochs=3, enable_checkpointing=True).fit(Net(), loader(x, y))
 
     # a checkpoint written after the epoch's work, resumed into a new folder: the state
@@ -187,15 +186,15 @@ def test_resume_keeps_the_map_change_continuous(tmp_path):
     state = torch.load(ck / "epoch=1.ckpt", weights_only=True)["callbacks"][cb1.state_key]
     assert state["convergence"]["epoch"] == 1 and json.dumps(state)
     new = tmp_path / "new"
-    cb2 = quick(probes, save_dir=new, save_maps=True)
+    cb2 = quick(probes, save_dir=new, media=MediaOptions(save_maps=True))
     trainer(tmp_path, [cb2], max_epochs=3).fit(Net(), loader(x, y),
                                                ckpt_path=str(ck / "epoch=1.ckpt"))
     rec = cb2._history[2]
-    assert rec["change_from"] == 1
+    assert rec.change_from == 1
     want = map_change(LayerMaps.load(save / "maps" / "epoch001.npz"),
                       LayerMaps.load(new / "maps" / "epoch002.npz"))
     for b, p in enumerate(cb2.probe_names):
-        np.testing.assert_allclose(np.array(rec["change"][p], dtype=float), want[:, b],
+        np.testing.assert_allclose(np.array(rec.change[p], dtype=float), want[:, b],
                                    rtol=1e-6, atol=1e-9)
 
 
@@ -210,35 +209,35 @@ def test_resume_from_a_checkpoint_written_before_the_work(tmp_path):
     kw = dict(limit_val_batches=1, num_sanity_val_steps=0)
     mc = ModelCheckpoint(dirpath=ck, filename="{epoch}", save_top_k=-1, every_n_epochs=1,
                          save_on_train_epoch_end=False)
-    cb1 = quick(probes, save_dir=save, save_maps=True)
+    cb1 = quick(probes, save_dir=save, media=MediaOptions(save_maps=True))
     trainer(tmp_path, [cb1, mc], max_epochs=3, enable_checkpointing=True, **kw).fit(
         Net(), loader(x, y), val)
     ckpt = torch.load(ck / "epoch=2.ckpt", weights_only=True)
     state = ckpt["callbacks"][cb1.state_key]
     assert state["convergence"]["epoch"] == 1 and [r["epoch"] for r in state["history"]] == [0, 1]
 
-    cb2 = quick(probes, save_dir=save, save_maps=True)
+    cb2 = quick(probes, save_dir=save, media=MediaOptions(save_maps=True))
     with pytest.warns(UserWarning, match="already holds epoch 2"):
         trainer(tmp_path, [cb2], max_epochs=4, **kw).fit(Net(), loader(x, y), val,
                                                          ckpt_path=str(ck / "epoch=2.ckpt"))
     assert cb2.epochs_done == [0, 1, 2, 3]
     rec = cb2._history[2]  # epoch 2 repeated
-    assert rec["change_from"] == 1 and rec["rank_tau_from"] == 1
+    assert rec.change_from == 1 and rec.rank_tau_from == 1
     again = LayerMaps.load(save / "maps" / "epoch002.npz")
     want = map_change(LayerMaps.load(save / "maps" / "epoch001.npz"), again)
     for b, p in enumerate(cb2.probe_names):
-        np.testing.assert_allclose(np.array(rec["change"][p], dtype=float), want[:, b],
+        np.testing.assert_allclose(np.array(rec.change[p], dtype=float), want[:, b],
                                    rtol=1e-6, atol=1e-9)
-    assert cb2._history[3]["change_from"] == 2
+    assert cb2._history[3].change_from == 2
 
     del state["convergence"]  # as written by an older camanim
     torch.save(ckpt, tmp_path / "old.ckpt")
     cb3 = quick(probes, save_dir=tmp_path / "other")
     trainer(tmp_path, [cb3], max_epochs=4, **kw).fit(Net(), loader(x, y), val,
                                                      ckpt_path=str(tmp_path / "old.ckpt"))
-    assert cb3._history[2]["change_from"] is None
-    assert all(v is None for v in cb3._history[2]["change"]["probe0"])
-    assert cb3._history[3]["change_from"] == 2
+    assert cb3._history[2].change_from is None
+    assert all(v is None for v in cb3._history[2].change["probe0"])
+    assert cb3._history[3].change_from == 2
     rows = read_csv(tmp_path / "other" / "ybroad.csv")
     assert all(r["map_change"] == "" for r in rows if r["epoch"] in ("0", "2"))
     assert any(r["map_change"] != "" for r in rows if r["epoch"] == "1")  # restored history
@@ -322,7 +321,7 @@ def _write_run(path: Path, road, change, chance) -> Path:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
-        for e, (row, ch, (cr, cbl)) in enumerate(zip(road, change, chance)):
+        for e, (row, ch, (cr, cbl)) in enumerate(zip(road, change, chance, strict=False)):
             for i, n in enumerate(NAMES):
                 w.writerow([e, e + 1, "p0", 1, "gradcam", i, n, row[i], np.mean(row), max(row),
                             "", "" if ch[i] is None else ch[i], cr, cbl])

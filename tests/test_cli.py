@@ -14,9 +14,8 @@ from PIL import Image
 from torch import nn
 
 from camanim import cli
-import camanim.cli.models
-from camanim.errors import CAManimError
 from camanim.core.images import load_image, parse_size, to_model_input
+from camanim.errors import CAManimError
 from camanim.viz.video import iter_video
 
 TINY = f"{__file__}:tiny_cnn"
@@ -119,25 +118,69 @@ def test_explain_checkpoint_lightning_and_head(tmp_path, image, capsys):
     with torch.no_grad():
         trained[0].weight.mul_(3.0)
     ckpt = tmp_path / "best.ckpt"
-    torch.save({"epoch": 3, "state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()}}, ckpt)
-    rc, _, err = run(capsys, "explain", image, "--model", TINY, "--checkpoint", ckpt, "--size", "24",
-                     "--norm", "local", "--out", tmp_path / "a", "--quiet", "--save-maps")
+    torch.save(
+        {"epoch": 3, "state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()}}, ckpt
+    )
+    rc, _, err = run(
+        capsys,
+        "explain",
+        image,
+        "--model",
+        TINY,
+        "--checkpoint",
+        ckpt,
+        "--size",
+        "24",
+        "--norm",
+        "local",
+        "--out",
+        tmp_path / "a",
+        "--quiet",
+        "--save-maps",
+    )
     assert rc == 0, err
     s = json.loads((tmp_path / "a" / "scan_summary.json").read_text())
     assert s["weights"] == str(ckpt)
     # a checkpoint of another architecture: a clear one-line error
     torch.save(tiny_cnn(num_classes=7).state_dict(), tmp_path / "other.pt")
-    rc, _, err = run(capsys, "explain", image, "--model", TINY, "--checkpoint", tmp_path / "other.pt",
-                     "--size", "24", "--out", tmp_path / "b", "--quiet")
+    rc, _, err = run(
+        capsys,
+        "explain",
+        image,
+        "--model",
+        TINY,
+        "--checkpoint",
+        tmp_path / "other.pt",
+        "--size",
+        "24",
+        "--out",
+        tmp_path / "b",
+        "--quiet",
+    )
     assert rc == 2 and "does not fit" in err and "shape mismatch" in err
     assert err.count("\n") == 1 and "Traceback" not in err
     # torchvision model fine-tuned to 3 classes: the head is rebuilt to fit
     import torchvision
 
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "r3.pt")
-    rc, _, err = run(capsys, "explain", image, "--model", "resnet18", "--checkpoint", tmp_path / "r3.pt",
-                     "--size", "32", "--max-layers", "1", "--norm", "local", "--out", tmp_path / "c",
-                     "--quiet")
+    rc, _, err = run(
+        capsys,
+        "explain",
+        image,
+        "--model",
+        "resnet18",
+        "--checkpoint",
+        tmp_path / "r3.pt",
+        "--size",
+        "32",
+        "--max-layers",
+        "1",
+        "--norm",
+        "local",
+        "--out",
+        tmp_path / "c",
+        "--quiet",
+    )
     assert rc == 0, err
     s = json.loads((tmp_path / "c" / "scan_summary.json").read_text())
     assert 0 <= s["target"] < 3 and s["target_name"] is None  # ImageNet names no longer apply
@@ -181,8 +224,12 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, image, capsys, argv, messa
     notimage = tmp_path / "notes.png"
     notimage.write_text("not an image")
     argv = [a.format(image=image, notimage=notimage) for a in argv]
-    rc, out, err = run(capsys, *argv, *(["--quiet"] if argv[0] == "explain" and len(argv) > 3 else []),
-                       *(["--out", str(tmp_path / "o")] if argv[0] == "explain" and len(argv) > 3 else []))
+    rc, out, err = run(
+        capsys,
+        *argv,
+        *(["--quiet"] if argv[0] == "explain" and len(argv) > 3 else []),
+        *(["--out", str(tmp_path / "o")] if argv[0] == "explain" and len(argv) > 3 else []),
+    )
     assert rc == 2
     assert message in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -207,9 +254,26 @@ def test_layers_table(capsys):
 def test_console_script_subprocess(tmp_path, image):
     exe = Path(sys.executable).with_name("camanim")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "camanim.cli"]
-    res = subprocess.run(cmd + ["explain", str(image), "--model", TINY, "--size", "24",
-                                "--norm", "local", "--max-layers", "2", "--out", str(tmp_path / "s")],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        cmd
+        + [
+            "explain",
+            str(image),
+            "--model",
+            TINY,
+            "--size",
+            "24",
+            "--norm",
+            "local",
+            "--max-layers",
+            "2",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert len(list(iter_video(tmp_path / "s" / "scan_local.mp4"))) == 2
     assert (tmp_path / "s" / "scan_contact_sheet.png").exists()
@@ -227,7 +291,7 @@ def test_load_image_modes(tmp_path):
     np.testing.assert_allclose(load_image(tmp_path / "g8.png"), 128 / 255.0, atol=1e-6)
     rgba = np.zeros((4, 4, 4), np.uint8)
     rgba[..., 0] = 255
-    rgba[:2, :, 3] = 255                                     # top half opaque red, bottom transparent
+    rgba[:2, :, 3] = 255  # top half opaque red, bottom transparent
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
     x = load_image(tmp_path / "a.png")
     assert np.allclose(x[0, 0], (1, 0, 0)) and np.allclose(x[3, 0], (1, 1, 1))  # laid on white

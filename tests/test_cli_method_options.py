@@ -14,8 +14,8 @@ from PIL import Image
 import camanim
 from camanim import cli
 from camanim.core.images import load_image, to_model_input
-
 from test_cli import TINY, tiny_cnn
+
 
 @pytest.fixture()
 def image(tmp_path) -> Path:
@@ -40,9 +40,9 @@ def test_explain_integrated_gradcam_uses_mean_and_std_for_its_black_baseline(tmp
     want = camanim.CAManim(model, "integrated-gradcam", mean=mean, std=std, progress=False)(x)
     imagenet = camanim.CAManim(model, "integrated-gradcam", progress=False)(x)
     assert saved.names == want.names
-    for p, q, r in zip(saved.raw, want.raw, imagenet.raw):
+    for p, q in zip(saved.raw, want.raw, strict=True):
         torch.testing.assert_close(p, q.to(p.dtype), rtol=1e-5, atol=1e-6)
-    assert any(not torch.allclose(q, r) for q, r in zip(want.raw, imagenet.raw))
+    assert any(not torch.allclose(q, r) for q, r in zip(want.raw, imagenet.raw, strict=False))
 
 
 def test_explain_sise_default_layers_are_its_blocks_without_a_warning(tmp_path, image, capsys):

@@ -11,13 +11,23 @@ import numpy as np
 import pytest
 import scipy.stats as ss
 import torch
-from helpers import TinyCNN
 
 from camanim import CAManim, CAManimError
-from camanim.metrics.convergence import (CHANCE_NAMES, average_ranks, chance_maps, chance_road,
-                                         kendall_tau, map_change, rank_change, rank_maps,
-                                         settle_epochs, share_below, spearman)
+from camanim.metrics.convergence import (
+    CHANCE_NAMES,
+    average_ranks,
+    chance_maps,
+    chance_road,
+    kendall_tau,
+    map_change,
+    rank_change,
+    rank_maps,
+    settle_epochs,
+    share_below,
+    spearman,
+)
 from camanim.metrics.road import ybroad
+from helpers import TinyCNN
 
 
 def _maps(seed, shape=(3, 2, 24, 28)):

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 import camanim
 from camanim.core.capture import capture
@@ -86,7 +85,7 @@ def test_works_under_inference_mode_and_no_grad(tiny, tiny_input):
         a = camanim.CAManim(tiny, "gradcam", "conv")(x)
     with torch.no_grad():
         b = camanim.CAManim(tiny, "gradcam", "conv")(tiny_input)
-    for r, ra, rb in zip(ref.raw, a.raw, b.raw):
+    for r, ra, rb in zip(ref.raw, a.raw, b.raw, strict=False):
         assert torch.equal(r, ra) and torch.equal(r, rb)
 
 
@@ -96,7 +95,7 @@ def test_targets_int_list_and_callables_agree(tiny, tiny_input):
     b = camanim.CAManim(tiny, "gradcam", "conv")(
         tiny_input, targets=[ClassifierOutputTarget(1), ClassifierOutputTarget(3)])
     assert a.targets.tolist() == [1, 3] and b.targets.tolist() == [1, 3]
-    for ra, rb in zip(a.raw, b.raw):
+    for ra, rb in zip(a.raw, b.raw, strict=False):
         assert torch.equal(ra, rb)
     c = camanim.CAManim(tiny, "gradcam", "conv")(tiny_input, targets=[1, 4])
     assert not torch.equal(a.raw[-1][1], c.raw[-1][1]) and torch.equal(a.raw[-1][0], c.raw[-1][0])
@@ -106,7 +105,7 @@ def test_batch_equals_one_image_at_a_time(tiny, tiny_input):
     both = camanim.CAManim(tiny, "gradcam++", "all")(tiny_input, targets=[0, 2])
     for b, t in enumerate([0, 2]):
         one = camanim.CAManim(tiny, "gradcam++", "all")(tiny_input[b:b + 1], targets=[t])
-        for rb, r1 in zip(both.raw, one.raw):
+        for rb, r1 in zip(both.raw, one.raw, strict=False):
             torch.testing.assert_close(rb[b:b + 1], r1, rtol=1e-9, atol=1e-12)
 
 
@@ -246,7 +245,7 @@ def test_save_load_roundtrip_without_pickle(tmp_path, tiny, tiny_input):
     assert back.names == maps.names and back.input_size == maps.input_size
     assert back.layers == maps.layers and back.method == "layercam"
     assert torch.equal(back.targets, maps.targets)
-    for a, b in zip(maps.raw, back.raw):
+    for a, b in zip(maps.raw, back.raw, strict=False):
         assert torch.equal(a, b)
     assert back.params == maps.params
     with pytest.raises(camanim.CAManimError, match="no LayerMaps file"):
@@ -277,7 +276,7 @@ def test_numpy_integer_targets(tiny, tiny_input):
     for t in (np.array([1, 3]), [np.int64(1), np.int64(3)]):
         b = camanim.CAManim(tiny, "gradcam", "conv")(tiny_input, targets=t)
         assert b.targets.tolist() == [1, 3]
-        assert all(torch.equal(x, y) for x, y in zip(a.raw, b.raw))
+        assert all(torch.equal(x, y) for x, y in zip(a.raw, b.raw, strict=False))
     with pytest.raises(camanim.CAManimError, match="integer class indices"):
         camanim.CAManim(tiny, "gradcam")(tiny_input, targets=np.array([1.0, 3.0]))
 
@@ -367,7 +366,7 @@ def test_bfloat16_model_maps_accumulate_in_float32():
     assert all(r.dtype == torch.float32 for r in maps.raw)
     cap = capture(m16, x.to(torch.bfloat16), anim.layer_table(x).selected, [1, 3])
     assert cap.activations[0].dtype == torch.bfloat16          # the model ran in bf16
-    for r, a, g in zip(maps.raw, cap.activations, cap.gradients):
+    for r, a, g in zip(maps.raw, cap.activations, cap.gradients, strict=False):
         want = (g.double().mean((2, 3), keepdim=True) * a.double()).sum(1).clamp_min(0)
         torch.testing.assert_close(r.double(), want, rtol=0, atol=1e-5 * float(want.max()))
     local = maps.upsample("local")

@@ -14,9 +14,18 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from pytorch_grad_cam import (AblationCAM, EigenCAM, EigenGradCAM, GradCAM,
-                              GradCAMElementWise, GradCAMPlusPlus, HiResCAM,
-                              LayerCAM, ScoreCAM, XGradCAM)
+from pytorch_grad_cam import (
+    AblationCAM,
+    EigenCAM,
+    EigenGradCAM,
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    ScoreCAM,
+    XGradCAM,
+)
 from pytorch_grad_cam.base_cam import BaseCAM
 from torch import nn
 
@@ -137,7 +146,7 @@ def test_eigen_methods_match_reference_up_to_sign(r18, method, cls):
                 grads = (cam.activations_and_grads.gradients[0].numpy()
                          if cam.activations_and_grads.gradients else None)
 
-            def flipped():
+            def flipped(acts=acts, grads=grads):
                 m = acts if method == "eigencam" else grads * acts
                 p = -get_2d_projection(m)
                 s = scale_cam_image(np.maximum(p, 0), (64, 64))
@@ -197,8 +206,8 @@ def test_randomcam_repeatable_by_seed(r18):
     b = camanim.CAManim(r18, "randomcam", LAYERS, seed=7)(x)
     c = camanim.CAManim(r18, "randomcam", LAYERS, seed=8)(x)
     state = torch.get_rng_state()
-    for ra, rb in zip(a.raw, b.raw):
+    for ra, rb in zip(a.raw, b.raw, strict=False):
         assert torch.equal(ra, rb)
-    assert any(not torch.equal(ra, rc) for ra, rc in zip(a.raw, c.raw))
+    assert any(not torch.equal(ra, rc) for ra, rc in zip(a.raw, c.raw, strict=False))
     camanim.CAManim(r18, "randomcam", LAYERS, seed=7)(x)
     assert torch.equal(state, torch.get_rng_state())

@@ -13,19 +13,19 @@ import time
 import warnings
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-import lightning as L
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 from camanim import CAManimError
 from camanim.cli import main as cli_main
 from camanim.core.files import atomic_path, remove_stale, write_text
 from camanim.lightning.callback import CAManimCallback
-from camanim.runs.history import History, repair_csv
+from camanim.lightning.options import MediaOptions, VideoOptions
+from camanim.runs.history import EpochRecord, History, repair_csv
 from camanim.runs.study import read_ybroad_csv
 from camanim.viz.plots import save_png
 from camanim.viz.video import iter_video, write_frames
@@ -139,8 +139,8 @@ def test_atomic_path_cleans_up_on_error(tmp_path):
 # --------------------------------------------------------------- CSV
 
 def _record(step, names, road, targets):
-    return {"global_step": step, "names": names, "method": "gradcam", "targets": targets,
-            "road": road, "ebpg": None}
+    return EpochRecord(global_step=step, names=names, method="gradcam", targets=targets,
+                       road=road, ebpg=None)
 
 
 def _history(epochs, probes=("a", "b"), layers=("l0", "l1", "l2")):
@@ -349,8 +349,9 @@ def test_callback_on_a_full_disk_goes_on_and_retries_the_csv(small_disk, tmp_pat
     x, _, data = _data()
     save = small_disk / "cam"
     # viewer=False: its backgrounds (2 x 108 KiB) would not fit this 256 KiB disk
-    cb = CAManimCallback(x[:2], save_dir=save, normalization="local", tb_video_size=32,
-                         video_size=256, media_queue=0, viewer=False)
+    cb = CAManimCallback(x[:2], save_dir=save,
+                         video=VideoOptions(normalization="local", tb_size=32, size=256),
+                         media=MediaOptions(queue=0, viewer=False))
     filler = fill(small_disk)
     tb = TensorBoardLogger(str(tmp_path), name="tb", version=0)   # on another disk: writable
     with warnings.catch_warnings(record=True) as caught:

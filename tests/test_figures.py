@@ -10,8 +10,14 @@ from PIL import Image
 from torch import nn
 
 from camanim.errors import CAManimError
-from camanim.viz.figures import (contact_sheet, format_summary, percentile_layers, plot_params,
-                             run_summary, write_summary)
+from camanim.viz.figures import (
+    contact_sheet,
+    format_summary,
+    percentile_layers,
+    plot_params,
+    run_summary,
+    write_summary,
+)
 from test_render import make_images, make_maps
 
 

@@ -170,8 +170,11 @@ def check_mpl(fig: Figure) -> list[str]:
             for tick in axis.get_major_ticks() + axis.get_minor_ticks():
                 for lab in (tick.label1, tick.label2):
                     ticks.add(id(lab))
-                    if (lab.get_visible() and lab.get_text().strip()
-                            and lo - 1e-9 * abs(hi - lo) <= tick.get_loc() <= hi + 1e-9 * abs(hi - lo)):
+                    if (
+                        lab.get_visible()
+                        and lab.get_text().strip()
+                        and lo - 1e-9 * abs(hi - lo) <= tick.get_loc() <= hi + 1e-9 * abs(hi - lo)
+                    ):
                         drawn.append(lab)
     drawn += [t for t in fig.findobj(Text)
               if id(t) not in ticks and t.get_visible() and t.get_text().strip()]

@@ -11,8 +11,7 @@ import torch
 
 from camanim import CAManimError
 from camanim.lightning.callback import CAManimCallback
-
-from test_callback import Net, data, loader, trainer
+from lit_models import Net, data, loader, trainer
 
 
 def _selector():

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from pytorch_grad_cam.metrics.road import NoisyLinearImputer, neighbors_weights
 
-from camanim import CAManimError
 import camanim.metrics.imputation as imputation
+from camanim import CAManimError
 from camanim.metrics.imputation import add_noise, direct_solve, impute, solve_dtype, work_dtype
 from camanim.metrics.multigrid import FineOperator, Grid, Multigrid, galerkin, prolong_add, restrict
 from camanim.metrics.road import road_masks
@@ -42,7 +42,9 @@ def reference_masks(cam: torch.Tensor, percentiles=(20, 40, 60, 80)) -> torch.Te
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("h,w,low", [(16, 16, (4, 4)), (24, 40, (3, 5)), (32, 32, (7, 7)), (9, 14, (2, 3))])
+@pytest.mark.parametrize(
+    "h,w,low", [(16, 16, (4, 4)), (24, 40, (3, 5)), (32, 32, (7, 7)), (9, 14, (2, 3))]
+)
 def test_noise_free_imputation_matches_reference(h, w, low):
     g = torch.Generator().manual_seed(h * 100 + w)
     img = torch.randn(3, h, w, generator=g)
@@ -50,7 +52,7 @@ def test_noise_free_imputation_matches_reference(h, w, low):
     # every percentile and both orders give distinct masks of all kinds
     assert len({tuple(m.flatten().tolist()) for m in masks}) > 4
     ours = impute(img.expand(len(masks), -1, -1, -1), masks)
-    for mask, got in zip(masks, ours):
+    for mask, got in zip(masks, ours, strict=False):
         ref = NoisyLinearImputer(noise=0.0)(img, mask)
         assert got.dtype == ref.dtype
         assert torch.equal(got[:, mask > 0.5], img[:, mask > 0.5])    # kept pixels untouched
@@ -67,7 +69,7 @@ def test_imputation_of_float64_images_and_batch_of_different_images():
     masks = torch.stack([reference_masks(c, (30, 70))[i % 4] for i, c in enumerate(cams)])
     ours = impute(imgs, masks, chunk=2)
     assert ours.dtype == torch.float64
-    for img, mask, got in zip(imgs, masks, ours):
+    for img, mask, got in zip(imgs, masks, ours, strict=False):
         ref = NoisyLinearImputer(noise=0.0)(img.float(), mask)
         assert (got.float() - ref).abs().max().item() < 1e-5 * 5      # pixels up to ~10
 
@@ -94,7 +96,9 @@ def test_road_masks_follow_the_reference_rule_exactly():
     in float32 and float64 and for non-integer percentiles."""
     for dtype in (torch.float32, torch.float64):
         for seed, (h, w) in enumerate([(16, 16), (24, 40), (7, 5)]):
-            cams = torch.stack([cam_like(h, w, (3, 4), seed=seed * 10 + i, dtype=dtype) for i in range(3)])
+            cams = torch.stack(
+                [cam_like(h, w, (3, 4), seed=seed * 10 + i, dtype=dtype) for i in range(3)]
+            )
             ps = (20, 40, 60, 80, 12.5, 0, 100)
             ours = road_masks(cams, ps)                    # (2P, B, H, W)
             for i, cam in enumerate(cams):
@@ -118,7 +122,9 @@ def test_operator_equals_reference_sparse_system():
     # columns of A: apply to unit vectors of the unknowns
     eye = torch.zeros(len(idx), h * w, dtype=torch.float64)
     eye[torch.arange(len(idx)), idx] = 1
-    cols = grid.unpad(op.apply(grid.pad(eye.reshape(1, len(idx), h, w)))).reshape(len(idx), h * w)[:, idx]
+    cols = grid.unpad(op.apply(grid.pad(eye.reshape(1, len(idx), h, w)))).reshape(len(idx), h * w)[
+        :, idx
+    ]
     assert np.abs(cols.T.numpy() + 12 * a_ref).max() < 1e-12
     b = grid.unpad(op.rhs(grid.pad(img[None]))).reshape(2, h * w)[:, idx]
     assert np.abs(b.T.numpy() + 12 * b_ref).max() < 1e-12
@@ -130,7 +136,9 @@ def test_galerkin_coarse_operator_and_symmetric_preconditioner():
     preconditioner (what conjugate gradients needs)."""
     h, w = 14, 19
     grid = Grid(h, w)
-    unknown = torch.stack([reference_masks(cam_like(h, w, (4, 5), seed=s))[s] < 0.5 for s in range(2)])
+    unknown = torch.stack(
+        [reference_masks(cam_like(h, w, (4, 5), seed=s))[s] < 0.5 for s in range(2)]
+    )
     op = FineOperator(unknown[:, None].double(), grid)
     active = op.active
     coarse = grid.coarse
@@ -161,7 +169,9 @@ def test_galerkin_coarse_operator_and_symmetric_preconditioner():
 
 def test_noise_reproducible_only_on_imputed_pixels_and_global_rng_untouched():
     img = torch.randn(4, 3, 16, 20)
-    keep = torch.stack([reference_masks(cam_like(16, 20, (4, 5), seed=s))[s] > 0.5 for s in range(4)])
+    keep = torch.stack(
+        [reference_masks(cam_like(16, 20, (4, 5), seed=s))[s] > 0.5 for s in range(4)]
+    )
     state = torch.get_rng_state()
     a = impute(img, keep, noise=0.01, generator=torch.Generator().manual_seed(7))
     b = impute(img, keep, noise=0.01, generator=torch.Generator().manual_seed(7))
@@ -237,7 +247,7 @@ def test_seeded_size_sweep_matches_reference_without_warnings(dtype):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             ours = impute(img.expand(len(masks), -1, -1, -1), masks, dtype=dtype)
-        for mask, got in zip(masks, ours):
+        for mask, got in zip(masks, ours, strict=False):
             if (mask > 0.5).all():
                 assert torch.equal(got, img)
                 continue
@@ -253,7 +263,9 @@ def test_dtype_policy_is_device_agnostic():
     assert solve_dtype("cpu") == torch.float64
     for dev in ("cuda", "cuda:1", "mps", torch.device("mps")):
         assert solve_dtype(dev) == torch.float32
-    assert work_dtype(torch.bfloat16) == torch.float32 and work_dtype(torch.float16) == torch.float32
+    assert (
+        work_dtype(torch.bfloat16) == torch.float32 and work_dtype(torch.float16) == torch.float32
+    )
     assert work_dtype(torch.float64) == torch.float64 and work_dtype(torch.float32) == torch.float32
     with pytest.raises(CAManimError, match="float32 or torch.float64"):
         impute(torch.zeros(1, 1, 8, 8), torch.ones(1, 8, 8, dtype=torch.bool), dtype=torch.float16)
@@ -320,7 +332,7 @@ def test_unconverged_systems_fall_back_to_a_direct_solve(monkeypatch, dtype):
         warnings.simplefilter("error")
         ours = impute(img.expand(len(masks), -1, -1, -1), masks, max_iter=1, dtype=dtype)
     assert len(calls) == sum(int((m < 0.5).any() and (m > 0.5).any()) for m in masks) > 0
-    for mask, got in zip(masks, ours):
+    for mask, got in zip(masks, ours, strict=False):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             ref = NoisyLinearImputer(noise=0.0)(img, mask)
@@ -364,7 +376,7 @@ def test_half_precision_images_get_noise_in_float32():
     img32 = 3.0 + 0.25 * torch.randn(8, 1, h, w, generator=torch.Generator().manual_seed(0))
     keep = torch.zeros(8, h, w, dtype=torch.bool)
     keep[:, ::4, ::4] = True
-    gen = lambda: torch.Generator().manual_seed(4)    # noqa: E731
+    gen = lambda: torch.Generator().manual_seed(4)    # noqa: E731 - a one-line generator factory
     noisy16 = impute(img32.bfloat16(), keep, noise=0.01, generator=gen())
     assert noisy16.dtype == torch.bfloat16
     filled32 = impute(img32.bfloat16().float(), keep)
@@ -390,6 +402,8 @@ def test_result_does_not_depend_on_what_is_solved_together(dtype):
     masks = torch.cat([road_like_masks(h, w, seed=s, percentiles=(15, 55, 85)) for s in (1, 2)])
     imgs = img.expand(len(masks), -1, -1, -1)
     together = impute(imgs, masks, dtype=dtype)
-    alone = torch.cat([impute(imgs[i:i + 1], masks[i:i + 1], dtype=dtype) for i in range(len(masks))])
+    alone = torch.cat(
+        [impute(imgs[i : i + 1], masks[i : i + 1], dtype=dtype) for i in range(len(masks))]
+    )
     pairs = impute(imgs, masks, chunk=2, dtype=dtype)
     assert torch.equal(together, alone) and torch.equal(together, pairs)

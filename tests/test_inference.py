@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import TinyCNN
 from torch import nn
 
 from camanim import CAManimError
 from camanim.core import inference
 from camanim.core.inference import folded_model, outputs_agree
-from camanim.metrics import road
 from camanim.metrics.imputation import solve_dtype
 from camanim.metrics.road import ybroad
+from helpers import TinyCNN
 
 
 def _trained_bn_resnet18() -> nn.Module:
@@ -48,7 +47,9 @@ def test_folded_resnet_equals_model_and_leaves_it_untouched():
     called = [own[n.target] for n in fast.graph.nodes if n.op == "call_module"]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in called)   # all 20 pairs folded
     assert len(fast.fused) == 20
-    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in fast.fused.values())
+    assert all(
+        m.weight.is_contiguous(memory_format=torch.channels_last) for m in fast.fused.values()
+    )
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(x)
@@ -96,7 +97,11 @@ class ReusedConv(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv, self.bn, self.fc = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Linear(3, 2)
+        self.conv, self.bn, self.fc = (
+            nn.Conv2d(3, 3, 3, padding=1),
+            nn.BatchNorm2d(3),
+            nn.Linear(3, 2),
+        )
 
     def forward(self, x):
         return self.fc(self.conv(self.bn(self.conv(x))).mean((2, 3)))
@@ -174,7 +179,7 @@ def test_ybroad_falls_back_when_the_stand_in_disagrees(monkeypatch):
         def forward(self, x):
             return model(x.contiguous()) + 1.0
 
-    monkeypatch.setattr(road, "folded_model", lambda m: Wrong())
+    monkeypatch.setattr(inference, "folded_model", lambda m: Wrong())  # scoring_runner
     res = ybroad(model, x, maps, progress=False)
     ref = ybroad(model, x, maps, progress=False, fold=False)
     assert res.extra["folded"] is False
@@ -183,7 +188,7 @@ def test_ybroad_falls_back_when_the_stand_in_disagrees(monkeypatch):
 
 def test_fold_argument_checked():
     model, x, maps = _maps_model()
-    with pytest.raises(CAManimError, match="fold must be True or False"):
+    with pytest.raises(CAManimError, match="fold must be True, False or a FoldCache"):
         ybroad(model, x, maps, progress=False, fold="yes")
 
 

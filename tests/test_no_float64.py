@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import camanim.methods.otsu as otsu
 import camanim.metrics.imputation as imputation
 import camanim.metrics.pointing as pointing
-import camanim.methods.otsu as otsu
 from camanim.core.maps import exact_dtype
 
 
@@ -42,7 +42,7 @@ def test_policy():
 @pytest.fixture
 def accelerator_policy(monkeypatch):
     """The accelerator branch of every module that uses the policy."""
-    f32 = lambda device: torch.float32  # noqa: E731
+    f32 = lambda device: torch.float32  # noqa: E731 - a one-line stand-in for a patched function
     for mod in (pointing, otsu, imputation):
         monkeypatch.setattr(mod, "exact_dtype", f32)
 

@@ -6,12 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from camanim.errors import CAManimError
 from camanim.core.layers import LayerInfo
 from camanim.core.maps import LayerMaps
-from camanim.viz.render import (FrameRenderer, colormap_lut, display_images, overlay,
-                            panel_size, render_frames)
-
+from camanim.errors import CAManimError
+from camanim.viz.render import (
+    FrameRenderer,
+    colormap_lut,
+    display_images,
+    overlay,
+    panel_size,
+    render_frames,
+)
 
 # --------------------------------------------------------------- helpers
 # (imported by test_video.py and test_figures.py)
@@ -63,7 +68,9 @@ def test_one_frame_per_layer_even_fixed_size():
     assert c == 3 and h % 2 == 0 and w % 2 == 0
     assert all(f.dtype == np.uint8 for f in frames)
     # consecutive frames differ (new map, new caption, progress strip)
-    assert all(np.abs(a.astype(int) - b).mean() > 1 for a, b in zip(frames, frames[1:]))
+    assert all(
+        np.abs(a.astype(int) - b).mean() > 1 for a, b in zip(frames, frames[1:], strict=False)
+    )
 
 
 def test_overlay_orientation_and_colormap():
@@ -171,7 +178,7 @@ def test_index_frames_equal_single_image_frames():
                        layers=maps.layers, targets=maps.targets[1:], method=maps.method)
     a = list(render_frames(imgs, maps, index=1, normalization="global"))
     b = list(render_frames(imgs[1:], single, normalization="global"))
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=False))
 
 
 def test_display_images_undoes_normalization():
@@ -246,7 +253,11 @@ def test_quantized_maps_equal_the_float_path_exactly():
     lut = np.random.default_rng(0).uniform(0, 255, (256, 3)).astype(np.float32)
     bg = np.zeros((24, 20, 3), np.float32)
     for norm in ("local", "global"):
-        for f, q in zip(iter_maps(maps, norm, (24, 20)), iter_maps(maps, norm, (24, 20), quantize=True)):
+        for f, q in zip(
+            iter_maps(maps, norm, (24, 20)),
+            iter_maps(maps, norm, (24, 20), quantize=True),
+            strict=False,
+        ):
             assert q.dtype == np.uint8 and q.shape == f.shape
             want = (np.clip(f, 0, 1) * 255.0 + 0.5).astype(np.uint8)
             assert np.array_equal(q, want)
@@ -275,7 +286,7 @@ def test_overlay_panels_made_where_the_maps_are_equal_the_numpy_blend():
         floats = list(iter_maps(maps, norm, (18, 22)))
         panels = list(iter_maps(maps, norm, (18, 22), overlay_on=(bg, lut)))
         assert len(panels) == len(floats) == 2
-        for f, p in zip(floats, panels):
+        for f, p in zip(floats, panels, strict=False):
             idx = (np.clip(f, 0, 1) * 255.0 + 0.5).astype(np.uint8)
             assert p.dtype == np.uint8 and p.shape == (3, 18, 22, 3)
             assert np.array_equal(p, (bg + lut[idx] + 0.5).astype(np.uint8))
@@ -295,4 +306,6 @@ def test_overlay_panels_on_cuda_equal_the_cpu_ones():
     bg = np.full((2, 32, 32, 3), 60.0, np.float32)
     a = next(iter_maps(cpu, "local", (32, 32), overlay_on=(bg, lut)))
     b = next(iter_maps(gpu, "local", (32, 32), overlay_on=(bg, lut)))
-    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1   # bilinear rounding may differ by one step
+    assert (
+        np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    )  # bilinear rounding may differ by one step

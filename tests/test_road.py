@@ -22,9 +22,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import TinyCNN
 from pytorch_grad_cam.metrics import road as ref_road
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
+from pytorch_grad_cam.utils.model_targets import (
+    ClassifierOutputSoftmaxTarget,
+    ClassifierOutputTarget,
+)
 from torch import nn
 
 import camanim
@@ -32,6 +34,7 @@ from camanim import CAManimError
 from camanim.core.layers import LayerInfo
 from camanim.core.maps import LayerMaps
 from camanim.metrics.road import YbRoad, ybroad
+from helpers import TinyCNN
 
 PS = (20, 40, 60, 80)
 
@@ -48,8 +51,12 @@ def reference(monkeypatch):
 
     def run(model, images, cams, targets, percentiles=PS):
         wrapped = nn.Sequential(ToDouble(), model)
-        return np.stack([ref_road.ROADCombined(list(percentiles))(images.float(), c, targets, wrapped)
-                         for c in cams])
+        return np.stack(
+            [
+                ref_road.ROADCombined(list(percentiles))(images.float(), c, targets, wrapped)
+                for c in cams
+            ]
+        )
     return run
 
 
@@ -75,7 +82,9 @@ def hand_maps(b, h, w, sizes=((6, 10), (3, 5), (12, 20)), seed=0, dtype=torch.fl
     layers = [LayerInfo(name=f"l{i}", module_name=f"l{i}", call=1, order=i, type="Conv2d",
                         output_shape=(b, 4) + tuple(s), params=0, params_total=0, depth=0,
                         layout="nchw") for i, s in enumerate(sizes)]
-    return LayerMaps(names=[f"l{i}" for i in range(len(sizes))], raw=raw, input_size=(h, w), layers=layers)
+    return LayerMaps(
+        names=[f"l{i}" for i in range(len(sizes))], raw=raw, input_size=(h, w), layers=layers
+    )
 
 
 def images(b=2, h=24, w=40, seed=1):
@@ -91,7 +100,9 @@ def test_equals_roadcombined_per_layer_softmax(reference):
     maps = hand_maps(2, 24, 40)
     res = ybroad(model, x, maps, targets=[1, 3], noise=0.0, progress=False)
     cams = maps.upsample("local").numpy()
-    ref = reference(model, x, cams, [ClassifierOutputSoftmaxTarget(1), ClassifierOutputSoftmaxTarget(3)])
+    ref = reference(
+        model, x, cams, [ClassifierOutputSoftmaxTarget(1), ClassifierOutputSoftmaxTarget(3)]
+    )
     assert res.scores.shape == (3, 2) and res.names == maps.names
     assert np.abs(res.scores).max() > 1e-3          # the comparison is not between zeros
     assert np.abs(res.scores - ref).max() < 1e-5
@@ -105,8 +116,13 @@ def test_equals_roadcombined_on_camanim_gradcam_maps(reference):
     res = ybroad(model, x, maps, noise=0.0, percentiles=(10, 50, 90), progress=False)
     assert res.targets == [0, 4]
     cams = maps.upsample("local").numpy()
-    ref = reference(model, x, cams, [ClassifierOutputSoftmaxTarget(0), ClassifierOutputSoftmaxTarget(4)],
-                    percentiles=(10, 50, 90))
+    ref = reference(
+        model,
+        x,
+        cams,
+        [ClassifierOutputSoftmaxTarget(0), ClassifierOutputSoftmaxTarget(4)],
+        percentiles=(10, 50, 90),
+    )
     assert res.scores.shape == (len(maps), 2)
     assert np.abs(res.scores).max() > 1e-3
     assert np.abs(res.scores - ref).max() < 1e-5
@@ -144,7 +160,10 @@ def test_default_targets_maps_then_prediction():
     maps.targets = torch.tensor(other)
     assert ybroad(model, x, maps, noise=0.0, progress=False).targets == other
     assert ybroad(model, x, maps, targets=[4, 4], noise=0.0, progress=False).targets == [4, 4]
-    assert ybroad(model, x, maps, targets=np.array([2, 0]), noise=0.0, progress=False).targets == [2, 0]
+    assert ybroad(model, x, maps, targets=np.array([2, 0]), noise=0.0, progress=False).targets == [
+        2,
+        0,
+    ]
     assert ybroad(model, x, maps, targets=3, noise=0.0, progress=False).targets == [3, 3]
 
 
@@ -177,7 +196,11 @@ def test_percentile_is_the_share_kept_per_percentile_against_reference(monkeypat
     ps = (10, 30, 50)
     res = ybroad(model, x, maps, targets=[1, 2], percentiles=ps, noise=0.0, progress=False)
     assert res.removed_percent == (90, 70, 50)
-    assert res.to_dict()["percentile_convention"] == "kept" == camanim.metrics.road.PERCENTILE_CONVENTION
+    assert (
+        res.to_dict()["percentile_convention"]
+        == "kept"
+        == camanim.metrics.road.PERCENTILE_CONVENTION
+    )
     wrapped = nn.Sequential(ToDouble(), model)
     calls = [ClassifierOutputSoftmaxTarget(1), ClassifierOutputSoftmaxTarget(2)]
     cams = maps.upsample("local").numpy()
@@ -305,7 +328,11 @@ def test_memory_probe_is_a_difference_and_leaves_peak_statistics_alone(monkeypat
         raise AssertionError("the user's CUDA peak-memory statistics must stay")
 
     n_modules = len(list(model.modules()))
-    monkeypatch.setattr(camanim.metrics.road, "_device_memory", lambda device: (allocated, 3 * 1000 * 5 * (n_modules + 1)))
+    monkeypatch.setattr(
+        camanim.metrics.road,
+        "_device_memory",
+        lambda device: (allocated, 3 * 1000 * 5 * (n_modules + 1)),
+    )
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", forbidden)
     monkeypatch.setattr(torch.cuda, "reset_max_memory_allocated", forbidden)
     rows = []
@@ -484,8 +511,9 @@ def test_bfloat16_model_against_its_float32_copy():
 
 
 def test_single_output_model_with_softmax_score_is_a_clear_error():
-    import camanim
     from torch import nn
+
+    import camanim
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(4, 1)).double().eval()
@@ -515,3 +543,32 @@ def test_maps_logits_are_used_without_being_passed():
         handle.remove()
     assert sum(rows) == n_own + 2                 # only the clean forward of the 2 images is spared
     assert np.allclose(own.scores, clean.scores, atol=1e-12, rtol=0)
+
+
+def test_fold_cache_folds_once_per_model_state_and_scores_as_fold_true():
+    """One FoldCache serves calls with the same model state, images and
+    logits (the callback's layers and chance ROAD of one epoch); an in-place
+    weight update folds again."""
+    from camanim.metrics.road import FoldCache
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    x = torch.rand(2, 3, 16, 16)
+    maps = camanim.CAManim(net, "gradcam", "conv", progress=False)(x)
+    kw = dict(noise=0.0, progress=False)
+    cache = FoldCache()
+    a = camanim.ybroad(net, x, maps, fold=cache, **kw)
+    b = camanim.ybroad(net, x, maps, fold=cache, **kw)
+    ref = camanim.ybroad(net, x, maps, fold=True, **kw)
+    assert cache.builds == 1 and a.extra["folded"] and b.extra["folded"]
+    np.testing.assert_array_equal(a.scores, ref.scores)   # same stand-in, same scores
+    np.testing.assert_array_equal(b.scores, ref.scores)
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)                            # an optimizer step, in place
+    maps2 = camanim.CAManim(net, "gradcam", "conv", progress=False)(x)
+    camanim.ybroad(net, x, maps2, fold=cache, **kw)
+    assert cache.builds == 2
+    with pytest.raises(camanim.CAManimError, match="fold must be True, False or a FoldCache"):
+        camanim.ybroad(net, x, maps, fold="yes", **kw)

@@ -12,14 +12,21 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import TinyCNN, no_hooks
 from PIL import Image
-from sanity_models import EdgeCAM
 from torch import nn
 
 from camanim import CAManimError
-from camanim.metrics.sanity import SanityReport, find_blocks, hog, hog_similarity, sanity_check, ssim
 from camanim.cli import main as sanity_main
+from camanim.metrics.sanity import (
+    SanityReport,
+    find_blocks,
+    hog,
+    hog_similarity,
+    sanity_check,
+    ssim,
+)
+from helpers import TinyCNN, no_hooks
+from sanity_models import EdgeCAM
 
 
 @pytest.fixture
@@ -30,7 +37,9 @@ def model():
 
 @pytest.fixture
 def x():
-    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return torch.randn(
+        2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
 
 
 def test_ssim_identical_is_one_and_matches_torchmetrics():
@@ -54,8 +63,9 @@ def test_hog_orientation_and_similarity():
     vertical = (torch.sin(xx / 2) + 1) / 2        # intensity varies along x: gradients at 0 degrees
     horizontal = vertical.T.contiguous()
     maps = torch.stack([vertical, horizontal])
-    d = hog(maps).reshape(2, 3, 3, 4, 9)          # 4x4 cells of 8 px -> 3x3 blocks of 2x2 cells
-    # the first bin (0-20 degrees, centre 10) and the last share the 0-degree votes; 90 degrees -> bin 4
+    d = hog(maps).reshape(2, 3, 3, 4, 9)  # 4x4 cells of 8 px -> 3x3 blocks of 2x2 cells
+    # the first bin (0-20 degrees, centre 10) and the last share the 0-degree votes;
+    # 90 degrees -> bin 4
     assert d[0, ..., 4].sum() < 1e-6 * d[0].sum()
     assert d[1, ..., 4].sum() > 0.9 * d[1].sum()
     sim = hog_similarity(maps, torch.stack([2 * vertical, horizontal.flip(0)]))
@@ -136,7 +146,11 @@ def test_blocks():
         "fc", "layer4", "layer3", "layer2", "layer1", "bn1", "conv1"]
     leaves = [b for b, _ in find_blocks(r18, torch.zeros(1, 3, 32, 32), "leaves")]
     assert leaves[0] == "fc" and leaves[-1] == "conv1" and len(leaves) == 41
-    assert leaves.index("layer4.1.bn2") < leaves.index("layer4.1.conv2") < leaves.index("layer4.0.conv1")
+    assert (
+        leaves.index("layer4.1.bn2")
+        < leaves.index("layer4.1.conv2")
+        < leaves.index("layer4.0.conv1")
+    )
     assert [b for b, _ in find_blocks(r18, x, ["fc", "layer4"])] == ["fc", "layer4"]
     with pytest.raises(CAManimError, match="no module named"):
         find_blocks(r18, x, ["nope"])
@@ -156,8 +170,13 @@ def _fake_report(n_layers=53, n_steps=7, b=2):
     sims = {m: rng.uniform(-1, 1, (n_steps, n_layers, b)) for m in ("spearman", "ssim", "hog")}
     sims["spearman"][:, 5] = 0.99
     sims["spearman"][:, 6] = np.nan
-    return SanityReport(method="gradcam", layers=[f"features.{i}.block.conv" for i in range(n_layers)],
-                        blocks=[f"stage{k}" for k in range(n_steps)], targets=[3, None], **sims)
+    return SanityReport(
+        method="gradcam",
+        layers=[f"features.{i}.block.conv" for i in range(n_layers)],
+        blocks=[f"stage{k}" for k in range(n_steps)],
+        targets=[3, None],
+        **sims,
+    )
 
 
 def test_report_files(tmp_path):
@@ -182,12 +201,19 @@ def test_report_files(tmp_path):
 
 def test_cli(tmp_path):
     img = tmp_path / "a.png"
-    Image.fromarray((np.random.default_rng(0).uniform(0, 255, (40, 40, 3))).astype(np.uint8)).save(img)
+    Image.fromarray((np.random.default_rng(0).uniform(0, 255, (40, 40, 3))).astype(np.uint8)).save(
+        img
+    )
     out = tmp_path / "out"
     spec = f"{__file__.rsplit('/', 1)[0]}/helpers.py:TinyCNN"
     args = ["sanity", str(img), str(img), "--model", spec, "--size", "32", "--out", str(out), "-q"]
     assert sanity_main(args) == 0
-    assert {p.name for p in out.iterdir()} == {"sanity.txt", "sanity.json", "sanity.csv", "sanity.png"}
+    assert {p.name for p in out.iterdir()} == {
+        "sanity.txt",
+        "sanity.json",
+        "sanity.csv",
+        "sanity.png",
+    }
     data = json.loads((out / "sanity.json").read_text())
     assert data["method"] == "gradcam" and len(data["layers"]) == 3
     edge = f"{__file__.rsplit('/', 1)[0]}/sanity_models.py:EdgeCAM"

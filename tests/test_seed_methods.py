@@ -18,16 +18,11 @@ import torch.nn.functional as F
 import torchvision
 
 import camanim
-from helpers import no_hooks
 from camanim.errors import CAManimError
 from camanim.methods.integrated_gradcam import baseline_images, ig_options, integrated_gradcam
 from camanim.methods.otsu import histogram, otsu_binarize, otsu_split, otsu_threshold
-from camanim.methods.sise import (ada_sise, adaptive_channels, fuse, select_channels,
-                                  sise)
-from helpers import TinyCNN
-
-
-
+from camanim.methods.sise import ada_sise, adaptive_channels, fuse, select_channels, sise
+from helpers import TinyCNN, no_hooks
 
 
 # ------------------------------------------------------------- references
@@ -169,7 +164,7 @@ def test_channel_selection_rules():
     g = torch.Generator().manual_seed(4)
     grads = torch.randn(6, 300, generator=g, dtype=torch.float64) ** 3
     ada, sis = adaptive_channels(grads), select_channels(grads, 0.0)
-    for row, keep in zip(grads.numpy(), ada.numpy()):
+    for row, keep in zip(grads.numpy(), ada.numpy(), strict=False):
         norm = row / row.max()
         hist, _ = np.histogram(norm[norm > 0], bins=256, range=(0.0, 1.0))
         j = np_otsu_split(hist)
@@ -184,7 +179,7 @@ def test_sise_mu1_keeps_only_the_strongest_channel(tiny, tiny_input):
     assert maps.names == ["relu", "relu#3", "fused"]
     ref = twin(tiny)
     cls = tiny(tiny_input).argmax(-1)
-    for l, (call, info) in enumerate(((1, "relu"), (3, "relu#3"))):
+    for l, (call, _info) in enumerate(((1, "relu"), (3, "relu#3"))):
         a, gr = acts_grads(ref, tiny_input, "relu", call, softmax_score(cls))
         mean = gr.mean(dim=(2, 3))
         for b in range(2):
@@ -223,7 +218,7 @@ def test_sise_is_exactly_repeatable_and_leaves_the_model_alone(tiny, tiny_input,
     anim = camanim.CAManim(tiny, method, progress=False, batch_size=5)
     first, second = anim(tiny_input), anim(tiny_input)
     assert first.names == second.names
-    assert all(torch.equal(p, q) for p, q in zip(first.raw, second.raw))
+    assert all(torch.equal(p, q) for p, q in zip(first.raw, second.raw, strict=False))
     assert first.extra == second.extra
     assert all(m.training for m in tiny.modules()) and no_hooks(tiny)
     assert all(p.grad is None for p in tiny.parameters())
@@ -236,11 +231,11 @@ def test_sise_is_exactly_repeatable_and_leaves_the_model_alone(tiny, tiny_input,
 def test_sise_batch_size_does_not_change_the_maps(tiny, tiny_input):
     one = camanim.CAManim(tiny, "sise", batch_size=1, progress=False)(tiny_input)
     many = camanim.CAManim(tiny, "sise", batch_size=64, progress=False)(tiny_input)
-    for p, q in zip(one.raw, many.raw):
+    for p, q in zip(one.raw, many.raw, strict=False):
         torch.testing.assert_close(p, q, atol=1e-9, rtol=0)
     # and each image alone gives its own row
     alone = camanim.CAManim(tiny, "sise", progress=False)(tiny_input[1:])
-    for p, q in zip(alone.raw, many.raw):
+    for p, q in zip(alone.raw, many.raw, strict=False):
         torch.testing.assert_close(p[0], q[1], atol=1e-9, rtol=0)
 
 
@@ -270,7 +265,7 @@ def test_one_step_integrated_gradcam_equals_gradcam_on_every_layer(resnet18_64):
     ig = camanim.CAManim(model, "integrated-gradcam", layers="conv", steps=1,
                          subtract_baseline=False, progress=False)(x)
     assert ig.names == grad.names and len(ig) == 20
-    for name, p, q in zip(ig.names, ig.raw, grad.raw):
+    for name, p, q in zip(ig.names, ig.raw, grad.raw, strict=False):
         assert p.shape == q.shape
         torch.testing.assert_close(p, q, atol=1e-10 * max(1.0, float(q.abs().max())), rtol=0,
                                    msg=name)
@@ -374,7 +369,7 @@ def test_sise_float16_model_at_256_matches_its_float32_copy():
     got = sise(m16, x.half(), targets=[2])
     assert got.names == ref.names and all(r.dtype == torch.float32 for r in got.raw)
     assert got.extra["channels"][:-1] == ref.extra["channels"][:-1]
-    for name, p, q in zip(got.names[:-1], got.raw[:-1], ref.raw[:-1]):
+    for name, p, q in zip(got.names[:-1], got.raw[:-1], ref.raw[:-1], strict=False):
         assert float(q.max()) > 0.99, name                  # a real map, not all zero
         assert float((p - q).abs().max()) < 0.02, name
     assert float(got.final.max()) > 0.99
@@ -396,7 +391,7 @@ def test_methods_work_under_inference_mode(tiny, tiny_input, method):
     with torch.inference_mode():
         got = camanim.CAManim(tiny, method, progress=False, **opts)(tiny_input)
     assert not any(r.is_inference() for r in got.raw)
-    assert all(torch.equal(p, q) for p, q in zip(got.raw, want.raw))
+    assert all(torch.equal(p, q) for p, q in zip(got.raw, want.raw, strict=False))
 
 
 # -------------------------------------------------------------- bad input

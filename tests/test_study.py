@@ -31,7 +31,7 @@ def write_run(path: Path, scores: dict[str, list[list[float]]], method: str = "g
         for probe, per_epoch in scores.items():
             for k, row in enumerate(per_epoch):
                 e = epochs[k] if epochs else k
-                for i, (n, r) in enumerate(zip(NAMES, row)):
+                for i, (n, r) in enumerate(zip(NAMES, row, strict=False)):
                     w.writerow([e, 10 * (e + 1), probe, 1, method, i, n, r,
                                 np.mean(row), max(row), "" if ebpg is None else ebpg])
     return path
@@ -130,7 +130,7 @@ def test_study_reads_what_the_callback_wrote(tmp_path):
     import lightning as L
 
     from camanim.lightning.callback import CAManimCallback
-    from test_callback import Net, data, loader, trainer
+    from lit_models import Net, data, loader, trainer
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)

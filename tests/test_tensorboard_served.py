@@ -17,16 +17,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+import lightning as L
 import pytest
 import torch
-from PIL import Image, ImageSequence
-
-import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image, ImageSequence
 
-from lit_models import TinyLitNet
 import camanim
+from lit_models import TinyLitNet
 
 program = pytest.importorskip("tensorboard.program")
 
@@ -61,7 +60,7 @@ def text_tag_prefix(p: str) -> str:
 
 # ---------------------------------------------------------------- a tiny run
 
-def Net() -> TinyLitNet:  # noqa: N802
+def Net() -> TinyLitNet:
     return TinyLitNet(n_conv=3, lr=0.1)
 
 
@@ -229,7 +228,7 @@ def test_scalars_served_for_every_epoch(run, served):
         assert all(0 <= s[2] < n_layers and s[2] == int(s[2]) for s in best)
         mean = served.json("/data/plugin/scalars/scalars", run=name, tag=f"ybroad/{p}/mean")
         mx = served.json("/data/plugin/scalars/scalars", run=name, tag=f"ybroad/{p}/max")
-        assert all(a[2] <= b[2] + 1e-6 for a, b in zip(mean, mx))
+        assert all(a[2] <= b[2] + 1e-6 for a, b in zip(mean, mx, strict=False))
 
 
 def test_summary_text_served(run, served):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from camanim.viz import render as render_mod
 from camanim.errors import CAManimError
+from camanim.viz import render as render_mod
 from camanim.viz.render import FrameRenderer, render_frames
 from camanim.viz.video import encode_gif, iter_video, video_format, write_frames, write_video
 from test_render import make_images, make_maps
@@ -26,7 +26,9 @@ def _mp4_frames(path) -> tuple[dict, list[np.ndarray]]:
 
 
 def _changes(frames: list[np.ndarray]) -> list[float]:
-    return [float(np.abs(a.astype(int) - b).mean()) for a, b in zip(frames, frames[1:])]
+    return [
+        float(np.abs(a.astype(int) - b).mean()) for a, b in zip(frames, frames[1:], strict=False)
+    ]
 
 
 def test_mp4_one_frame_per_layer_h264_even_size(tmp_path):

@@ -31,8 +31,9 @@ import json
 import math
 import re
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -113,14 +114,18 @@ def _resolve_busi_root(data_dir: Path, classes: Sequence[str]) -> tuple[Path, di
     found = class_dirs(data_dir)
     if not found:  # the folder that contains Dataset_BUSI_with_GT (Kaggle zip)
         subs = [p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        nested = [p for p in subs if p.name.lower() == BUSI_FOLDER.lower()] or (subs if len(subs) == 1 else [])
+        nested = [p for p in subs if p.name.lower() == BUSI_FOLDER.lower()] or (
+            subs if len(subs) == 1 else []
+        )
         for sub in nested:
             if class_dirs(sub):
                 data_dir, found = sub, class_dirs(sub)
                 break
     missing = [c for c in classes if c not in found]
     if missing:
-        present = sorted(p.name + "/" for p in data_dir.iterdir() if p.is_dir()) or ["(no sub-folders)"]
+        present = sorted(p.name + "/" for p in data_dir.iterdir() if p.is_dir()) or [
+            "(no sub-folders)"
+        ]
         raise BUSILayoutError(
             f"{data_dir} is missing the class folder(s) {', '.join(m + '/' for m in missing)}; "
             f"found: {', '.join(present)}.\n{_LAYOUT_HELP}")
@@ -153,11 +158,13 @@ def scan_busi(data_dir: str | Path, include_benign: bool = False) -> list[dict]:
                 k = _key(p.stem)
                 if k in images:
                     warnings.warn(f"BUSI: two images share the name {p.stem!r} in {dirs[cls]}; "
-                                  f"keeping {images[k].name}")
+                                  f"keeping {images[k].name}", stacklevel=2)
                     continue
                 images[k] = p
         if not images:
-            raise BUSILayoutError(f"{dirs[cls]} contains no images (png/jpg/bmp/tif).\n{_LAYOUT_HELP}")
+            raise BUSILayoutError(
+                f"{dirs[cls]} contains no images (png/jpg/bmp/tif).\n{_LAYOUT_HELP}"
+            )
         orphans += [str(v[0]) for k, v in masks.items() if k not in images]
         for k, p in images.items():
             ms = sorted(masks.get(k, []), key=lambda q: _natural(q.name))
@@ -170,10 +177,12 @@ def scan_busi(data_dir: str | Path, include_benign: bool = False) -> list[dict]:
                 "masks": [str(m) for m in ms],
             })
     if orphans:
-        warnings.warn(f"BUSI: {len(orphans)} mask(s) without an image were ignored, e.g. {orphans[0]}")
+        warnings.warn(
+            f"BUSI: {len(orphans)} mask(s) without an image were ignored, e.g. {orphans[0]}",
+            stacklevel=2)
     if unmasked:
         warnings.warn(f"BUSI: {len(unmasked)} image(s) have no mask (an empty mask is used), "
-                      f"e.g. {unmasked[0]}")
+                      f"e.g. {unmasked[0]}", stacklevel=2)
     return records
 
 
@@ -200,7 +209,9 @@ def load_mask(paths: Iterable[str | Path], shape: tuple[int, int]) -> np.ndarray
     for p in paths:
         m = load_grayscale(p)
         if m.shape != tuple(shape):
-            warnings.warn(f"mask {p} has shape {m.shape}, image has {tuple(shape)}: resized (nearest)")
+            warnings.warn(
+                f"mask {p} has shape {m.shape}, image has {tuple(shape)}: resized (nearest)",
+                stacklevel=2)
             m = np.array(Image.fromarray(m).resize((shape[1], shape[0]), Image.NEAREST))
         if m.max() > 0:
             out |= m > (m.max() / 2)
@@ -281,7 +292,10 @@ def stratified_split(records: Sequence[dict], fractions: Sequence[float] = (0.8,
         n_val = int(round(n * fractions[1]))
         n_test = int(round(n * fractions[2]))
         if n >= 3:
-            n_val, n_test = max(n_val, 1 if fractions[1] > 0 else 0), max(n_test, 1 if fractions[2] > 0 else 0)
+            n_val, n_test = (
+                max(n_val, 1 if fractions[1] > 0 else 0),
+                max(n_test, 1 if fractions[2] > 0 else 0),
+            )
         split["val"] += ids[:n_val]
         split["test"] += ids[n_val:n_val + n_test]
         split["train"] += ids[n_val + n_test:]
@@ -292,9 +306,14 @@ def save_split(path: str | Path, split: dict[str, list[str]], **info: Any) -> Pa
     """Write a split (and provenance: seed, source, classes, ...) as JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"version": SPLIT_VERSION, **info,
-               "counts": {k: len(v) for k, v in split.items()},
-               "train": list(split["train"]), "val": list(split["val"]), "test": list(split["test"])}
+    payload = {
+        "version": SPLIT_VERSION,
+        **info,
+        "counts": {k: len(v) for k, v in split.items()},
+        "train": list(split["train"]),
+        "val": list(split["val"]),
+        "test": list(split["test"]),
+    }
     path.write_text(json.dumps(payload, indent=1))
     return path
 
@@ -382,9 +401,18 @@ def make_transforms(image_size: int, classes: Sequence[str], train: bool):
     zoom (0.9-1.1) and left-right flip (never up-down: shadowing points
     down); then 1 -> 3 channels and ImageNet normalization.  The mask follows
     every spatial transform (nearest neighbour)."""
-    from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, NormalizeIntensityd,
-                                  RandFlipd, RandRotated, RandZoomd, RepeatChanneld, Resized,
-                                  ScaleIntensityd)
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        NormalizeIntensityd,
+        RandFlipd,
+        RandRotated,
+        RandZoomd,
+        RepeatChanneld,
+        Resized,
+        ScaleIntensityd,
+    )
     keys = ["image", "mask"]
     tf: list = [
         LoadBUSd(classes),
@@ -402,7 +430,9 @@ def make_transforms(image_size: int, classes: Sequence[str], train: bool):
         ]
     tf += [
         RepeatChanneld("image", repeats=3),
-        NormalizeIntensityd("image", subtrahend=IMAGENET_MEAN, divisor=IMAGENET_STD, channel_wise=True),
+        NormalizeIntensityd(
+            "image", subtrahend=IMAGENET_MEAN, divisor=IMAGENET_STD, channel_wise=True
+        ),
         EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=False),
         _Squeeze0("mask"),
     ]
@@ -449,7 +479,7 @@ class BUSDataModule(L.LightningDataModule):
     def source(self) -> str:
         return f"busi:{self.data_dir.resolve()}" if self.data_dir else "synthetic"
 
-    def setup(self, stage: str | None = None) -> None:
+    def setup(self, stage: str | None = None) -> None:  # noqa: ARG002 - Lightning's hook signature
         if self._datasets:
             return
         if self.data_dir is not None:
@@ -459,7 +489,7 @@ class BUSDataModule(L.LightningDataModule):
         if self.split_file is not None:
             payload = load_split(self.split_file)
             if self.limit is not None:
-                warnings.warn("--limit is ignored when --split-file is given")
+                warnings.warn("--limit is ignored when --split-file is given", stacklevel=2)
             self.split = {k: list(payload[k]) for k in ("train", "val", "test")}
         else:
             records = limit_records(records, self.limit, self.seed)
@@ -471,8 +501,12 @@ class BUSDataModule(L.LightningDataModule):
         from monai.data import CacheDataset
         for part, recs in self.parts.items():
             self._datasets[part] = CacheDataset(
-                recs, transform=make_transforms(self.image_size, self.classes, train=part == "train"),
-                cache_rate=1.0, num_workers=1, progress=False)
+                recs,
+                transform=make_transforms(self.image_size, self.classes, train=part == "train"),
+                cache_rate=1.0,
+                num_workers=1,
+                progress=False,
+            )
 
     def dataset(self, part: str):
         self.setup()
@@ -480,8 +514,15 @@ class BUSDataModule(L.LightningDataModule):
 
     def save_split(self, path: str | Path) -> Path:
         self.setup()
-        return save_split(path, self.split, seed=self.seed, source=self.source, classes=self.classes,
-                          fractions=list(self.fractions), limit=self.limit)
+        return save_split(
+            path,
+            self.split,
+            seed=self.seed,
+            source=self.source,
+            classes=self.classes,
+            fractions=list(self.fractions),
+            limit=self.limit,
+        )
 
     def describe(self) -> str:
         """One line per split: counts per class."""
@@ -489,7 +530,9 @@ class BUSDataModule(L.LightningDataModule):
         lines = []
         for part, recs in self.parts.items():
             counts = {c: sum(r["class"] == c for r in recs) for c in self.classes}
-            lines.append(f"  {part:5s} {len(recs):4d}  " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+            lines.append(
+                f"  {part:5s} {len(recs):4d}  " + ", ".join(f"{c} {n}" for c, n in counts.items())
+            )
         return "\n".join(lines)
 
     def _loader(self, part: str, shuffle: bool):
@@ -559,7 +602,9 @@ if __name__ == "__main__":
                     "(Dataset_BUSI_with_GT/<class>/<class> (N).png + _mask.png).")
     ap.add_argument("out_dir", type=Path, help="folder to create Dataset_BUSI_with_GT in")
     ap.add_argument("--include-benign", action="store_true", help="also write the benign class")
-    ap.add_argument("--limit", type=int, default=None, help="about this many images in total (default: all)")
+    ap.add_argument(
+        "--limit", type=int, default=None, help="about this many images in total (default: all)"
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic set")
     ap.add_argument("--size", type=int, default=224, help="image side in pixels")
     a = ap.parse_args()

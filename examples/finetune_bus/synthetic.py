@@ -215,7 +215,9 @@ def synthesize_bus_image(kind: str, index: int, seed: int = 0,
                 halo = rng.uniform(0.15, 0.4) * np.exp(-np.square((rel - f32(1.15)) / f32(0.18)))
                 E *= 1 + halo * (1 - soft)
             # posterior shadowing, in most (not all) malignant masses
-            post_strength = -rng.uniform(0.35, 0.75) if rng.random() < 0.8 else -rng.uniform(0.0, 0.15)
+            post_strength = (
+                -rng.uniform(0.35, 0.75) if rng.random() < 0.8 else -rng.uniform(0.0, 0.15)
+            )
         else:
             cyst = rng.random() < 0.4
             inner = rng.uniform(0.02, 0.06) if cyst else rng.uniform(0.22, 0.4)
@@ -229,7 +231,9 @@ def synthesize_bus_image(kind: str, index: int, seed: int = 0,
 
     # --- physics: attenuation, speckle, log compression ----------------------
     alpha = rng.uniform(0.5, 1.2)
-    E = np.maximum(E, f32(0.01)) * (np.exp(-alpha * Y) * (1 + rng.uniform(0.0, 0.25) * Y)).astype(f32)
+    E = np.maximum(E, f32(0.01)) * (np.exp(-alpha * Y) * (1 + rng.uniform(0.0, 0.25) * Y)).astype(
+        f32
+    )
     sig = (0.8 * s, 1.8 * s)  # axial, lateral speckle correlation (pixels)
     re = ndimage.gaussian_filter(rng.standard_normal((H, W), dtype=f32), sig)
     im = ndimage.gaussian_filter(rng.standard_normal((H, W), dtype=f32), sig)

@@ -5,7 +5,8 @@ The case study of the CAManim paper (Kaczmarek et al., PLOS ONE 2024):
 a ResNet-50 pre-trained on ImageNet, fine-tuned on BUSI (Al-Dhabyani et al.)
 to tell malignant from normal images, then explained layer by layer.
 
-    python examples/finetune_bus/train.py            # offline: synthetic set, ~4.5 min on 2 idle CPU cores
+    # offline: synthetic set, ~4.5 min on 2 idle CPU cores
+    python examples/finetune_bus/train.py
     python examples/finetune_bus/train.py --help
 
 Importable: ``main(argv) -> dict``, ``build_parser()``, ``build_callbacks()``.
@@ -19,8 +20,9 @@ import shlex
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 if not __package__:  # run as a script: python examples/finetune_bus/train.py
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,8 +55,11 @@ ARCHS = ("resnet50", "resnet18", "resnet34", "resnet101")
 # 2 threads, idle); with --threads 1 and torch 2.14.1, beside another run, 17.5 min.
 DEFAULTS = dict(image_size=128, epochs=6, batch_size=16, limit=None, lr_none=1e-3, lr_imagenet=1e-4)
 
-PAPER = ("paper settings (BC-ResNet50): --data-dir /path/to/Dataset_BUSI_with_GT "
-         "--weights imagenet --image-size 224 --epochs 30 --accelerator gpu (the paper does not state its epoch count)")
+PAPER = (
+    "paper settings (BC-ResNet50): --data-dir /path/to/Dataset_BUSI_with_GT "
+    "--weights imagenet --image-size 224 --epochs 30 --accelerator gpu "
+    "(the paper does not state its epoch count)"
+)
 
 
 def _arch(text: str) -> str:
@@ -68,42 +73,78 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python examples/finetune_bus/train.py",
         description=(
-            "Fine-tune a torchvision ResNet to classify breast ultrasound images (malignant vs normal, "
-            "as in the CAManim paper's BC-ResNet50 case study), with accuracy/AUROC, a best-model "
-            "checkpoint and TensorBoard logs.  Without --data-dir it runs offline on a synthetic "
-            "ultrasound set made in code; without --weights imagenet it starts from random weights."),
+            "Fine-tune a torchvision ResNet to classify breast ultrasound images (malignant vs "
+            "normal, as in the CAManim paper's BC-ResNet50 case study), with accuracy/AUROC, a "
+            "best-model checkpoint and TensorBoard logs.  Without --data-dir it runs offline on a "
+            "synthetic ultrasound set made in code; without --weights imagenet it starts from "
+            "random weights."
+        ),
         epilog=(
-            "Defaults are sized for a 2-core CPU without a GPU (ResNet-50, 128x128, 6 epochs: about "
-            "4.5 minutes on an idle 2-core CPU with the CAManim callback, ~2.5 without it "
-            "(--no-cam); 224x224 costs ~3x more).  The "
-            + PAPER + ".  "
+            "Defaults are sized for a 2-core CPU without a GPU (ResNet-50, 128x128, 6 epochs: "
+            "about 4.5 minutes on an idle 2-core CPU with the CAManim callback, ~2.5 without it "
+            "(--no-cam); 224x224 costs ~3x more).  The " + PAPER + ".  "
             "Quick smoke run: --arch resnet18 --image-size 64 --limit 40 --epochs 1.\n"
-            "Outputs: <out>/<name>/version_N/ holds checkpoints/, split.json, test_metrics.json and "
-            "the TensorBoard event file."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+            "Outputs: <out>/<name>/version_N/ holds checkpoints/, split.json, test_metrics.json "
+            "and the TensorBoard event file."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     d = p.add_argument_group("data")
-    d.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
-                   help="BUSI folder Dataset_BUSI_with_GT (sub-folders benign/, malignant/, normal/ with "
-                        "'name (N).png' and 'name (N)_mask[_k].png'), or the folder containing it. "
-                        "Omitted: a synthetic breast-ultrasound set made in code (133 normal, "
-                        "210 malignant, 437 benign images like BUSI; deterministic by --seed).")
-    d.add_argument("--include-benign", action="store_true",
-                   help="three classes (normal, benign, malignant) instead of the paper's malignant vs normal")
-    d.add_argument("--limit", type=int, default=DEFAULTS["limit"], metavar="N",
-                   help="use about N images in total (class proportions kept, seeded) before splitting; "
-                        "for quick runs. Default: all")
-    d.add_argument("--split-file", type=Path, default=None, metavar="JSON",
-                   help="re-use the train/val/test split of an earlier run (its split.json) so runs are "
-                        "comparable. Default: a new stratified, seeded 80/10/10 split, written to "
-                        "<run dir>/split.json")
-    d.add_argument("--image-size", type=int, default=DEFAULTS["image_size"], metavar="S",
-                   help="images are resized to S x S (the paper: 224; a ResNet-50 step costs ~3x more at "
-                        "224 than at 128 on CPU)")
-    d.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], metavar="B",
-                   help="images per training step (also for validation/test); BatchNorm wants 8 or more")
-    d.add_argument("--num-workers", type=int, default=0, metavar="W",
-                   help="DataLoader worker processes (0: load in the main process, best on a 2-core CPU; "
-                        "4-8 on a GPU machine)")
+    d.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="BUSI folder Dataset_BUSI_with_GT (sub-folders benign/, malignant/, normal/ with "
+        "'name (N).png' and 'name (N)_mask[_k].png'), or the folder containing it. "
+        "Omitted: a synthetic breast-ultrasound set made in code (133 normal, "
+        "210 malignant, 437 benign images like BUSI; deterministic by --seed).",
+    )
+    d.add_argument(
+        "--include-benign",
+        action="store_true",
+        help="three classes (normal, benign, malignant) instead of the paper's malignant vs normal",
+    )
+    d.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULTS["limit"],
+        metavar="N",
+        help="use about N images in total (class proportions kept, seeded) before splitting; "
+        "for quick runs. Default: all",
+    )
+    d.add_argument(
+        "--split-file",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="re-use the train/val/test split of an earlier run (its split.json) so runs are "
+        "comparable. Default: a new stratified, seeded 80/10/10 split, written to "
+        "<run dir>/split.json",
+    )
+    d.add_argument(
+        "--image-size",
+        type=int,
+        default=DEFAULTS["image_size"],
+        metavar="S",
+        help="images are resized to S x S (the paper: 224; a ResNet-50 step costs ~3x more at "
+        "224 than at 128 on CPU)",
+    )
+    d.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULTS["batch_size"],
+        metavar="B",
+        help="images per training step (also for validation/test); BatchNorm wants 8 or more",
+    )
+    d.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        metavar="W",
+        help="DataLoader worker processes (0: load in the main process, best on a 2-core CPU; "
+        "4-8 on a GPU machine)",
+    )
     m = p.add_argument_group("model and training")
     m.add_argument("--arch", type=_arch, default="resnet50", metavar="{%s,timm:NAME}"
                    % ",".join(ARCHS),
@@ -211,8 +252,13 @@ def build_callbacks(args: argparse.Namespace, datamodule: bus_data.BUSDataModule
         dirpath=Path(args.run_dir) / "checkpoints", monitor=args.monitor, mode=mode, save_top_k=1,
         save_last=True,
         save_weights_only=True,  # ResNet-50: ~95 MB per file (~280 MB with the optimizer state)
-        filename="best-epoch{epoch:02d}-" + args.monitor.split("_")[1] + "{" + args.monitor + ":.3f}",
-        auto_insert_metric_name=False)
+        filename="best-epoch{epoch:02d}-"
+        + args.monitor.split("_")[1]
+        + "{"
+        + args.monitor
+        + ":.3f}",
+        auto_insert_metric_name=False,
+    )
     callbacks: list = [checkpoint]
     if not args.no_cam:
         import camanim
@@ -222,11 +268,12 @@ def build_callbacks(args: argparse.Namespace, datamodule: bus_data.BUSDataModule
         callbacks.append(camanim.CAManimCallback(
             probes["image"], targets=probes["label"].tolist(), masks=probes["mask"],
             probe_names=[f"{datamodule.classes[int(label)]}_{_probe_name(i)}"
-                         for label, i in zip(probes["label"], probes["id"])],
-            method=args.cam_method,
-            layers=layers, max_layers=args.cam_max_layers or None, every_n_epochs=args.cam_every,
-            road=not args.no_road, save_dir=args.run_dir, mean=bus_data.IMAGENET_MEAN,
-            std=bus_data.IMAGENET_STD, class_names=datamodule.classes,
+                         for label, i in zip(probes["label"], probes["id"], strict=True)],
+            method=args.cam_method, layers=layers,
+            cam_options={"max_layers": args.cam_max_layers or None},
+            every_n_epochs=args.cam_every, road=not args.no_road, save_dir=args.run_dir,
+            video=camanim.VideoOptions(mean=bus_data.IMAGENET_MEAN, std=bus_data.IMAGENET_STD,
+                                       class_names=datamodule.classes),
             progress=not args.no_progress))
     return callbacks
 
@@ -252,7 +299,8 @@ def _probe_name(image_id: str) -> str:
     return "_".join(part for part in name.split("_") if part)
 
 
-def camanim_outputs(args: argparse.Namespace, callbacks: list) -> dict[str, str]:
+def camanim_outputs(args: argparse.Namespace,
+                    callbacks: list) -> dict[str, str]:  # noqa: ARG001 - public signature
     """Where the CAManim callback wrote its outputs, for the final summary."""
     if args.no_cam:
         return {}
@@ -281,7 +329,9 @@ def explain_best(args: argparse.Namespace, datamodule: bus_data.BUSDataModule,
     probe = datamodule.probes(n=1, part="test")
     mean = torch.tensor(bus_data.IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(bus_data.IMAGENET_STD)[:, None, None]
-    rgb = ((probe["image"][0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    rgb = (
+        ((probe["image"][0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    )
     out = args.run_dir / "explain"
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{datamodule.classes[int(probe['label'][0])]}_{_probe_name(probe['id'][0])}.png"
@@ -405,8 +455,18 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     test_results = trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=False)
     test = {k: float(v) for k, v in (test_results[0] if test_results else {}).items()}
     seconds = time.time() - t0
-    (args.run_dir / "test_metrics.json").write_text(json.dumps(
-        {"checkpoint": best, "test": test, "last_val": val, "fit_seconds": t_fit, "seconds": seconds}, indent=1))
+    (args.run_dir / "test_metrics.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": best,
+                "test": test,
+                "last_val": val,
+                "fit_seconds": t_fit,
+                "seconds": seconds,
+            },
+            indent=1,
+        )
+    )
 
     dev_type = trainer.strategy.root_device.type
     explained = explain_best(args, dm, best, dev_type if dev_type in ("cuda", "mps") else "cpu")
@@ -416,12 +476,20 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     best_score = ckpt.best_model_score
     print()
     device = trainer.strategy.root_device
-    print(f"done in {seconds:.0f} s (fit: {t_fit:.0f} s for {trainer.current_epoch} epochs) on {device}")
+    print(
+        f"done in {seconds:.0f} s (fit: {t_fit:.0f} s for {trainer.current_epoch} epochs) "
+        f"on {device}"
+    )
     print(f"last validation: {_fmt_metrics(val)}")
-    print(f"best checkpoint ({args.monitor} {float(best_score):.3f}): {best}" if best_score is not None
-          else f"best checkpoint: {best}")
-    print(f"test ({'best checkpoint' if best else 'last weights'}, {len(dm.parts['test'])} images): "
-          f"{_fmt_metrics(test)}")
+    print(
+        f"best checkpoint ({args.monitor} {float(best_score):.3f}): {best}"
+        if best_score is not None
+        else f"best checkpoint: {best}"
+    )
+    print(
+        f"test ({'best checkpoint' if best else 'last weights'}, {len(dm.parts['test'])} images): "
+        f"{_fmt_metrics(test)}"
+    )
     print()
     print(f"outputs in {args.run_dir}:")
     outputs = {"checkpoints": str(args.run_dir / "checkpoints"), "split": str(split_path),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,10 +13,10 @@ from tqdm.auto import tqdm
 
 from .core.capture import capture
 from .core.guard import eval_mode
-from .errors import CAManimError
 from .core.inputs import check_images
 from .core.layers import LayerInfo, LayerTable, Selector, discover, select
-from .core.maps import LayerMaps, wide
+from .core.maps import LayerMaps, image_size, wide
+from .errors import CAManimError
 from .methods import LayerContext, Method, check_method_options, get_method
 
 
@@ -118,7 +119,9 @@ class CAManim:
                       reshape_transform=self.reshape_transform)
         shared = (time.perf_counter() - t0) / max(len(layers), 1)
         gen = torch.Generator().manual_seed(self.seed)
-        raw, seconds, stats = [], [], {}
+        raw: list[torch.Tensor] = []
+        seconds: list[float] = []
+        stats: dict[str, list[object]] = {}
         bar = tqdm(layers, desc=f"{self.method.name}", unit="layer", leave=False,
                    disable=not (self.progress and self.method.extra_forwards))
         with eval_mode(self.model):
@@ -129,6 +132,7 @@ class CAManim:
                                    progress=self.progress,
                                    reshape_transform=self.reshape_transform)
                 grads = wide(cap.gradients[i]) if cap.gradients is not None else None
+                assert self.method.fn is not None  # a method without fn has a runner
                 with torch.no_grad():
                     cam = self.method.fn(wide(cap.activations[i]), grads, ctx).clamp_min(0)
                 raw.append(cam.detach())
@@ -137,15 +141,17 @@ class CAManim:
                 seconds.append(shared + time.perf_counter() - t1)
                 cap.activations[i] = None  # type: ignore[call-overload]  # free as we go
                 if cap.gradients is not None:
-                    cap.gradients[i] = None  # type: ignore[call-overload]
-        bad = [info.name for info, r in zip(layers, raw) if not torch.isfinite(r).all()]
+                    cap.gradients[i] = None  # type: ignore[call-overload]  # freed as we go
+        bad = [
+            info.name for info, r in zip(layers, raw, strict=False) if not torch.isfinite(r).all()
+        ]
         if bad:
             raise CAManimError(
                 f"non-finite values in the {self.method.name} map of layer(s) {bad[:5]}: "
                 "the model's activations or gradients overflow there; try float32/float64 "
                 "instead of half precision, or exclude those layers")
         return LayerMaps(names=[i.name for i in layers], raw=raw,
-                         input_size=tuple(x.shape[-2:]), layers=list(layers),
+                         input_size=image_size(x), layers=list(layers),
                          targets=cap.target_idx, method=self.method.name,
                          seconds=seconds, extra=stats, logits=cap.logits.detach())
 

@@ -67,7 +67,9 @@ def _torchvision_weights(name: str, weights: str) -> Any:
         return enum[weights] if weights != "DEFAULT" else enum.DEFAULT
     except KeyError:
         names = ", ".join(["DEFAULT"] + [w.name for w in enum])
-        raise CAManimError(f"no weights {weights!r} for {name}; choose one of {names} or none") from None
+        raise CAManimError(
+            f"no weights {weights!r} for {name}; choose one of {names} or none"
+        ) from None
 
 
 def build_model(spec: str, weights: str = "none", checkpoint: Path | None = None,
@@ -153,7 +155,11 @@ def _build_model(spec: str, weights: str, checkpoint: Path | None, num_classes: 
         kwargs: dict[str, Any] = {}
         if num_classes is not None:
             kwargs["num_classes"] = int(num_classes)
-        if w is not None and num_classes is not None and num_classes != len(w.meta.get("categories", [])):
+        if (
+            w is not None
+            and num_classes is not None
+            and num_classes != len(w.meta.get("categories", []))
+        ):
             raise CAManimError(f"--weights {weights} has {len(w.meta['categories'])} classes, not "
                                f"--num-classes {num_classes}; use --weights none with --checkpoint")
         try:
@@ -227,7 +233,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(v, torch.Tensor) for v in obj.values())
+    ):
         raise CAManimError(f"{path} holds no state dict (a dict of tensors, optionally under "
                            "'state_dict' as in Lightning checkpoints)")
     return obj
@@ -245,7 +255,9 @@ def _strip_prefix(sd: dict[str, torch.Tensor], want: set[str]) -> dict[str, torc
     return best
 
 
-def load_checkpoint(model: nn.Module, path: Path, spec: str = "", num_classes: int | None = None) -> nn.Module:
+def load_checkpoint(
+    model: nn.Module, path: Path, spec: str = "", num_classes: int | None = None
+) -> nn.Module:
     """Load a state dict or Lightning checkpoint into ``model``.
 
     A torchvision model whose only mismatch is the classifier's class count
@@ -268,9 +280,9 @@ def load_checkpoint(model: nn.Module, path: Path, spec: str = "", num_classes: i
     if wrong or missing or unexpected:
         parts = []
         if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: checkpoint "
-                         f"{tuple(sd[k].shape)} vs model {tuple(own[k].shape)}")
+            key = wrong[0]
+            parts.append(f"{len(wrong)} shape mismatch(es), e.g. {key}: checkpoint "
+                         f"{tuple(sd[key].shape)} vs model {tuple(own[key].shape)}")
         if missing:
             parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
         if unexpected:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import CAManimError
+
 
 
 def add_study_parser(subparsers) -> argparse.ArgumentParser:

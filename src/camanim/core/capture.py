@@ -16,8 +16,9 @@ touched.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,7 +98,7 @@ class Hooks:
             return out.clone()
         return None
 
-    def __enter__(self) -> "Hooks":
+    def __enter__(self) -> Hooks:
         self._counts.clear()
         self.outputs.clear()
         for module in self._want:
@@ -184,16 +185,22 @@ def capture(model: nn.Module, images: torch.Tensor, layers: Sequence[LayerInfo],
             if gradients:
                 score = score_outputs(tgt, logits).sum()
                 needs = [o.requires_grad for o in outs]
-                got = torch.autograd.grad(score, [o for o, n in zip(outs, needs) if n],
-                                          allow_unused=True)
+                got = torch.autograd.grad(
+                    score, [o for o, n in zip(outs, needs, strict=False) if n], allow_unused=True
+                )
                 it = iter(got)
                 grads = []
-                for o, n in zip(outs, needs):
+                for o, n in zip(outs, needs, strict=False):
                     g = next(it) if n else None
                     grads.append(torch.zeros_like(o) if g is None else g.detach())
-            acts = [to_nchw(o.detach(), i, reshape_transform) for o, i in zip(outs, layers)]
+            acts = [
+                to_nchw(o.detach(), i, reshape_transform)
+                for o, i in zip(outs, layers, strict=False)
+            ]
             if grads is not None:
-                grads = [to_nchw(g, i, reshape_transform) for g, i in zip(grads, layers)]
+                grads = [
+                    to_nchw(g, i, reshape_transform) for g, i in zip(grads, layers, strict=False)
+                ]
             return Captured(logits=logits.detach(), activations=acts, gradients=grads,
                             targets=tgt, target_idx=idx)
     raise AssertionError("unreachable")  # pragma: no cover

@@ -15,11 +15,25 @@ import errno
 import os
 import re
 import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING
 
-__all__ = ["write_json", "save_figure", "writable_folder", "temp_path", "atomic_path", "write_bytes", "write_text", "fsync_path",
-           "remove_stale", "os_cause"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "write_json",
+    "save_figure",
+    "writable_folder",
+    "temp_path",
+    "atomic_path",
+    "write_bytes",
+    "write_text",
+    "fsync_path",
+    "remove_stale",
+    "os_cause",
+]
 
 # ours: .<name>.<pid>.partial[.<ext>] (files and PNG-frame folders); older
 # versions wrote <name>.png.tmp, <name>.tmp.npz and .<name>.json.partial
@@ -107,16 +121,16 @@ def write_json(path: str | Path | None, obj: object) -> str:
     return text
 
 
-def save_figure(fig: object, path: str | Path, dpi: int = 110) -> Path:
+def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Save a matplotlib figure atomically (format from the suffix) and close it."""
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")  # type: ignore[attr-defined]
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
     finally:
         import matplotlib.pyplot as plt
 
-        plt.close(fig)  # type: ignore[arg-type]
+        plt.close(fig)
     return path
 
 

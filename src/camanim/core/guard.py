@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -45,7 +45,8 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    if not torch.cuda.is_available() or \
+            not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # torch: unannotated
         return []
     devs = {t.device.index for t in list(model.parameters()) + list(model.buffers())
             if t.device.type == "cuda"}

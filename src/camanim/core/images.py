@@ -12,8 +12,8 @@ tensor a classifier expects (ImageNet mean and std by default).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -149,5 +149,5 @@ def _per_channel(v: Sequence[float], channels: int, what: str) -> np.ndarray:
     if a.size == 1:
         return np.repeat(a, channels)
     if channels == 1:
-        return a.mean(keepdims=True)
+        return np.asarray(a.mean(keepdims=True), dtype=np.float32)
     raise CAManimError(f"{what} has {a.size} values but the model takes {channels} channels")

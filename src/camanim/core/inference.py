@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["folded_model", "FoldedModel", "outputs_agree"]
+__all__ = ["folded_model", "FoldedModel", "outputs_agree", "scoring_runner", "FoldCache"]
 
 _FOLD_DTYPES = (torch.float32, torch.float64)
 
@@ -56,20 +58,27 @@ class FoldedModel:
         fused: qualified conv name -> its new folded, channels-last Conv2d.
     """
 
-    def __init__(self, model: nn.Module, graph: "torch.fx.Graph", fused: dict[str, nn.Module]) -> None:
+    def __init__(
+        self, model: nn.Module, graph: torch.fx.Graph, fused: dict[str, nn.Module]
+    ) -> None:
         import torch.fx as fx
 
         class Run(fx.Interpreter):
-            def call_module(self, target, args, kwargs):  # noqa: ANN001, ANN202
+            def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
                 mod = fused.get(target)
-                return mod(*args, **kwargs) if mod is not None else super().call_module(target, args, kwargs)
+                return (
+                    mod(*args, **kwargs)
+                    if mod is not None
+                    else super().call_module(target, args, kwargs)
+                )
 
         self.graph, self.fused = graph, fused
         self._run = Run(model, garbage_collect_values=True, graph=graph)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         try:
-            return self._run.run(x)
+            out: torch.Tensor = self._run.run(x)
+            return out
         finally:
             self._run.env = {}      # drop the last run's activations
 
@@ -115,6 +124,7 @@ def folded_model(model: nn.Module) -> FoldedModel | None:
             conv_f = fuse_conv_bn_eval(conv, bn)
             conv_f.weight = nn.Parameter(conv_f.weight.detach().contiguous(
                 memory_format=torch.channels_last), requires_grad=False)
+            assert conv_f.bias is not None  # fuse_conv_bn_eval always makes one
             conv_f.bias = nn.Parameter(conv_f.bias.detach(), requires_grad=False)
         fused[prev.target] = conv_f
         node.replace_all_uses_with(prev)
@@ -135,3 +145,56 @@ def outputs_agree(fast: torch.Tensor, reference: torch.Tensor, rtol: float = 1e-
     ref = reference.detach().to(fast.device)
     scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
     return bool(((fast.detach() - ref).abs() <= rtol * scale).all())
+
+
+def scoring_runner(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, bs: int, fold: bool
+            ) -> tuple[Callable[[torch.Tensor], torch.Tensor], bool]:
+    """The module that scores `camanim.ybroad`'s perturbed images, and whether it wants
+    channels-last inputs: the folded copy (CPU, float32/64, ``fold``) when
+    its outputs on the first clean batch agree with ``logits``, else the
+    model."""
+    if not fold or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return model, False
+    fast = folded_model(model)
+    if fast is None:
+        return model, False
+    n = min(bs, x.shape[0])
+    try:
+        out = fast(x[:n].contiguous(memory_format=torch.channels_last))
+    except Exception:  # noqa: BLE001 - a graph that fails on real inputs: run the model
+        return model, False
+    if not outputs_agree(out, logits[:n]):
+        return model, False
+    return fast, True
+
+
+class FoldCache:
+    """The folded stand-in of `camanim.ybroad` (``fold=``), traced and checked once
+    for every call with the same model state, images and logits.
+
+    `CAManimCallback` passes one per epoch to the layers' ybROAD and to the
+    chance ROAD, which score the same probes with the same model. The key
+    holds each parameter's and buffer's storage and version counter (an
+    optimizer step or a BatchNorm update changes it), the caller's image
+    tensor and the logits: any change folds and checks again. Drop the
+    cache with the epoch: it holds the folded copy and the model.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._value: tuple[Callable[[torch.Tensor], torch.Tensor], bool] | None = None
+        #: how many times the stand-in was built (a test's window on the cache)
+        self.builds = 0
+
+    def runner(self, model: nn.Module, images: torch.Tensor, x: torch.Tensor,
+               logits: torch.Tensor, bs: int
+               ) -> tuple[Callable[[torch.Tensor], torch.Tensor], bool]:
+        """`scoring_runner` for ``x`` (``images`` on the model's device), cached."""
+        state = tuple((t.data_ptr(), t._version)
+                      for t in (*model.parameters(), *model.buffers()))
+        key = (id(model), state, images.data_ptr(), images._version, tuple(images.shape),
+               x.dtype, x.device, logits.data_ptr(), logits._version, min(bs, x.shape[0]))
+        if self._value is None or key != self._key:
+            self._value, self._key = scoring_runner(model, x, logits, bs, True), key
+            self.builds += 1
+        return self._value

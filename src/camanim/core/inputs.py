@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,10 +72,14 @@ def check_images(images: Any, model: nn.Module) -> torch.Tensor:
 def logit_target(category: int) -> Target:
     """Score = logit of ``category`` (pytorch-grad-cam's ClassifierOutputTarget)."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-    return ClassifierOutputTarget(int(category))
+
+    target: Target = ClassifierOutputTarget(int(category))
+    return target
 
 
-def resolve_targets(targets: Any, batch: int, logits: torch.Tensor) -> tuple[list[Target], torch.Tensor | None]:
+def resolve_targets(
+    targets: Any, batch: int, logits: torch.Tensor
+) -> tuple[list[Target], torch.Tensor | None]:
     """Turn ``targets`` into one score callable per image.
 
     Args:
@@ -94,7 +99,9 @@ def resolve_targets(targets: Any, batch: int, logits: torch.Tensor) -> tuple[lis
     n_classes = logits.shape[-1]
     if isinstance(targets, np.ndarray):
         if not np.issubdtype(targets.dtype, np.integer):
-            raise CAManimError(f"targets must be integer class indices, got a {targets.dtype} array")
+            raise CAManimError(
+                f"targets must be integer class indices, got a {targets.dtype} array"
+            )
         targets = torch.as_tensor(targets)
     if isinstance(targets, np.integer):
         targets = int(targets)
@@ -113,9 +120,9 @@ def resolve_targets(targets: Any, batch: int, logits: torch.Tensor) -> tuple[lis
             raise CAManimError(f"got {len(targets)} target callables for {batch} images; "
                                "pass one per image")
         cls = [getattr(t, "category", None) for t in targets]
-        ok = all(isinstance(c, (int, np.integer)) and 0 <= int(c) < n_classes for c in cls)
-        idx = torch.tensor([int(c) for c in cls]) if ok else None
-        return list(targets), idx
+        ints = [int(c) for c in cls if isinstance(c, (int, np.integer))]
+        ok = len(ints) == len(cls) and all(0 <= c < n_classes for c in ints)
+        return list(targets), torch.tensor(ints) if ok else None
     else:
         raise CAManimError(
             f"targets must be None, an int, a sequence of {batch} ints, or {batch} callables; "
@@ -132,12 +139,15 @@ def resolve_targets(targets: Any, batch: int, logits: torch.Tensor) -> tuple[lis
 
 def _all_int(xs: Any) -> bool:
     try:
-        return all(isinstance(x, (int, np.integer)) or (isinstance(x, torch.Tensor) and x.numel() == 1
-                                          and not x.is_floating_point()) for x in xs)
+        return all(
+            isinstance(x, (int, np.integer))
+            or (isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_floating_point())
+            for x in xs
+        )
     except TypeError:
         return False
 
 
 def score_outputs(targets: Sequence[Target], outputs: torch.Tensor) -> torch.Tensor:
     """``(B,)`` scores: ``targets[i](outputs[i])``, as pytorch-grad-cam calls them."""
-    return torch.stack([t(o).reshape(()) for t, o in zip(targets, outputs)])
+    return torch.stack([t(o).reshape(()) for t, o in zip(targets, outputs, strict=False)])

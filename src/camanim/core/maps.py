@@ -12,9 +12,9 @@ so that both normalizations of the paper can be derived at the end:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -55,6 +55,11 @@ def minmax(x: torch.Tensor, lo: torch.Tensor | None = None, hi: torch.Tensor | N
     ok = rng > 0
     return torch.where(ok, (x - lo) / torch.where(ok, rng, torch.ones_like(rng)),
                        torch.zeros_like(x))
+
+
+def image_size(x: torch.Tensor) -> tuple[int, int]:
+    """``(H, W)`` of a ``(..., H, W)`` tensor."""
+    return int(x.shape[-2]), int(x.shape[-1])
 
 
 def wide(t: torch.Tensor) -> torch.Tensor:
@@ -114,7 +119,7 @@ class LayerMaps:
     targets: torch.Tensor | None = None
     method: str = ""
     seconds: list[float] = field(default_factory=list)
-    extra: dict[str, list] = field(default_factory=dict)
+    extra: dict[str, list[object]] = field(default_factory=dict)
     logits: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -129,7 +134,7 @@ class LayerMaps:
         return len(self.names)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(zip(self.names, self.raw))
+        return iter(zip(self.names, self.raw, strict=False))
 
     @property
     def batch_size(self) -> int:
@@ -148,7 +153,7 @@ class LayerMaps:
             raise CAManimError(f"no layer {name!r} in these maps; layers are "
                                f"{_short_list(self.names)}") from None
 
-    def select(self, which: Sequence[int] | Sequence[str]) -> "LayerMaps":
+    def select(self, which: Sequence[int] | Sequence[str]) -> LayerMaps:
         """A new `LayerMaps` with only the given layers (indices or names)."""
         idx = [self.index(w) if isinstance(w, str) else int(w) for w in which]
         return LayerMaps(
@@ -164,16 +169,22 @@ class LayerMaps:
             logits=self.logits,
         )
 
-    def image(self, b: int) -> "LayerMaps":
+    def image(self, b: int) -> LayerMaps:
         """The maps of image ``b`` alone (normalization is per image, so the
         normalized maps are the same)."""
-        return LayerMaps(names=self.names, raw=[r[b:b + 1] for r in self.raw],
-                         input_size=self.input_size, layers=self.layers,
-                         targets=None if self.targets is None else self.targets.reshape(-1)[b:b + 1],
-                         method=self.method, seconds=self.seconds, extra=self.extra,
-                         logits=None if self.logits is None else self.logits[b:b + 1])
+        return LayerMaps(
+            names=self.names,
+            raw=[r[b : b + 1] for r in self.raw],
+            input_size=self.input_size,
+            layers=self.layers,
+            targets=None if self.targets is None else self.targets.reshape(-1)[b : b + 1],
+            method=self.method,
+            seconds=self.seconds,
+            extra=self.extra,
+            logits=None if self.logits is None else self.logits[b : b + 1],
+        )
 
-    def to(self, device: torch.device | str) -> "LayerMaps":
+    def to(self, device: torch.device | str) -> LayerMaps:
         """The same maps on another device."""
         self.raw = [r.to(device) for r in self.raw]
         if self.logits is not None:
@@ -203,7 +214,7 @@ class LayerMaps:
         rng = self._range(normalization)
         if rng is None:
             return [wide(r) for r in self.raw]
-        return [minmax(r, lo, hi) for r, lo, hi in zip(self.raw, *rng)]
+        return [minmax(r, lo, hi) for r, lo, hi in zip(self.raw, *rng, strict=False)]
 
     def iter_upsampled(self, normalization: str = "local",
                        size: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
@@ -238,7 +249,9 @@ class LayerMaps:
         """Write an ``.npz`` file (no pickle); `load` reads it back."""
         path = Path(path)
         if path.suffix != ".npz":
-            path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+            path = (
+                path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+            )
         meta = {
             "format": _FORMAT,
             "names": self.names,
@@ -255,11 +268,13 @@ class LayerMaps:
         from .files import atomic_path
 
         with atomic_path(path) as tmp:  # never a half-written file under the real name
-            np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
+            # numpy's stub matches **arrays against the allow_pickle: bool keyword
+            np.savez_compressed(tmp, meta=np.array(json.dumps(meta)),
+                                **arrays)  # type: ignore[arg-type]
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "LayerMaps":
+    def load(cls, path: str | Path) -> LayerMaps:
         """Read maps written by `save`."""
         path = Path(path)
         if not path.exists() and path.suffix != ".npz" and \

@@ -38,13 +38,13 @@ Files, in ``save_dir`` (default: the TensorBoard logger's ``log_dir``, else
     * ``ybroad.csv``: tidy long form, one row per (epoch, probe, layer), see
       `camanim.runs.study.CSV_COLUMNS`; appended and flushed every epoch, so a
       crash never loses a finished epoch; read it with ``camanim study``;
-    * ``videos/<probe>_epoch{E:03d}_<norm>.mp4`` (``save_videos=True``, full
+    * ``videos/<probe>_epoch{E:03d}_<norm>.mp4`` (``VideoOptions.save``, full
       size, one per normalization);
     * ``heatmaps/<probe>.png``: the latest heatmap (``<probe>_convergence.png``:
       the map-change heatmap);
     * ``sanity_{start,end}.json`` / ``.png`` (``sanity=``);
-    * ``maps/epoch{E:03d}.npz`` (``save_maps=True``, `camanim.LayerMaps`);
-    * ``viewer/`` (``viewer=True``): every layer's map at every epoch, small,
+    * ``maps/epoch{E:03d}.npz`` (``MediaOptions.save_maps``, `camanim.LayerMaps`);
+    * ``viewer/`` (``MediaOptions.viewer``): every layer's map at every epoch, small,
       for TensorBoard's CAManim tab and ``camanim report`` (docs/VIEWER.md).
 
 Epochs are numbered from 0, as ``trainer.current_epoch`` and
@@ -60,36 +60,57 @@ with bit-identical weights under ``deterministic=True``).
 from __future__ import annotations
 
 import contextlib
-import os
 import time
-import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-
-try:  # Lightning 2.x ("lightning" package); the standalone package also works
-    from lightning.pytorch.callbacks import Callback
-except ImportError:  # pragma: no cover
-    from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+from typing_extensions import override
 
 from ..core.guard import untouched
+from ..core.layers import Selector
 from ..core.maps import LayerMaps
 from ..errors import CAManimError
+from ..metrics.convergence import DEFAULT_SETTLE_THRESHOLD
 from ..metrics.pointing import energy_pointing_game
-from ..runs.history import History
-from .convergence import Convergence, check_sanity, media_fields, run_sanity
+from ..metrics.road import FoldCache
+from ..runs.history import EpochRecord, History
+from .convergence import Convergence, media_fields, run_sanity
+from .distributed import Share, gather_objects, merge_shares, score_share
 from .loggers import LoggerMedia
-from .distributed import check_strategy, gather_objects, merge_shares, score_share
-from .checks import check_outputs, check_score, epoch_record, finite_probes, pick
-from .media import (EpochMedia, MediaQueue, mark_restart, output_dir,
-                    tensorboard_writer, write_epoch_media)
-from .options import (build_engine, check_count, check_road, check_schedule, check_targets,
-                      check_videos, resolve_module, state_key_parts)
-from .probes import load_probes, probe_batch
+from .epoch import build_engine, epoch_record, finite_probes, pick, state_key_parts
+from .media import (
+    EpochMedia,
+    MediaQueue,
+    mark_restart,
+    output_dir,
+    tensorboard_writer,
+    write_epoch_media,
+)
+from .options import (
+    ConvergenceOptions,
+    MediaOptions,
+    RoadOptions,
+    VideoOptions,
+    deprecated_spellings,
+)
+from .probes import probe_batch
 from .summary import log_epoch
+from .validation import check_model_outputs, check_setup, resolve_module, validate_init
+
+if TYPE_CHECKING:
+    from ..engine import CAManim
+
+#: what ``probes=`` takes: a (B, C, H, W) tensor, (C, H, W) tensors or (dataset, indices)
+ProbeSpec = Any
+#: what ``targets=`` takes: None, "predicted", "labels", an int, B ints or B callables
+TargetSpec = Any
 
 __all__ = ["CAManimCallback"]
 
@@ -105,8 +126,11 @@ class CAManimCallback(Callback):
     epoch's validation), never during the sanity check or outside ``fit``,
     in float32 outside autocast, with gradients enabled. The pictures are
     drawn and written on background threads while training goes on (at most
-    ``media_queue`` epochs in flight). Under DDP every rank scores its share
+    ``MediaOptions.queue`` epochs in flight). Under DDP every rank scores its share
     of the layers; rank zero gathers the scores and writes.
+
+    Arguments after ``probes`` are keyword-only; related knobs come as one
+    option object each, checked here (`camanim.lightning.validation`).
 
     Args:
         probes: the images to follow, fixed for the whole run: a
@@ -120,61 +144,44 @@ class CAManimCallback(Callback):
         method: CAM method name or ``BaseCAM`` subclass (see `camanim.CAManim`).
         layers: ``"conv"``, ``"all"``, ``"blocks"``, a list of layer names or a
             callable ``(name, module) -> bool``.
+        model: the module to explain: ``None`` (the LightningModule), an
+            attribute path (``"backbone.model"``) or a callable.
+        cam_options: further options of `camanim.CAManim`: ``max_layers``
+            (keep at most this many evenly spaced layers),
+            ``reshape_transform`` and the method's own (e.g. ``steps``).
         every_n_epochs: run after every N-th epoch (epochs ``N-1, 2N-1, ...``).
         epochs: instead, exactly these epochs (0-based ints).
-        normalization: one video per name: ``"local"``, ``"global"``,
-            ``"none"`` or ``"both"`` (side by side).
-        road: compute ybROAD (ROAD of every layer's map).
-        road_percentiles: ROAD percentiles ``p`` in (0, 100), with
-            pytorch-grad-cam's convention: MoRF keeps the pixels whose map
-            value is below the ``p``-th percentile (removes the top
-            ``100 - p`` %), LeRF keeps those above the ``(100 - p)``-th.
-        road_noise: ROAD imputation noise.
-        score: what ROAD scores: ``"softmax"`` (the target's probability),
-            ``"logit"``, or ``"auto"`` (default: softmax, the logit for a
-            single-output head, with a notice).
-        fps: frames (layers) per second of the videos.
-        log_videos: log the animated GIFs to TensorBoard.
-        save_videos: write the full-size MP4 files under ``save_dir/videos``.
+        on_fit_end: run once more at the end of training (``on_train_end``,
+            on the training device) unless the last epoch was already done.
+        sanity: ``"start"``, ``"end"`` or ``"start,end"``: `camanim.sanity_check`
+            of the probes at fit start / end (rank zero; default off).
+        video: the videos (`VideoOptions`: normalizations, fps, sizes, the
+            probes' ``mean`` / ``std``, class names).
+        road: ``True``, a `RoadOptions`, or ``False`` (no ybROAD).
+        convergence: ``True``, a `ConvergenceOptions` or ``False``.
+        media: the background drawing (`MediaOptions`).
         save_dir: folder for the CSV, videos, heatmaps and maps. Default: the
             TensorBoard logger's ``log_dir``, else
             ``<trainer.default_root_dir>/camanim``.
         probe_names: B names for tags and files (made file-safe).
-        max_layers: keep at most this many evenly spaced layers.
-        batch_size: images per extra forward (Score-CAM, Ablation-CAM, ROAD).
-        seed: seed of the private generators (random CAM methods, ROAD noise).
-        on_fit_end: run once more at the end of training (``on_train_end``,
-            on the training device) unless the last epoch was already done.
         masks: object masks for the pointing game (EBPG): ``(B, H, W)`` or
             a list of ``(H, W)`` masks / ``None``.
-        mean, std: the probes' input normalization, undone in the frames.
-        save_maps: also save the raw maps (``maps/epoch{E:03d}.npz``).
-        model: the module to explain: ``None`` (the LightningModule), an
-            attribute path (``"backbone.model"``) or a callable.
-        class_names: class names for the captions and text summaries.
-        video_size: MP4 panel size (``None``: automatic, an int: long side).
-        tb_video_size: long side of a TensorBoard GIF panel (default 128 px;
-            ``None``: as ``video_size``); tb_colors: colours of its shared
-            palette (default 64). GIFs are the bulk of the event files, which
-            TensorBoard loads whole: at the full setting (4 probes x 53
-            layers) the defaults keep an epoch under 6 MiB.
+        batch_size: images per extra forward (Score-CAM, Ablation-CAM, ROAD).
+        seed: seed of the private generators (random CAM methods, ROAD noise).
+        progress: show progress bars of the CAM/ROAD work.
         on_error: after the setup checks, a failure of the monitoring work
             (a full disk, a codec, an overflow) ``"warn"``\ s once per epoch
             naming the epoch and the cause, and training goes on (default);
             ``"raise"`` stops training.
-        progress: show progress bars of the CAM/ROAD work.
-        cam_options: further options for `camanim.CAManim` (e.g. ``steps``).
-        media_workers: threads that render and encode one epoch's pictures.
-        media_queue: epochs whose pictures may still be in the works while
-            training goes on (default 1; the training thread waits when the
-            queue is full); ``0`` draws everything before training resumes.
-        convergence, chance, settle_threshold: each layer's map change since
-            the previous callback epoch; ROAD of a seeded random map and a
-            centred blob (needs ROAD); the change below which a layer counts
-            as settled (0.1). See `camanim.lightning.convergence`.
-        sanity: ``"start"``, ``"end"`` or ``"start,end"``: `camanim.sanity_check`
-            of the probes at fit start / end (rank zero; default off).
-        viewer: write ``viewer/`` for TensorBoard's CAManim tab and ``camanim report``.
+
+    Deprecated:
+        Positional arguments and the flat keywords of 0.1.0 (``fps=``, ...)
+        warn for one release (`camanim.lightning.options.LEGACY_NAMES`).
+
+    Example:
+        >>> cb = CAManimCallback(images, layers="blocks", every_n_epochs=2,
+        ...                      video=VideoOptions(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ...                      road=RoadOptions(percentiles=(10, 50, 90)))  # doctest: +SKIP
 
     Raises:
         CAManimError: at construction, for probes, targets, masks or options
@@ -183,72 +190,45 @@ class CAManimCallback(Callback):
             folders that cannot be written.
     """
 
-    def __init__(self, probes: Any, targets: Any = None, method: Any = "gradcam",
-                 layers: Any = "conv", every_n_epochs: int = 1,
-                 epochs: Sequence[int] | None = None,
-                 normalization: str | Sequence[str] = ("local", "global"),
-                 road: bool = True, road_percentiles: Sequence[float] = (20, 40, 60, 80),
-                 fps: float = 8, log_videos: bool = True, save_dir: str | Path | None = None,
-                 probe_names: Sequence[str] | None = None, max_layers: int | None = None,
-                 batch_size: int | None = None, seed: int = 0, on_fit_end: bool = True,
-                 masks: Any = None, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, save_maps: bool = False,
-                 road_noise: float = 0.01, *, save_videos: bool = True, viewer: bool = True,
+    @deprecated_spellings
+    def __init__(self, probes: ProbeSpec, *, targets: TargetSpec = None,
+                 method: str | type = "gradcam", layers: Selector = "conv",
                  model: str | Callable[[nn.Module], nn.Module] | None = None,
-                 class_names: Sequence[str] | None = None,
-                 video_size: int | Sequence[int] | None = None,
-                 tb_video_size: int | None = 128, tb_colors: int = 64, on_error: str = "warn",
-                 progress: bool = False, cam_options: dict | None = None,
-                 media_workers: int | None = None, media_queue: int = 1,
-                 score: str = "auto", convergence: bool = True, chance: bool = True,
-                 settle_threshold: float = 0.1, sanity: str | Sequence[str] | None = None) -> None:
+                 cam_options: dict[str, Any] | None = None,
+                 every_n_epochs: int = 1, epochs: Sequence[int] | None = None,
+                 on_fit_end: bool = True, sanity: str | Sequence[str] | None = None,
+                 video: VideoOptions | None = None, road: bool | RoadOptions = True,
+                 convergence: bool | ConvergenceOptions = True,
+                 media: MediaOptions | None = None, save_dir: str | Path | None = None,
+                 probe_names: Sequence[str] | None = None, masks: Any = None,
+                 batch_size: int | None = None, seed: int = 0, progress: bool = False,
+                 on_error: str = "warn") -> None:
         super().__init__()
-        self._probes = load_probes(probes, masks, probe_names)
-        channels = self._probes.images.shape[1]
-        self.every_n_epochs, self.epochs = check_schedule(every_n_epochs, epochs)
-        self._targets_mode, self._targets = check_targets(targets, self._probes)
-        self.log_videos, self.save_videos = bool(log_videos), bool(save_videos)
-        self.normalization, self.fps = check_videos(
-            normalization, fps, self.log_videos or self.save_videos, mean, std, channels)
-        self.video_size, self.tb_video_size = video_size, check_count("tb_video_size", tb_video_size, 16)
-        self.tb_colors = check_count("tb_colors", tb_colors, 2, allow_none=False)
-        if self.tb_colors > 256:
-            raise CAManimError(f"tb_colors must be within 2..256 (a GIF palette), got {tb_colors}")
-        self.mean = None if mean is None else [float(v) for v in mean]
-        self.std = None if std is None else [float(v) for v in std]
-        self.class_names = list(class_names) if class_names is not None else None
-        self.road = bool(road)
-        self.road_percentiles, self.road_noise = check_road(self.road, road_percentiles, road_noise)
-        self.score = self._score = check_score(score)
-
-        from ..methods import get_method  # a typo should not wait an epoch
-
-        get_method(method)
-        self.method, self.layers = method, layers
-        self.max_layers = check_count("max_layers", max_layers)
-        self.batch_size = check_count("batch_size", batch_size)
-        self.seed = int(seed)
-        self.progress = bool(progress)
-        self.cam_options = dict(cam_options or {})
-        if not (model is None or isinstance(model, str) or callable(model)):
-            raise CAManimError("model must be None, an attribute name of the LightningModule "
-                               "or a callable (lightning_module) -> nn.Module")
-        self.model = model
-        if on_error not in ("raise", "warn"):
-            raise CAManimError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
-        self.on_error = on_error
-        self.run_on_fit_end = bool(on_fit_end)
-        self.save_maps, self.viewer = bool(save_maps), bool(viewer)
-        self.save_dir = Path(save_dir) if save_dir is not None else None
-        workers = check_count("media_workers", media_workers)
-        self.media_workers = workers or max(2, min(8, os.cpu_count() or 2))
-        self.media_queue = check_count("media_queue", media_queue, 0, allow_none=False)
-
-        self._conv = Convergence(convergence, chance and self.road, settle_threshold)
-        self.sanity = check_sanity(sanity)
-
+        s = validate_init(probes, targets=targets, method=method, layers=layers, model=model,
+                          cam_options=cam_options, every_n_epochs=every_n_epochs, epochs=epochs,
+                          on_fit_end=on_fit_end, sanity=sanity, video=video, road=road,
+                          convergence=convergence, media=media, save_dir=save_dir,
+                          probe_names=probe_names, masks=masks, batch_size=batch_size,
+                          seed=seed, progress=progress, on_error=on_error)
+        self._probes = s.probes
+        self._targets_mode, self._targets = s.targets_mode, s.targets
+        self.method, self.layers, self.model = s.method, s.layers, s.model
+        self.cam_options = s.cam_options
+        self.every_n_epochs, self.epochs = s.every_n_epochs, s.epochs
+        self.run_on_fit_end = s.on_fit_end
+        self.sanity = s.sanity
+        self.video, self.road, self.media = s.video, s.road, s.media
+        self.save_dir = s.save_dir
+        self.batch_size, self.seed, self.progress = s.batch_size, s.seed, s.progress
+        self.on_error = s.on_error
+        #: the score ROAD uses, resolved at fit start from ``road.score``
+        self._road_score = s.road.score if s.road is not None else "auto"
+        conv = s.convergence
+        self._convergence = Convergence(
+            changes=conv is not None, chance=s.road is not None and s.road.chance,
+            threshold=conv.settle_threshold if conv is not None else DEFAULT_SETTLE_THRESHOLD)
         self._history = History(self._probes.names)
-        self._anim: Any = None
+        self._anim: CAManim | None = None
         self._anim_model: nn.Module | None = None
         self._dir: Path | None = None
         self._last_epoch: int | None = None
@@ -263,6 +243,13 @@ class CAManimCallback(Callback):
         self._t0 = 0.0
 
     @property
+    def convergence(self) -> ConvergenceOptions | None:
+        """The map-change options (None: off)."""
+        c = self._convergence
+        return ConvergenceOptions(c.threshold) if c.changes else None
+
+    @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(**state_key_parts(self.method, self.layers,
                                                           self._probes.names))
@@ -277,21 +264,22 @@ class CAManimCallback(Callback):
             return epoch in self.epochs
         return (epoch + 1) % self.every_n_epochs == 0
 
-    def _fitting(self, trainer: Any) -> bool:
+    def _fitting(self, trainer: Trainer) -> bool:
         fn = getattr(getattr(trainer, "state", None), "fn", None)
         return (not trainer.sanity_checking) and str(getattr(fn, "value", fn)) == "fit"
 
     # ------------------------------------------------------------ hooks
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer)
+        check_setup(trainer)
         self._last_epoch = None
         self._dir = None
         self._history.forget_csv()
-        self._conv.new_fit()
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Check the model, targets, layers and output folder before training."""
         model, x, dev = self._inputs(pl_module)
         try:
@@ -306,18 +294,21 @@ class CAManimCallback(Callback):
                     logits = forward_logits(model, x[:1])
         except CAManimError as e:
             raise CAManimError(f"CAManimCallback: {e}") from None
-        self._score = check_outputs(logits, self._targets_mode, self._targets, self.score,
-                                    self.road)
+        score = self.road.score if self.road is not None else "auto"
+        self._road_score = check_model_outputs(logits, self._targets_mode, self._targets,
+                                               score, self.road is not None)
         if trainer.is_global_zero:  # a folder that cannot be written fails now
             self._out_dir(trainer)
         self._sanity(trainer, pl_module, "start")
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         tb = tensorboard_writer(trainer)  # the checkpoint is restored by now: on a resume,
         if trainer.is_global_zero and tb is not None and int(trainer.global_step) > 0:
             mark_restart(tb, int(trainer.global_step) + 1)  # TensorBoard drops later steps
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._fitting(trainer):
             return
         epoch = int(trainer.current_epoch)
@@ -326,7 +317,8 @@ class CAManimCallback(Callback):
         if self._scheduled(epoch):
             self._run_synced(trainer, pl_module, epoch)
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # before the strategy's teardown moves the module off its device
         epoch = self._last_epoch
         if self.run_on_fit_end and not trainer.sanity_checking and epoch is not None \
@@ -336,41 +328,47 @@ class CAManimCallback(Callback):
         self._sanity(trainer, pl_module, "end")
         if trainer.is_global_zero and self._dir is not None and len(self._history):
             try:  # a CSV append that failed at the last epoch gets its retry now
-                self._history.write_csv(self._dir, None, str(self._anim.method.name))
+                method = self._history[self._history.epochs[-1]].method
+                self._history.write_csv(self._dir, None, method)
             except CAManimError as e:
                 self._fail(self._history.epochs[-1], e)
         self._loggers.finish(trainer, self._queue, self._dir, self._history.epochs)  # report
         self._report_media_errors(drain=True)
 
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule,
+                     exception: BaseException) -> None:
         # write what is done; the training error comes first, media errors are warned
         if self._queue is not None:
             self._queue.close()
             for epoch, error in self._queue.errors():
-                warnings.warn(f"CAManimCallback: epoch {epoch}'s pictures failed "
-                              f"({type(error).__name__}: {error})", stacklevel=2)
+                rank_zero_warn(f"CAManimCallback: epoch {epoch}'s pictures failed "
+                               f"({type(error).__name__}: {error})")
             self._queue = None
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._queue is not None:
             self._queue.close()
             self._queue = None
         if stage == "fit":  # keep no reference to the model after fit
             self._anim = self._anim_model = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"format": _STATE_FORMAT, "history": self._history.state_dict(),
-                "convergence": self._conv.state_dict()}
+                "convergence": self._convergence.state_dict()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
         if state_dict.get("format") != _STATE_FORMAT:
-            warnings.warn("CAManimCallback: unknown checkpoint state format; starting a "
-                          "fresh history", stacklevel=2)
+            rank_zero_warn("CAManimCallback: unknown checkpoint state format; starting a "
+                           "fresh history")
             return
         self._history.load_state_dict(state_dict.get("history", []))
-        self._conv.load_state_dict(state_dict.get("convergence"))
+        self._convergence.load_state_dict(state_dict.get("convergence"))
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn: no threads, no engine
         return {**self.__dict__, "_queue": None, "_anim": None, "_anim_model": None}
@@ -394,9 +392,13 @@ class CAManimCallback(Callback):
         model = resolve_module(self.model, pl_module)
         return (model, *probe_batch(self._probes.images, model))
 
-    def _engine(self, model: nn.Module) -> Any:
+    def _engine(self, model: nn.Module) -> CAManim:
         if self._anim is None or self._anim_model is not model:
-            self._anim, self._anim_model = build_engine(self, model), model
+            self._anim = build_engine(
+                model, self.method, self.layers, cam_options=self.cam_options, seed=self.seed,
+                progress=self.progress, batch_size=self.batch_size,
+                mean=self.video.mean, std=self.video.std)
+            self._anim_model = model
         return self._anim
 
     @contextlib.contextmanager
@@ -405,34 +407,32 @@ class CAManimCallback(Callback):
                 torch.autocast(device_type=dev.type, enabled=False):
             yield
 
-    def _run_synced(self, trainer: Any, pl_module: Any, epoch: int) -> None:
+    def _run_synced(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
         """Every rank computes the maps and scores its share of the layers;
         rank zero gathers the scores and writes. An error on any rank is
         raised (or warned) on all of them."""
         self._t0 = t0 = time.perf_counter()
-        self.last_timing = timing = {}
+        timing: dict[str, float] = {}
+        self.last_timing = timing
         error: BaseException | None = None
-        result = None
+        result: _Computed | None = None
         rank, world = int(trainer.global_rank), int(trainer.world_size)
         try:
-            result = self._compute(trainer, pl_module, rank, world, timing)
-        except Exception as e:  # noqa: BLE001 - raised or warned below
+            result = self._compute(pl_module, rank, world, timing)
+        except Exception as e:  # noqa: BLE001 - any failure is raised or warned below
             error = e
+        shares: list[Share | None] = [None if result is None else result.share]
         if world > 1:
-            share = None if result is None else result[1][0]
-            gathered = gather_objects(trainer, (None if error is None else
-                                                f"{type(error).__name__}: {error}", share))
+            gathered = gather_objects((None if error is None else
+                                       f"{type(error).__name__}: {error}", shares[0]))
             failed = [(r, msg) for r, (msg, _) in enumerate(gathered) if msg is not None]
             if failed and error is None:
                 error = CAManimError(f"rank {failed[0][0]} failed: {failed[0][1]}")
-            elif error is None and result is not None:
-                result = (result[0], [s for _, s in gathered], result[2])
-        if result is not None:
-            result = (result[0], merge_shares(result[1]), result[2])
-        if error is None and trainer.is_global_zero:
+            shares = [s for _, s in gathered]
+        if error is None and result is not None and trainer.is_global_zero:
             try:
-                self._write(trainer, epoch, *result, timing)
-            except Exception as e:  # noqa: BLE001
+                self._write(trainer, epoch, result, merge_shares(shares), timing)
+            except Exception as e:  # noqa: BLE001 - raised or warned by _fail
                 error = e
         timing["blocking"] = time.perf_counter() - t0
         if error is not None:
@@ -441,12 +441,12 @@ class CAManimCallback(Callback):
     def _fail(self, epoch: int, error: BaseException) -> None:
         if self.on_error == "raise":
             raise error
-        warnings.warn(f"CAManimCallback: epoch {epoch}: {type(error).__name__}: {error}; "
-                      "training goes on", stacklevel=3)
+        rank_zero_warn(f"CAManimCallback: epoch {epoch}: {type(error).__name__}: {error}; "
+                       "training goes on")
 
-    def _compute(self, trainer: Any, pl_module: Any, rank: int, world: int,
-                 timing: dict[str, float]) -> tuple[LayerMaps, list, np.ndarray | None]:
-        """Maps (all ranks), ybROAD of this rank's layers, EBPG; maps to the CPU."""
+    def _compute(self, pl_module: LightningModule, rank: int, world: int,
+                 timing: dict[str, float]) -> _Computed:
+        """Maps (all ranks), ybROAD of this rank's layers, EBPG."""
         model, x, dev = self._inputs(pl_module)
         with self._context(model, dev):
             anim = self._engine(model)
@@ -458,73 +458,87 @@ class CAManimCallback(Callback):
             maps = anim(x, targets)
             _sync(x.device)
             timing["cam"] = time.perf_counter() - t
-            share = None
-            if self.road:
-                kw = dict(percentiles=self.road_percentiles, noise=self.road_noise,
+            share, chance = None, None
+            if self.road is not None:
+                # one fold of the model serves the layers' and the chance ROAD
+                kw = dict(percentiles=self.road.percentiles, noise=self.road.noise,
                           seed=self.seed, progress=self.progress, batch_size=self.batch_size,
-                          score=self._score)
+                          score=self._road_score, fold=FoldCache())
                 # the user's own score callables are kept; class indices otherwise
                 road_targets = (targets if self._targets_mode == "callables"
                                 or maps.targets is None else maps.targets)
                 t = time.perf_counter()
                 share = score_share(model, x, maps, road_targets, kw, rank, world)
                 timing["road"] = time.perf_counter() - t
-                self._conv.measure_chance(model, x, road_targets, kw, timing, rank == 0,
-                                          logits=maps.logits)
+                if rank == 0:
+                    chance = self._convergence.measure_chance(model, x, road_targets, kw, timing,
+                                                              logits=maps.logits)
             ebpg = None
             if self._probes.masks is not None and rank == 0:
                 t = time.perf_counter()
                 ebpg = energy_pointing_game(maps, pick(self._probes.masks, keep))
                 timing["ebpg"] = time.perf_counter() - t
-            self._conv.measure_maps(maps, timing, rank == 0)
+            ranks = self._convergence.measure_maps(maps, timing) if rank == 0 else None
             # on an accelerator the maps stay there: the frames are upsampled,
             # normalized, colour-mapped and blended on it, and only uint8 crosses
-        return maps, [share], ebpg
+        return _Computed(maps, share, ebpg, ranks, chance)
 
-    def _write(self, trainer: Any, epoch: int, maps: LayerMaps, road: np.ndarray | None,
-               ebpg: np.ndarray | None, timing: dict[str, float]) -> None:
+    def _write(self, trainer: Trainer, epoch: int, done: _Computed, road: np.ndarray | None,
+               timing: dict[str, float]) -> None:
         """Rank zero: history, CSV and scalars now; pictures in the background."""
+        maps, ebpg = done.maps, done.ebpg
         out_dir = self._out_dir(trainer)
         names = pick(self._probes.names, self._keep)  # the probes with finite logits
-        masked = [n for n, m in zip(self._probes.names, self._probes.has_mask) if m]
+        masked = [n for n, m in zip(self._probes.names, self._probes.has_mask, strict=True) if m]
         record = epoch_record(int(trainer.global_step), maps, road, ebpg, self._probes.names,
                               self._keep, masked)
-        self._history.recover(out_dir, record["method"])  # epochs the CSV holds, for the tau
-        self._conv.fill(record, epoch, maps, names, self._history)
-        record["seconds"] = time.perf_counter() - self._t0
+        self._history.recover(out_dir, record.method)  # epochs the CSV holds, for the tau
+        self._convergence.fill(record, epoch, maps, names, self._history, ranks=done.ranks,
+                               chance=done.chance)
+        record.seconds = time.perf_counter() - self._t0
         self._history[epoch] = record
         t = time.perf_counter()
         csv_error = None
         try:
-            self._history.write_csv(out_dir, epoch, record["method"])
+            self._history.write_csv(out_dir, epoch, record.method)
         except CAManimError as e:  # the other outputs go on; reported at the end
             csv_error = e
         timing["csv"] = time.perf_counter() - t
         tb = tensorboard_writer(trainer)
         t = time.perf_counter()
-        log_epoch(trainer, tb, epoch, record, names, self.class_names, self._conv.threshold)
+        log_epoch(trainer, tb, epoch, record, names, self.video.class_names,
+                  self._convergence.threshold)
         timing["log"] = time.perf_counter() - t
-        media = EpochMedia(
-            epoch=epoch, step=int(trainer.global_step), maps=maps,
-            images=pick(self._probes.images, self._keep),
-            probes=list(names), out_dir=out_dir, method=record["method"], road=road,
-            ebpg={n: ebpg[:, b] for b, n in enumerate(names) if n in masked} if ebpg is not None
-            else {},
-            history={n: self.road_history(n) for n in names} if road is not None else {},
-            writer=tb, normalization=self.normalization, log_videos=self.log_videos,
-            save_videos=self.save_videos, save_maps=self.save_maps, fps=self.fps,
-            render=dict(mean=self.mean, std=self.std, size=self.video_size,
-                        class_names=self.class_names),
-            tb_size=self.tb_video_size if self.tb_video_size is not None else self.video_size,
-            tb_colors=self.tb_colors, timing=timing, viewer=self.viewer,
-            sinks=self._loggers.sinks(trainer),
-            **media_fields(self._history, names, record, self._conv.maps))
-        queue = self._queue = self._queue or MediaQueue(self.media_workers, self.media_queue)
+        media = self._epoch_media(trainer, epoch, maps, road, ebpg, record, names, masked,
+                                  out_dir, timing)
+        if self._queue is None:
+            self._queue = MediaQueue(self.media.workers or 2, self.media.queue)
+        queue = self._queue
         t = time.perf_counter()
         queue.submit(epoch, lambda: write_epoch_media(media, queue.pool()))
         timing["queue_wait"] = time.perf_counter() - t
         if csv_error is not None:
             raise csv_error
+
+    def _epoch_media(self, trainer: Trainer, epoch: int, maps: LayerMaps,
+                     road: np.ndarray | None, ebpg: np.ndarray | None, record: EpochRecord,
+                     names: list[str], masked: list[str], out_dir: Path,
+                     timing: dict[str, float]) -> EpochMedia:
+        """What the background pictures of this epoch need, on the CPU."""
+        v = self.video
+        return EpochMedia(
+            epoch=epoch, step=int(trainer.global_step), maps=maps,
+            images=pick(self._probes.images, self._keep),
+            probes=list(names), out_dir=out_dir, method=record.method, road=road,
+            ebpg={n: ebpg[:, b] for b, n in enumerate(names) if n in masked} if ebpg is not None
+            else {},
+            history={n: self.road_history(n) for n in names} if road is not None else {},
+            writer=tensorboard_writer(trainer), normalization=v.norms, log_videos=v.log,
+            save_videos=v.save, save_maps=self.media.save_maps, fps=float(v.fps),
+            render=dict(mean=v.mean, std=v.std, size=v.size, class_names=v.class_names),
+            tb_size=v.gif_size, tb_colors=v.tb_colors, timing=timing,
+            viewer=self.media.viewer, sinks=self._loggers.sinks(trainer),
+            **media_fields(self._history, names, record, self._convergence.changes))
 
     def _report_media_errors(self, drain: bool = False) -> None:
         if self._queue is not None:
@@ -533,19 +547,32 @@ class CAManimCallback(Callback):
             for epoch, error in self._queue.errors():
                 self._fail(epoch, error)
 
-    def _out_dir(self, trainer: Any) -> Path:
+    def _out_dir(self, trainer: Trainer) -> Path:
         self._dir = self._dir or output_dir(self.save_dir, trainer)
         return self._dir
 
-    def _sanity(self, trainer: Any, pl_module: Any, when: str) -> None:
+    def _sanity(self, trainer: Trainer, pl_module: LightningModule, when: str) -> None:
         """The model-randomization check at fit ``when`` (rank zero, ``sanity=``)."""
         if when in self.sanity and trainer.is_global_zero and \
                 (when == "start" or self._last_epoch is not None):
             model, x, dev = self._inputs(pl_module)
+            targets = None if self._targets_mode == "predicted" else self._targets
             with self._context(model, dev):
-                run_sanity(when, self, model, x, None if self._targets_mode == "predicted"
-                           else self._targets, self._out_dir(trainer),
-                           tensorboard_writer(trainer), int(trainer.global_step))
+                run_sanity(when, model, x, targets, method=self.method, layers=self.layers,
+                           seed=self.seed, batch_size=self.batch_size,
+                           cam_options=self.cam_options, raise_errors=self.on_error == "raise",
+                           out_dir=self._out_dir(trainer), writer=tensorboard_writer(trainer),
+                           step=int(trainer.global_step))
+
+
+class _Computed(NamedTuple):
+    """One rank's share of an epoch's work, handed from `_compute` to `_write`."""
+
+    maps: LayerMaps                 # every layer's maps of the kept probes
+    share: Share | None             # this rank's (layer indices, (l, K) ybROAD) or None
+    ebpg: np.ndarray | None         # (L, K) pointing game (rank zero, with masks)
+    ranks: torch.Tensor | None      # (L, K, H * W) pixel ranks of the maps (rank zero)
+    chance: np.ndarray | None       # (2, K) ROAD of the random map and the blob (rank zero)
 
 
 def _sync(device: torch.device) -> None:

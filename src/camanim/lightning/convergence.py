@@ -36,50 +36,29 @@ Every later epoch is continuous.
 from __future__ import annotations
 
 import math
-import warnings
-from numbers import Real
+import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
+from ..core.layers import Selector
 from ..core.maps import LayerMaps, minmax, resize_map, wide
-from ..errors import CAManimError
-from ..metrics.convergence import (DEFAULT_SETTLE_THRESHOLD, chance_road, kendall_tau,
-                                   rank_change, rank_maps, share_below)
-from ..runs.history import History, floats
+from ..metrics.convergence import (
+    DEFAULT_SETTLE_THRESHOLD,
+    chance_road,
+    kendall_tau,
+    rank_change,
+    rank_maps,
+    share_below,
+)
+from ..runs.history import EpochRecord, History, floats
 
-__all__ = ["Convergence", "SANITY_WHEN", "check_sanity", "check_settle_threshold",
-           "epoch_scalars", "epoch_text", "layer_ranks", "run_sanity"]
-
-SANITY_WHEN = ("start", "end")
-
-
-# ------------------------------------------------------------------ options
-
-def check_settle_threshold(value: Any) -> float:
-    """A map change in (0, 2]: below it a layer counts as settled."""
-    if isinstance(value, bool) or not isinstance(value, (Real, np.number)) \
-            or not math.isfinite(float(value)) or not 0 < float(value) <= 2:
-        raise CAManimError(f"settle_threshold must be a map change in (0, 2] (1 - Spearman; "
-                           f"default 0.1), got {value!r}")
-    return float(value)
-
-
-def check_sanity(value: Any) -> tuple[str, ...]:
-    """``sanity=`` as a tuple of ``"start"`` / ``"end"`` (empty: off)."""
-    if value is None or value is False or value == "":
-        return ()
-    parts = value.split(",") if isinstance(value, str) else value
-    if not isinstance(parts, (list, tuple)):
-        raise CAManimError(f"sanity must be None, 'start', 'end' or 'start,end', got {value!r}")
-    parts = [str(p).strip() for p in parts]
-    bad = [p for p in parts if p not in SANITY_WHEN]
-    if bad or not parts:
-        raise CAManimError(f"sanity must be None, 'start', 'end' or 'start,end' (when to run "
-                           f"the model-randomization check), got {value!r}")
-    return tuple(w for w in SANITY_WHEN if w in parts)
+__all__ = ["Convergence", "epoch_scalars", "epoch_text", "layer_ranks", "media_fields",
+           "run_sanity"]
 
 
 # ------------------------------------------------------------------ ranks
@@ -115,74 +94,77 @@ def layer_ranks(raw: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Ten
 class Convergence:
     """Map change, chance ROAD and ranking tau for `CAManimCallback`.
 
+    The measurements of an epoch are made on the training device
+    (`measure_maps`, `measure_chance`) and handed to `fill` with the record.
+
     Args:
-        maps: measure the map change (``convergence=`` of the callback).
-        chance: compute the chance ROAD (``chance=``; needs ROAD).
-        threshold: change below which a layer counts as settled.
+        changes: measure each layer's map change (``convergence=`` of the
+            callback).
+        chance: compute the chance ROAD (``RoadOptions.chance``; needs ROAD).
+        threshold: change below which a layer counts as settled (checked by
+            `camanim.lightning.validation`).
     """
 
-    def __init__(self, maps: bool = True, chance: bool = True,
+    def __init__(self, changes: bool = True, chance: bool = True,
                  threshold: float = DEFAULT_SETTLE_THRESHOLD) -> None:
-        self.maps = bool(maps)
+        self.changes = bool(changes)
         self.chance = bool(chance)
-        self.threshold = check_settle_threshold(threshold)
-        self._prev: dict | None = None        # epoch, names, size, raw, ranks
-        self._restored: dict | None = None    # from a checkpoint: no ranks yet
-        self._pending: dict[str, Any] = {}
-
-    def new_fit(self) -> None:
-        """Forget measurements of an aborted epoch."""
-        self._pending = {}
+        self.threshold = float(threshold)
+        self._prev: dict[str, Any] | None = None        # epoch, names, size, raw, ranks
+        self._restored: dict[str, Any] | None = None    # from a checkpoint: no ranks yet
 
     # ---------------------------------------------------------- measuring
-    def measure_maps(self, maps: LayerMaps, timing: dict[str, float], here: bool = True) -> None:
-        """Maps still on the training device: rank them (``here``: on rank zero)."""
-        if self.maps and here:
-            t = _now()
-            self._pending["ranks"] = layer_ranks(maps.raw, maps.input_size)
-            timing["convergence"] = _now() - t
+    def measure_maps(self, maps: LayerMaps, timing: dict[str, float]) -> torch.Tensor | None:
+        """The ``(L, B, H * W)`` pixel ranks of the maps, still on the
+        training device (None when map changes are off)."""
+        if not self.changes:
+            return None
+        t = time.perf_counter()
+        ranks = layer_ranks(maps.raw, maps.input_size)
+        timing["convergence"] = time.perf_counter() - t
+        return ranks
 
     def measure_chance(self, model: torch.nn.Module, x: torch.Tensor, targets: Any,
-                       road_kw: dict[str, Any], timing: dict[str, float], here: bool = True,
-                       logits: torch.Tensor | None = None) -> None:
-        """After the layers' ybROAD, with its targets, keyword arguments and
-        the CAM pass's logits (``here``: on rank zero)."""
-        if self.chance and here:
-            t = _now()
-            res = chance_road(model, x, targets, logits=logits, **road_kw)
-            self._pending["chance"] = np.asarray(res.scores, dtype=np.float64)   # (2, B)
-            timing["chance"] = _now() - t
+                       road_kw: dict[str, Any], timing: dict[str, float],
+                       logits: torch.Tensor | None = None) -> np.ndarray | None:
+        """``(2, B)`` ROAD of the random map and the blob, with the layers'
+        ybROAD targets, keyword arguments and the CAM pass's logits (None
+        when off)."""
+        if not self.chance:
+            return None
+        t = time.perf_counter()
+        res = chance_road(model, x, targets, logits=logits, **road_kw)
+        timing["chance"] = time.perf_counter() - t
+        return np.asarray(res.scores, dtype=np.float64)
 
-    def fill(self, record: dict, epoch: int, maps: LayerMaps, probes: Sequence[str],
-             history: History) -> None:
-        """Add ``change``, ``chance`` and ``rank_tau`` to this epoch's record
-        (maps on the CPU) and keep this epoch's maps for the next one."""
-        names, size = list(maps.names), tuple(maps.input_size)
-        ranks = self._pending.pop("ranks", None)
+    def fill(self, record: EpochRecord, epoch: int, maps: LayerMaps, probes: Sequence[str],
+             history: History, ranks: torch.Tensor | None = None,
+             chance: np.ndarray | None = None) -> None:
+        """Add ``change`` (from ``ranks``), ``chance`` and ``rank_tau`` to
+        this epoch's record (maps on the CPU) and keep this epoch's maps for
+        the next one."""
+        names, size = list(maps.names), maps.input_size
         before = [e for e in history.epochs if e < epoch]   # the callback epochs so far
-        if self.maps:
-            if ranks is None:
-                ranks = layer_ranks(maps.raw, size)
+        if ranks is not None:
             prev = self._previous(before[-1] if before else None, names, size, maps.batch_size)
             change = None if prev is None else rank_change(prev["ranks"], ranks)
-            record["change"] = {p: [None] * len(names) if change is None else floats(change[:, b])
-                                for b, p in enumerate(probes)}
-            record["change_from"] = None if prev is None else int(prev["epoch"])
+            record.change = {p: [None] * len(names) if change is None else floats(change[:, b])
+                             for b, p in enumerate(probes)}
+            record.change_from = None if prev is None else int(prev["epoch"])
             self._prev = {"epoch": int(epoch), "names": names, "size": size,
                           "raw": [r.detach().cpu() for r in maps.raw], "ranks": ranks}
-        chance = self._pending.pop("chance", None)
         if chance is not None:
-            record["chance"] = {k: {p: floats(chance[i, b:b + 1])[0] for b, p in enumerate(probes)}
-                                for i, k in enumerate(("random", "blob"))}
-        if record.get("road") is not None and before:
+            record.chance = {k: {p: floats(chance[i, b:b + 1])[0] for b, p in enumerate(probes)}
+                             for i, k in enumerate(("random", "blob"))}
+        if record.road is not None and before:
             last = history[before[-1]]
-            if last["names"] == names and last.get("road") is not None:
-                record["rank_tau"] = {p: floats([kendall_tau(last["road"][p], record["road"][p])])[0]
-                                      for p in probes}
-                record["rank_tau_from"] = int(before[-1])
+            if last.names == names and last.road is not None:
+                record.rank_tau = {p: floats([kendall_tau(last.road[p], record.road[p])])[0]
+                                   for p in probes}
+                record.rank_tau_from = int(before[-1])
 
-    def _previous(self, epoch: int | None, names: list[str], size: tuple,
-                  batch: int) -> dict | None:
+    def _previous(self, epoch: int | None, names: list[str], size: tuple[int, int],
+                  batch: int) -> dict[str, Any] | None:
         """The kept maps of callback epoch ``epoch`` (the last one before
         this), from this fit or the checkpoint; None if neither holds that
         epoch with the same layers, images and size."""
@@ -206,6 +188,7 @@ class Convergence:
                 "raw": [r.float().tolist() for r in prev["raw"]]}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Take back the raw maps of a `state_dict` (their ranks when needed)."""
         self._prev = None
         self._restored = None
         if not state:
@@ -215,14 +198,8 @@ class Convergence:
                               "size": tuple(int(s) for s in state["size"]),
                               "raw": [torch.tensor(r, dtype=torch.float32) for r in state["raw"]]}
         except (KeyError, TypeError, ValueError):
-            warnings.warn("CAManimCallback: unreadable convergence state in the checkpoint; the "
-                          "first map change after resuming is left empty", stacklevel=3)
-
-
-def _now() -> float:
-    import time
-
-    return time.perf_counter()
+            rank_zero_warn("CAManimCallback: unreadable convergence state in the checkpoint; "
+                           "the first map change after resuming is left empty")
 
 
 # ------------------------------------------------------------------ logging
@@ -231,17 +208,7 @@ def _arr(values: Sequence[float | None] | None) -> np.ndarray:
     return np.array([math.nan if v is None else v for v in (values or [])], dtype=np.float64)
 
 
-def _above(rec: dict, p: str) -> tuple[int, int, float] | None:
-    """``(layers above the random map's ROAD, layers with a score, chance)``."""
-    chance = ((rec.get("chance") or {}).get("random") or {}).get(p)
-    if chance is None or rec.get("road") is None:
-        return None
-    s = _arr(rec["road"][p])
-    s = s[np.isfinite(s)]
-    return int((s > chance).sum()), int(s.size), float(chance)
-
-
-def epoch_scalars(rec: dict, probes: Sequence[str],
+def epoch_scalars(rec: EpochRecord, probes: Sequence[str],
                   threshold: float = DEFAULT_SETTLE_THRESHOLD) -> dict[str, float]:
     """``convergence/<p>/share_settled``, ``ybroad/<p>/{above_chance,
     chance_random, chance_blob, rank_tau}`` and ``ybroad/rank_tau_mean``
@@ -249,18 +216,18 @@ def epoch_scalars(rec: dict, probes: Sequence[str],
     out: dict[str, float] = {}
     taus = []
     for p in probes:
-        ch = (rec.get("change") or {}).get(p)
+        ch = (rec.change or {}).get(p)
         share = share_below(_arr(ch), threshold) if ch else math.nan
         if math.isfinite(share):
             out[f"convergence/{p}/share_settled"] = share
-        ab = _above(rec, p)
+        ab = rec.above_chance(p)
         if ab is not None and ab[1]:
             out[f"ybroad/{p}/above_chance"] = ab[0] / ab[1]
         for k in ("random", "blob"):
-            v = ((rec.get("chance") or {}).get(k) or {}).get(p)
+            v = rec.chance_of(p, k)
             if v is not None:
                 out[f"ybroad/{p}/chance_{k}"] = float(v)
-        tau = (rec.get("rank_tau") or {}).get(p)
+        tau = (rec.rank_tau or {}).get(p)
         if tau is not None:
             out[f"ybroad/{p}/rank_tau"] = float(tau)
             taus.append(float(tau))
@@ -269,79 +236,82 @@ def epoch_scalars(rec: dict, probes: Sequence[str],
     return out
 
 
-def epoch_text(rec: dict, p: str, threshold: float = DEFAULT_SETTLE_THRESHOLD) -> str:
+def epoch_text(rec: EpochRecord, p: str, threshold: float = DEFAULT_SETTLE_THRESHOLD) -> str:
     """Markdown lines on chance, convergence and ranking for the summary
     ("" when there is nothing to say)."""
     lines = []
-    ab = _above(rec, p)
+    ab = rec.above_chance(p)
     if ab is not None and ab[1]:
         k, n, chance = ab
-        blob = ((rec.get("chance") or {}).get("blob") or {}).get(p)
-        base = f"random map ROAD {chance:+.3f}" + ("" if blob is None else f", centred blob {blob:+.3f}")
+        blob = rec.chance_of(p, "blob")
+        base = f"random map ROAD {chance:+.3f}" + ("" if blob is None
+                                                   else f", centred blob {blob:+.3f}")
         if k == 0:
             lines.append(f"**nothing above chance**: no layer's ybROAD beats the chance line "
                          f"({base}); the model finds the class at no layer yet")
         else:
             lines.append(f"{k} of {n} layers above chance ({base})")
-    ch = (rec.get("change") or {}).get(p)
+    ch = (rec.change or {}).get(p)
     if ch:
         c = _arr(ch)
         if np.isfinite(c).any():
             settled = int((c[np.isfinite(c)] < threshold).sum())
-            lines.append(f"map change since epoch {rec.get('change_from')} (1 - Spearman): median "
+            lines.append(f"map change since epoch {rec.change_from} (1 - Spearman): median "
                          f"{float(np.nanmedian(c)):.3f}; {settled} of {c.size} layers settled "
                          f"(< {threshold:g})")
         else:
             lines.append("map change: no earlier callback epoch to compare with yet")
-    tau = (rec.get("rank_tau") or {}).get(p)
+    tau = (rec.rank_tau or {}).get(p)
     if tau is not None:
-        lines.append(f"layer ranking vs epoch {rec.get('rank_tau_from')}: Kendall tau {tau:+.3f}")
+        lines.append(f"layer ranking vs epoch {rec.rank_tau_from}: Kendall tau {tau:+.3f}")
     return "\n\n".join(lines)
 
 
-def media_fields(history: History, probes: Sequence[str], rec: dict,
-                 maps_on: bool) -> dict[str, dict]:
+def media_fields(history: History, probes: Sequence[str], rec: EpochRecord,
+                 changes_on: bool) -> dict[str, dict[str, Any]]:
     """What the background pictures need: ``convergence`` (probe -> epochs,
     names, ``(E, L)`` changes), ``road_mask`` (probe -> ``(E, L)`` bool, not
     above chance) and ``chance`` (probe -> this epoch's random-map ROAD)."""
     from ..viz.convergence import not_above_chance
 
-    out: dict[str, dict] = {"convergence": {}, "road_mask": {}, "chance": {}}
+    out: dict[str, dict[str, Any]] = {"convergence": {}, "road_mask": {}, "chance": {}}
     for p in probes:
-        if maps_on and rec.get("change") is not None:
+        if changes_on and rec.change is not None:
             out["convergence"][p] = history.matrix(p, "change")
-        if rec.get("road") is not None and rec.get("chance") is not None:
+        if rec.road is not None and rec.chance is not None:
             epochs, _, road = history.matrix(p, "road")
-            line = [((history[e].get("chance") or {}).get("random") or {}).get(p) for e in epochs]
+            line = [history[e].chance_of(p) for e in epochs]
             out["road_mask"][p] = not_above_chance(road, _arr(line))
-            out["chance"][p] = rec["chance"]["random"].get(p)
+            out["chance"][p] = rec.chance_of(p)
     return out
 
 
 # ------------------------------------------------------------------ sanity
 
-def run_sanity(when: str, cb: Any, model: torch.nn.Module, x: torch.Tensor, targets: Any,
-               out_dir: Path, writer: Any, step: int) -> Any:
+def run_sanity(when: str, model: torch.nn.Module, x: torch.Tensor, targets: Any, *,
+               method: Any, layers: Selector, seed: int, batch_size: int | None,
+               cam_options: dict[str, Any], raise_errors: bool, out_dir: Path, writer: Any,
+               step: int) -> Any:
     """The model-randomization check (`camanim.metrics.sanity.sanity_check`)
-    of the probes ``x`` at fit ``when`` ("start" or "end") with the callback
-    ``cb``'s method, layers and options: writes ``sanity_<when>.json`` and
+    of the probes ``x`` at fit ``when`` ("start" or "end") with the
+    callback's method, layers and options: writes ``sanity_<when>.json`` and
     ``.png`` to ``out_dir`` and the table as TensorBoard text
-    ``camanim/sanity/<when>``. A failure raises or warns as ``cb.on_error``
-    says. Returns the `SanityReport` (None after a warning)."""
+    ``camanim/sanity/<when>``. A failure raises (``raise_errors``) or warns
+    once. Returns the `SanityReport` (None after a warning)."""
     from ..metrics.sanity import sanity_check
 
     try:
-        rep = sanity_check(model, x, cb.method, cb.layers, targets, max_layers=cb.max_layers,
-                           seed=cb.seed, batch_size=cb.batch_size or 32, **cb.cam_options)
+        rep = sanity_check(model, x, method, layers, targets, seed=seed,
+                           batch_size=batch_size or 32, **cam_options)
         rep.to_json(out_dir / f"sanity_{when}.json")
         rep.plot(out_dir / f"sanity_{when}.png",
                  title=f"Model randomization sanity check at fit {when}: {rep.method} "
                        f"({'FLAGGED' if rep.method_flagged else 'passed'})")
     except Exception as e:  # noqa: BLE001 - raised or warned as any monitoring failure
-        if cb.on_error == "raise":
+        if raise_errors:
             raise
-        warnings.warn(f"CAManimCallback: the sanity check at fit {when} failed "
-                      f"({type(e).__name__}: {e}); training goes on", stacklevel=3)
+        rank_zero_warn(f"CAManimCallback: the sanity check at fit {when} failed "
+                       f"({type(e).__name__}: {e}); training goes on")
         return None
     if writer is not None:
         text = "\n".join("    " + line for line in rep.table().splitlines())

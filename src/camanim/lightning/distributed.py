@@ -9,11 +9,12 @@ the same ``(L, B)`` array a single process computes.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["layer_share", "merge_shares", "gather_objects", "check_strategy", "score_share"]
+__all__ = ["layer_share", "merge_shares", "gather_objects", "score_share", "Share"]
 
 Share = tuple[list[int], "np.ndarray | None"]   # (layer indices, (l, B) scores)
 
@@ -50,7 +51,7 @@ def merge_shares(shares: Sequence[Share | None]) -> np.ndarray | None:
     return out
 
 
-def gather_objects(trainer: Any, obj: Any) -> list[Any]:
+def gather_objects(obj: Any) -> list[Any]:
     """``obj`` of every rank, in rank order (every rank gets the list)."""
     import torch.distributed as dist
 
@@ -59,15 +60,3 @@ def gather_objects(trainer: Any, obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def check_strategy(trainer: Any) -> None:
-    """Sharded strategies hold a slice of each parameter per rank: the
-    one-pass capture needs the whole model on every rank."""
-    from ..errors import CAManimError
-
-    name = type(getattr(trainer, "strategy", None)).__name__
-    if "FSDP" in name or "DeepSpeed" in name:
-        raise CAManimError(f"CAManimCallback does not support the sharded strategy {name}: "
-                           "its hooks need the whole model on every rank. Use DDP, or run "
-                           "`camanim explain` on a checkpoint after training")

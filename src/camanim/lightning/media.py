@@ -20,10 +20,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,10 +147,8 @@ class MediaQueue:
 
 def tensorboard_logger(trainer: Any) -> Any:
     """The first ``TensorBoardLogger`` among ``trainer.loggers``, or None."""
-    try:
-        from lightning.pytorch.loggers import TensorBoardLogger
-    except ImportError:  # pragma: no cover
-        from pytorch_lightning.loggers import TensorBoardLogger  # type: ignore[no-redef]
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     for lg in getattr(trainer, "loggers", []) or []:
         if isinstance(lg, TensorBoardLogger):
             return lg
@@ -186,7 +186,10 @@ def mark_restart(writer: Any, step: int) -> None:
     else:
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
     writer._get_file_writer().add_event(
-        Event(wall_time=time.time(), step=int(step), session_log=SessionLog(status=SessionLog.START)))
+        Event(
+            wall_time=time.time(), step=int(step), session_log=SessionLog(status=SessionLog.START)
+        )
+    )
     writer.flush()
 
 
@@ -232,7 +235,7 @@ class EpochMedia:
     save_maps: bool = False
     fps: float = 8.0
     render: dict = field(default_factory=dict)   # mean, std, size, class_names
-    tb_size: int | None = 128             # long side of a TensorBoard GIF panel
+    tb_size: int | tuple[int, int] | None = 128   # TensorBoard GIF panel: long side
     tb_colors: int = 64                   # colours of the TensorBoard GIFs' shared palette
     timing: dict = field(default_factory=dict)
     #: `camanim.lightning.convergence.media_fields`: probe -> (epochs, names,
@@ -244,6 +247,8 @@ class EpochMedia:
     viewer: bool = True                   # write the viewer's data (camanim.viewer.data)
     #: `camanim.lightning.loggers` sinks (W&B, MLflow): they get the epoch's pictures
     sinks: list = field(default_factory=list)
+    #: what the sinks get, filled while drawing (made by `write_epoch_media`)
+    artifacts: Any = None
 
 
 def tensorboard_norms(norms: Sequence[str]) -> list[str]:
@@ -261,6 +266,12 @@ def gif_tag(probe: str, norm: str) -> str:
     return f"camanim/{probe}/" + ("local_global" if norm == "both" else norm)
 
 
+#: what one background part returns: the outputs that failed inside it, if any
+Failures = list[tuple[str, BaseException]]
+#: (what and where, the part)
+Part = tuple[str, Callable[[], "Failures | None"]]
+
+
 def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> None:
     """Render, encode and write one epoch's pictures.
 
@@ -268,123 +279,136 @@ def write_epoch_media(m: EpochMedia, pool: ThreadPoolExecutor | None = None) -> 
     panels), ``ybroad/<probe>/heatmap`` and ``ybroad/<probe>/curve``.
     Files: full-size MP4s per normalization, ``heatmaps/<probe>.png``,
     ``maps/epochNNN.npz`` and the CAManim tab's ``viewer/`` (docs/VIEWER.md).
-    Independent parts run on ``pool``; one part's failure (a full disk, a
-    codec) stops no other, and after every part has
+    W&B / MLflow sinks get the pictures afterwards. Independent parts run on ``pool``; one part's
+    failure (a full disk, a codec) stops no other, and after every part has
     finished one `CAManimError` names each failed output and its cause.
     """
-    from ..viz.plots import curve_image, heatmap_image, save_png
-    from ..viz.render import render_frames
-    from ..viz.video import encode_gif, write_frames
     from .loggers import EpochArtifacts, send_epoch
 
     t0 = time.perf_counter()
-    art = EpochArtifacts(m.epoch)   # what the sinks get, filled while drawing
-    jobs: list[tuple[str, Callable[[], None]]] = []   # (what and where, job)
-    tb = m.writer if m.log_videos else None
-
-    def frames_of(b: int, norm: str, size: Any) -> list[np.ndarray]:
-        return list(render_frames(m.images, m.maps, normalization=norm, road=m.road, index=b,
-                                  title=f"epoch {m.epoch}", **{**m.render, "size": size}))
-
-    def gif(b: int, probe: str, norm: str) -> None:
-        frames = frames_of(b, norm, m.tb_size)
-        add_gif(tb, gif_tag(probe, norm),
-                encode_gif(frames, m.fps, colors=m.tb_colors, shared_palette=True),
-                frames[0].shape[:2], m.step)
-
-    def video(b: int, path: Path, norm: str) -> None:
-        write_frames(path, frames_of(b, norm, m.render.get("size")), fps=m.fps)
-        art.videos[f"{m.probes[b]}/{norm}"] = path
-
-    for b, probe in enumerate(m.probes):
-        if tb is not None:
-            for norm in tensorboard_norms(m.normalization):
-                jobs.append((f"TensorBoard GIF {gif_tag(probe, norm)}",
-                             lambda b=b, p=probe, n=norm: gif(b, p, n)))
-        if m.save_videos:
-            for norm in m.normalization:
-                path = m.out_dir / "videos" / f"{probe}_epoch{m.epoch:03d}_{norm}.mp4"
-                jobs.append((f"video {path}", lambda b=b, p=path, n=norm: video(b, p, n)))
-
-    def heatmap_png(probe: str, img: np.ndarray) -> None:
-        save_png(m.out_dir / "heatmaps" / f"{probe}.png", img)
-
-    def tb_plots(b: int, probe: str, img: np.ndarray) -> None:
-        curve = curve_image(m.road[:, b], list(m.maps.names), ebpg=m.ebpg.get(probe),
-                            title=f"{probe}: ybROAD, epoch {m.epoch}", chance=m.chance.get(probe))
-        art.pictures.update({f"ybroad/{probe}/heatmap": img, f"ybroad/{probe}/curve": curve})
-        if m.writer is not None:
-            m.writer.add_image(f"ybroad/{probe}/heatmap", img, m.step, dataformats="HWC")
-            m.writer.add_image(f"ybroad/{probe}/curve", curve, m.step, dataformats="HWC")
-
-    def plots() -> list[tuple[str, BaseException]]:
-        # the PNG file and the TensorBoard images fail independently
-        failed = []
-        for b, probe in enumerate(m.probes):
-            if probe not in m.history:
-                continue
-            epochs, names, mat = m.history[probe]
-            mask = m.road_mask.get(probe)
-            img = heatmap_image(mat, epochs, names, mask=mask,
-                                title=f"{probe}: ybROAD by epoch ({m.method})"
-                                + ("; hatched: <= chance" if mask is not None else ""))
-            parts = [(f"heatmap {m.out_dir / 'heatmaps' / f'{probe}.png'}",
-                      lambda p=probe, i=img: heatmap_png(p, i))]
-            if m.writer is not None or m.sinks:
-                parts.append((f"ybroad/{probe}/curve, TensorBoard ybroad images",
-                              lambda b=b, p=probe, i=img: tb_plots(b, p, i)))
-            for what, part in parts:
-                try:
-                    part()
-                except Exception as e:  # noqa: BLE001 - reported with the others
-                    failed.append((what, e))
-        return failed
-
-    def convergence_plots() -> None:
-        from ..viz.convergence import convergence_image
-
-        for probe, (epochs, names, mat) in m.convergence.items():
-            img = convergence_image(mat, epochs, names, title=f"{probe}: map change "
-                                    "(1 - Spearman vs previous)")
-            art.pictures[f"convergence/{probe}/heatmap"] = img
-            save_png(m.out_dir / "heatmaps" / f"{probe}_convergence.png", img)
-            if m.writer is not None:
-                m.writer.add_image(f"convergence/{probe}/heatmap", img, m.step, dataformats="HWC")
-
+    m.artifacts = EpochArtifacts(m.epoch)
+    parts = _video_parts(m)
     if m.road is not None:
-        jobs.append(("plots", plots))
+        parts.append(("plots", partial(_road_plots, m)))
     if m.convergence:
-        jobs.append(("convergence heatmaps", convergence_plots))
+        parts.append(("convergence heatmaps", partial(_convergence_plots, m)))
     if m.viewer:
-        jobs.append((f"viewer data {m.out_dir / 'viewer'}", lambda: viewer_epoch(m)))
+        parts.append((f"viewer data {m.out_dir / 'viewer'}", partial(viewer_epoch, m)))
     if m.save_maps:
         npz = m.out_dir / "maps" / f"epoch{m.epoch:03d}.npz"
-        jobs.append((f"maps {npz}", lambda: m.maps.save(npz)))
-
-    def run(what: str, job: Callable[[], Any]) -> list[tuple[str, BaseException]]:
-        try:
-            out = job()
-        except Exception as e:  # noqa: BLE001 - one output's failure stops no other
-            return [(what, e)]
-        return out if isinstance(out, list) else []
-
-    errors: list[tuple[str, BaseException]] = []
+        parts.append((f"maps {npz}", partial(_save_maps, m.maps, npz)))
+    errors: Failures = []
     if pool is None:
-        for what, job in jobs:
-            errors += run(what, job)
+        for what, part in parts:
+            errors += _run_part(what, part)
     else:
-        for fut in [pool.submit(run, what, job) for what, job in jobs]:
+        for fut in [pool.submit(_run_part, what, part) for what, part in parts]:
             errors += fut.result()
-    errors += send_epoch(m.sinks, art)
+    errors += send_epoch(m.sinks, m.artifacts)
     if m.writer is not None:
         try:
             m.writer.flush()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - reported with the other outputs' failures
             errors.append(("TensorBoard event file", e))
     m.timing["media"] = time.perf_counter() - t0
     if errors:
         raise CAManimError(f"{len(errors)} output(s) failed: " + "; ".join(
             f"{what}: {_cause(e)}" for what, e in errors))
+
+
+def _run_part(what: str, part: Callable[[], Failures | None]) -> Failures:
+    try:
+        out = part()
+    except Exception as e:  # noqa: BLE001 - one output's failure stops no other
+        return [(what, e)]
+    return out or []
+
+
+def _frames(m: EpochMedia, b: int, norm: str,
+            size: int | tuple[int, int] | None) -> list[np.ndarray]:
+    from ..viz.render import render_frames
+
+    return list(render_frames(m.images, m.maps, normalization=norm, road=m.road, index=b,
+                              title=f"epoch {m.epoch}", **{**m.render, "size": size}))
+
+
+def _gif(m: EpochMedia, b: int, probe: str, norm: str) -> None:
+    from ..viz.video import encode_gif
+
+    frames = _frames(m, b, norm, m.tb_size)
+    add_gif(m.writer, gif_tag(probe, norm),
+            encode_gif(frames, m.fps, colors=m.tb_colors, shared_palette=True),
+            frames[0].shape[:2], m.step)
+
+
+def _video(m: EpochMedia, b: int, path: Path, norm: str) -> None:
+    from ..viz.video import write_frames
+
+    write_frames(path, _frames(m, b, norm, m.render.get("size")), fps=m.fps)
+    m.artifacts.videos[f"{m.probes[b]}/{norm}"] = path
+
+
+def _video_parts(m: EpochMedia) -> list[Part]:
+    """One part per TensorBoard GIF and per MP4 file."""
+    parts: list[Part] = []
+    for b, probe in enumerate(m.probes):
+        if m.writer is not None and m.log_videos:
+            for norm in tensorboard_norms(m.normalization):
+                parts.append((f"TensorBoard GIF {gif_tag(probe, norm)}",
+                              partial(_gif, m, b, probe, norm)))
+        if m.save_videos:
+            for norm in m.normalization:
+                path = m.out_dir / "videos" / f"{probe}_epoch{m.epoch:03d}_{norm}.mp4"
+                parts.append((f"video {path}", partial(_video, m, b, path, norm)))
+    return parts
+
+
+def _road_plots(m: EpochMedia) -> Failures:
+    """Every probe's ybROAD heatmap (PNG file, TensorBoard) and curve
+    (TensorBoard); the file and the TensorBoard images fail independently."""
+    from ..viz.plots import heatmap_image
+
+    failed: Failures = []
+    for b, probe in enumerate(m.probes):
+        if probe not in m.history:
+            continue
+        epochs, names, mat = m.history[probe]
+        mask = m.road_mask.get(probe)
+        img = heatmap_image(mat, epochs, names, mask=mask,
+                            title=f"{probe}: ybROAD by epoch ({m.method})"
+                            + ("; hatched: <= chance" if mask is not None else ""))
+        png = m.out_dir / "heatmaps" / f"{probe}.png"
+        failed += _run_part(f"heatmap {png}", partial(_save_png, png, img))
+        if m.writer is not None or m.sinks:
+            failed += _run_part(f"ybroad/{probe}/curve, TensorBoard ybroad images",
+                                partial(_tensorboard_plots, m, b, probe, img))
+    return failed
+
+
+def _tensorboard_plots(m: EpochMedia, b: int, probe: str, heatmap: np.ndarray) -> None:
+    from ..viz.plots import curve_image
+
+    assert m.road is not None
+    curve = curve_image(m.road[:, b], list(m.maps.names), ebpg=m.ebpg.get(probe),
+                        title=f"{probe}: ybROAD, epoch {m.epoch}", chance=m.chance.get(probe))
+    m.artifacts.pictures.update({f"ybroad/{probe}/heatmap": heatmap,
+                                 f"ybroad/{probe}/curve": curve})
+    if m.writer is not None:
+        m.writer.add_image(f"ybroad/{probe}/heatmap", heatmap, m.step, dataformats="HWC")
+        m.writer.add_image(f"ybroad/{probe}/curve", curve, m.step, dataformats="HWC")
+
+
+def _convergence_plots(m: EpochMedia) -> None:
+    from ..viz.convergence import convergence_image
+    from ..viz.plots import save_png
+
+    for probe, (epochs, names, mat) in m.convergence.items():
+        img = convergence_image(mat, epochs, names, title=f"{probe}: map change "
+                                "(1 - Spearman vs previous)")
+        m.artifacts.pictures[f"convergence/{probe}/heatmap"] = img
+        save_png(m.out_dir / "heatmaps" / f"{probe}_convergence.png", img)
+        if m.writer is not None:
+            m.writer.add_image(f"convergence/{probe}/heatmap", img, m.step, dataformats="HWC")
 
 
 def viewer_epoch(m: EpochMedia) -> None:
@@ -396,6 +420,16 @@ def viewer_epoch(m: EpochMedia) -> None:
     write_viewer_epoch(m.out_dir, epoch=m.epoch, step=m.step, images=m.images, maps=m.maps,
                        probes=m.probes, method=m.method, road=m.road, chance=m.chance,
                        change=change, render=m.render, norms=m.normalization)
+
+
+def _save_png(path: Path, img: np.ndarray) -> None:
+    from ..viz.plots import save_png
+
+    save_png(path, img)
+
+
+def _save_maps(maps: LayerMaps, path: Path) -> None:
+    maps.save(path)
 
 
 def _cause(e: BaseException) -> str:

@@ -4,12 +4,14 @@ object masks)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..core.maps import image_size
 from ..errors import CAManimError
 from ..runs.history import safe_name
 
@@ -96,7 +98,8 @@ def _split_item(item: Any, i: int) -> tuple[Any, Any, Any]:
         if not 1 <= len(item) <= 3:
             raise CAManimError(f"dataset item {i} has {len(item)} parts; items must be "
                                "image, (image, label) or (image, label, mask)")
-        return (list(item) + [None, None])[:3]
+        image, label, mask = (*item, None, None)[:3]
+        return image, label, mask
     return item, None, None
 
 
@@ -155,9 +158,40 @@ def load_probes(probes: Any, masks: Any, probe_names: Sequence[str] | None) -> P
     images = torch.stack(imgs).clone()
     if not torch.isfinite(images).all():
         raise CAManimError("probe images contain NaN or infinite values")
-    B, hw = images.shape[0], tuple(images.shape[-2:])
+    B, hw = images.shape[0], image_size(images)
 
-    # masks: the argument wins over the dataset's
+    has_mask, mask_t = _load_masks(masks, item_masks, B, hw)
+
+    if probe_names is not None:
+        names = [str(n) for n in probe_names]
+        if len(names) != B:
+            raise CAManimError(f"got {len(names)} probe_names for {B} probe images")
+    else:
+        names = default_names
+    safe = [safe_name(n) for n in names]
+    if len(set(safe)) != len(safe):
+        raise CAManimError(f"probe names must be unique (after making them file-safe): {safe}")
+    known = [x for x in labels if x is not None]
+    lab = known if labels and len(known) == len(labels) else None
+    return Probes(images=images, labels=lab, masks=mask_t, has_mask=has_mask, names=safe,
+                   num_classes=num_classes)
+
+
+def probe_batch(images: torch.Tensor, model: torch.nn.Module) -> tuple[torch.Tensor, torch.device]:
+    """The ``(B, C, H, W)`` probe images on the model's device and in its
+    dtype (a normal tensor even inside ``inference_mode``), and the device."""
+    from ..core.inputs import model_device_dtype
+
+    dev, dtype = model_device_dtype(model)
+    with torch.inference_mode(False):
+        x = images.to(device=dev, dtype=dtype)
+    return x, dev
+
+
+def _load_masks(masks: Any, item_masks: list[Any], b: int, hw: tuple[int, int]
+                ) -> tuple[list[bool], torch.Tensor | None]:
+    """``(which probes have a mask, (B, H, W) masks or None)``: the
+    ``masks=`` argument wins over the dataset items' masks."""
     mask_list: list[Any]
     if masks is not None:
         if isinstance(masks, (torch.Tensor, np.ndarray)):
@@ -172,37 +206,13 @@ def load_probes(probes: Any, masks: Any, probe_names: Sequence[str] | None) -> P
         else:
             raise CAManimError(f"masks must be a (B, H, W) tensor or a list of (H, W) "
                                f"tensors / None, got {type(masks).__name__}")
-        if len(mask_list) != B:
-            raise CAManimError(f"got {len(mask_list)} masks for {B} probe images; pass one "
+        if len(mask_list) != b:
+            raise CAManimError(f"got {len(mask_list)} masks for {b} probe images; pass one "
                                "per probe (None for a probe without one)")
     else:
-        mask_list = item_masks if item_masks else [None] * B
+        mask_list = item_masks if item_masks else [None] * b
     has_mask = [m is not None for m in mask_list]
-    mask_t = None
-    if any(has_mask):
-        mask_t = torch.stack([_as_mask(m, hw, f"mask {k}") if m is not None
-                              else torch.zeros(hw) for k, m in enumerate(mask_list)])
-
-    if probe_names is not None:
-        names = [str(n) for n in probe_names]
-        if len(names) != B:
-            raise CAManimError(f"got {len(names)} probe_names for {B} probe images")
-    else:
-        names = default_names
-    safe = [safe_name(n) for n in names]
-    if len(set(safe)) != len(safe):
-        raise CAManimError(f"probe names must be unique (after making them file-safe): {safe}")
-    lab = [int(x) for x in labels] if labels and all(x is not None for x in labels) else None
-    return Probes(images=images, labels=lab, masks=mask_t, has_mask=has_mask, names=safe,
-                   num_classes=num_classes)
-
-
-def probe_batch(images: torch.Tensor, model: torch.nn.Module) -> tuple[torch.Tensor, torch.device]:
-    """The ``(B, C, H, W)`` probe images on the model's device and in its
-    dtype (a normal tensor even inside ``inference_mode``), and the device."""
-    from ..core.inputs import model_device_dtype
-
-    dev, dtype = model_device_dtype(model)
-    with torch.inference_mode(False):
-        x = images.to(device=dev, dtype=dtype)
-    return x, dev
+    if not any(has_mask):
+        return has_mask, None
+    return has_mask, torch.stack([_as_mask(m, hw, f"mask {k}") if m is not None
+                                  else torch.zeros(hw) for k, m in enumerate(mask_list)])

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +43,20 @@ class LayerContext:
 # fn(activations (B, C, h, w), gradients (B, C, h, w) | None, ctx) -> (B, h, w),
 # before the ReLU that the engine applies to every map.
 CamFn = Callable[[torch.Tensor, "torch.Tensor | None", LayerContext], torch.Tensor]
+
+
+def need_gradients(grads: torch.Tensor | None, method: str) -> torch.Tensor:
+    """``grads``, which a gradient method cannot do without.
+
+    Raises:
+        CAManimError: when the engine ran no backward pass (``grads`` None).
+    """
+    if grads is None:
+        from ..errors import CAManimError
+
+        raise CAManimError(f"{method} needs the gradients of the layer: register it with "
+                           "uses_gradients=True")
+    return grads
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from .base import CamFn, LayerContext
 
 
 def adapt_basecam(cls: type) -> CamFn:
-    def fn(acts: torch.Tensor, grads: "torch.Tensor | None", ctx: LayerContext) -> torch.Tensor:
+    def fn(acts: torch.Tensor, grads: torch.Tensor | None, ctx: LayerContext) -> torch.Tensor:
         module = dict(ctx.model.named_modules())[ctx.layer.module_name]
         cam = cls(ctx.model, [module])
         cam.activations_and_grads.release()          # its hooks are not needed

@@ -48,19 +48,20 @@ model in its dtype; maps accumulate in float32 for a half-precision model.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.capture import capture
-from ..errors import CAManimError
 from ..core.images import IMAGENET_MEAN, IMAGENET_STD
 from ..core.inputs import check_images
 from ..core.layers import LayerInfo, Selector, list_layers
-from ..core.maps import LayerMaps, wide
+from ..core.maps import LayerMaps, image_size, wide
+from ..errors import CAManimError
 from .seed_common import ExplanationMaps, clean_targets
 
 PATHS = ("paper", "authors")
@@ -208,19 +209,21 @@ def _ig_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[LayerInfo], tar
                 if base_acts is not None:
                     ref = base_acts[k][ii] if per_image else base_acts[k]
                 m = step_maps(cap.activations[k], cap.gradients[k], ref)
-                if acc[k] is None:
-                    acc[k] = torch.zeros((b,) + tuple(m.shape[1:]), dtype=m.dtype, device=m.device)
-                acc[k].index_add_(0, ii, m)
+                total = acc[k]
+                if total is None:
+                    total = acc[k] = torch.zeros((b, *m.shape[1:]), dtype=m.dtype,
+                                                 device=m.device)
+                total.index_add_(0, ii, m)
         bar.update(len(ii))
     bar.close()
     raw = [r.detach() for r in acc if r is not None]
-    bad = [i.name for i, r in zip(layers, raw) if not torch.isfinite(r).all()]
+    bad = [i.name for i, r in zip(layers, raw, strict=False) if not torch.isfinite(r).all()]
     if bad:
         raise CAManimError(f"non-finite values in the integrated-gradcam map of layer(s) "
                            f"{bad[:5]}; try float32/float64 instead of half precision")
     spent = (time.perf_counter() - t0) / max(len(layers), 1)
     return ExplanationMaps(names=[i.name for i in layers], raw=raw,
-                           input_size=tuple(x.shape[-2:]), layers=list(layers), targets=idx,
+                           input_size=image_size(x), layers=list(layers), targets=idx,
                            method="integrated-gradcam", seconds=[spent] * len(layers),
                            extra={"steps": [opts.steps] * len(layers)})
 

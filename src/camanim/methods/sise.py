@@ -36,7 +36,7 @@ the class by default, as in the authors' code (``score="logit"`` for the raw
 logit). Target callables without a class index score themselves.
 
 Layers: with ``CAManim(method="sise")`` the default (``layers=None``) is
-``"blocks"`` (the SISE rule, see `camanim.layers.block_layers`). An explicit
+``"blocks"`` (the SISE rule, see `camanim.core.layers.block_layers`). An explicit
 ``layers="conv"`` is replaced by ``"blocks"`` with a warning (SISE fuses one
 map per block; every convolution is not a block). Any other selector
 (``"all"``, names, a callable) is honoured as given.
@@ -49,19 +49,21 @@ float16 / bfloat16 model (a float16 sum over a 256 x 256 mask overflows).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.capture import capture, eval_mode, forward_logits
-from ..errors import CAManimError
+from ..core.capture import capture, forward_logits
+from ..core.guard import eval_mode
 from ..core.inputs import SCORES, Target, check_images, logit_target, score_outputs
 from ..core.layers import NCHW, LayerInfo, Selector, list_layers
-from ..core.maps import LayerMaps, minmax, wide
+from ..core.maps import LayerMaps, image_size, minmax, wide
+from ..errors import CAManimError
 from .otsu import bin_index, histogram, otsu_binarize, otsu_split
 from .seed_common import ExplanationMaps, clean_targets
 
@@ -177,7 +179,7 @@ def fuse(maps: torch.Tensor, valid: torch.Tensor | None = None, soft: bool = Fal
         valid = torch.ones((n_layers, b), dtype=torch.bool, device=maps.device)
     fused = torch.zeros_like(maps[0])
     started = torch.zeros(b, dtype=torch.bool, device=maps.device)
-    for v, ok in zip(maps, valid.to(maps.device)):
+    for v, ok in zip(maps, valid.to(maps.device), strict=False):
         step = (fused + v) * otsu_binarize(v, bins, 0.0, 1.0, soft=soft, temperature=temperature)
         nxt = torch.where(started[:, None, None], step, v)
         fused = torch.where(ok[:, None, None], nxt, fused)
@@ -241,13 +243,13 @@ def _sise_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[LayerInfo], t
                opts: SISEOptions, batch_size: int, reshape_transform: Any,
                progress: bool) -> ExplanationMaps:
     t0 = time.perf_counter()
-    b, size = x.shape[0], tuple(x.shape[-2:])
+    b, size = x.shape[0], image_size(x)
     callables, idx = clean_targets(model, x, targets)
     tgts = score_targets(callables, idx, opts.score)
     cap = capture(model, x, layers, tgts, gradients=True, reshape_transform=reshape_transform)
     assert cap.gradients is not None
     keeps = []
-    for acts, grads in zip(cap.activations, cap.gradients):
+    for acts, grads in zip(cap.activations, cap.gradients, strict=False):
         a = wide(grads).mean(dim=(2, 3))                                 # (B, C)
         keep = adaptive_channels(a, opts.bins) if opts.adaptive else select_channels(a, opts.mu)
         flat = acts.flatten(2)
@@ -260,7 +262,7 @@ def _sise_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[LayerInfo], t
     bar = tqdm(total=n_total, desc=name, unit="mask", leave=False, disable=not progress)
     vmaps, seconds = [], []
     with eval_mode(model), torch.no_grad():
-        for acts, keep in zip(cap.activations, keeps):
+        for acts, keep in zip(cap.activations, keeps, strict=False):
             t1 = time.perf_counter()
             num = torch.zeros((b,) + size, dtype=wide(x).dtype, device=x.device)
             den = torch.zeros_like(num) if opts.mask_norm == "pixel" else None
@@ -289,9 +291,9 @@ def _sise_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[LayerInfo], t
 
     per_image = [k.sum(1).tolist() for k in keeps]
     channels = [int(a.shape[1]) for a in cap.activations]
-    extra: dict[str, list] = {
+    extra: dict[str, list[Any]] = {
         "n_masks": [int(sum(p)) for p in per_image] + [n_total],
-        "n_masks_per_image": per_image + [[int(sum(c)) for c in zip(*per_image)]],
+        "n_masks_per_image": per_image + [[int(sum(c)) for c in zip(*per_image, strict=False)]],
         "n_channels": channels + [sum(channels)],
         "channels": [[row.nonzero()[:, 0].tolist() for row in k] for k in keeps] + [None],
     }

@@ -24,14 +24,18 @@ value does not depend on the order of tied pixels in memory.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ..errors import CAManimError
 from ..core.maps import LayerMaps, exact_dtype
+from ..errors import CAManimError
+
+if TYPE_CHECKING:
+    from .road import FoldCache
 
 CHANCE_NAMES = ("random", "blob")
 DEFAULT_SETTLE_THRESHOLD = 0.1   # a Spearman correlation of 0.9 with the previous epoch's map
@@ -46,8 +50,8 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
         x: ``(N, n)`` tensor.
 
     Returns:
-        ``(N, n)`` ranks 1..n (float64 on the CPU, float32 elsewhere) (ties share the mean of their ranks,
-        as ``scipy.stats.rankdata(method="average")``).
+        ``(N, n)`` ranks 1..n (float64 on the CPU, float32 elsewhere) (ties
+        share the mean of their ranks, as ``scipy.stats.rankdata(method="average")``).
     """
     n_rows, n = x.shape
     s, order = x.sort(dim=1)
@@ -104,7 +108,8 @@ def _as_maps(x: Any, what: str) -> torch.Tensor:
         raise CAManimError(f"{what} must hold real numbers, got {x.dtype}")
     if x.numel() and not bool(torch.isfinite(x).all()):
         raise CAManimError(f"{what} contains NaN or inf: pass finite maps")
-    return x.detach()
+    out: torch.Tensor = x.detach()
+    return out
 
 
 def rank_maps(maps: Any) -> torch.Tensor:
@@ -222,7 +227,9 @@ def share_below(changes: Any, threshold: float = DEFAULT_SETTLE_THRESHOLD) -> fl
 def _check_threshold(threshold: Any) -> None:
     if isinstance(threshold, bool) or not isinstance(threshold, (Real, np.number)) \
             or not math.isfinite(float(threshold)):
-        raise CAManimError(f"threshold must be a finite number (a map change, 0..2), got {threshold!r}")
+        raise CAManimError(
+            f"threshold must be a finite number (a map change, 0..2), got {threshold!r}"
+        )
 
 
 # ------------------------------------------------------------ Kendall tau
@@ -243,7 +250,9 @@ def kendall_tau(a: Any, b: Any) -> float:
     x = np.asarray(a, dtype=np.float64).ravel()
     y = np.asarray(b, dtype=np.float64).ravel()
     if x.shape != y.shape:
-        raise CAManimError(f"kendall_tau needs two vectors of the same length, got {x.size} and {y.size}")
+        raise CAManimError(
+            f"kendall_tau needs two vectors of the same length, got {x.size} and {y.size}"
+        )
     keep = ~(np.isnan(x) | np.isnan(y))
     x, y = x[keep], y[keep]
     if x.size < 2:
@@ -279,13 +288,15 @@ def chance_maps(shape: Sequence[int], seed: int = 0, cells: int | None = 7,
         map per image, ``[1]`` the same centred Gaussian blob for every
         image (the "the object is in the middle" prior).
     """
-    if len(tuple(shape)) != 3 or any(isinstance(s, bool) or not isinstance(s, (Integral, np.integer))
-                                     or s < 1 for s in shape):
+    if len(tuple(shape)) != 3 or any(
+        isinstance(s, bool) or not isinstance(s, (Integral, np.integer)) or s < 1 for s in shape
+    ):
         raise CAManimError(f"shape must be (B, H, W) positive ints, got {tuple(shape)!r}")
     if isinstance(seed, bool) or not isinstance(seed, (Integral, np.integer)):
         raise CAManimError(f"seed must be an int, got {seed!r}")
-    if cells is not None and (isinstance(cells, bool) or not isinstance(cells, (Integral, np.integer))
-                              or cells < 1):
+    if cells is not None and (
+        isinstance(cells, bool) or not isinstance(cells, (Integral, np.integer)) or cells < 1
+    ):
         raise CAManimError(f"cells must be None or an int >= 1, got {cells!r}")
     if isinstance(blob_sigma, bool) or not isinstance(blob_sigma, (Real, np.number)) \
             or not float(blob_sigma) > 0 or not math.isfinite(float(blob_sigma)):
@@ -326,7 +337,8 @@ def chance_road(model: torch.nn.Module, images: torch.Tensor, targets: Any = Non
                 percentiles: Sequence[float] | None = None, noise: float = 0.01, seed: int = 0,
                 *, map_seed: int | None = None, cells: int | None = 7, blob_sigma: float = 0.25,
                 batch_size: int | None = None, score: str = "softmax", trials: int = 1,
-                progress: bool = False, logits: torch.Tensor | None = None) -> Any:
+                progress: bool = False, logits: torch.Tensor | None = None,
+                fold: bool | FoldCache = True) -> Any:
     """ROAD of the two chance maps (`chance_maps`), scored like the layers.
 
     Call it with the same targets, percentiles, noise, seed and score as
@@ -339,9 +351,9 @@ def chance_road(model: torch.nn.Module, images: torch.Tensor, targets: Any = Non
         targets: the classes the layers' maps explain (pass ``maps.targets``
             so that the baseline scores the same class); ``None`` = predicted.
         percentiles: default ``camanim.metrics.road.DEFAULT_PERCENTILES``.
-        noise, seed, batch_size, score, trials, progress, logits: as for
-            ``ybroad`` (pass the layers' ``maps.logits`` to spare a clean
-            forward).
+        noise, seed, batch_size, score, trials, progress, logits, fold: as
+            for ``ybroad`` (pass the layers' ``maps.logits`` to spare a clean
+            forward, and their `FoldCache` to spare a second fold).
         map_seed: seed of the random map (default ``seed``).
         cells, blob_sigma: see `chance_maps`.
 
@@ -353,7 +365,9 @@ def chance_road(model: torch.nn.Module, images: torch.Tensor, targets: Any = Non
     from .road import DEFAULT_PERCENTILES, ybroad
 
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise CAManimError("images must be a (B, C, H, W) tensor (the images the layers' maps explain)")
+        raise CAManimError(
+            "images must be a (B, C, H, W) tensor (the images the layers' maps explain)"
+        )
     b, _, h, w = images.shape
     if targets is None:                     # the predicted class, as the docstring says
         if logits is None:
@@ -366,8 +380,21 @@ def chance_road(model: torch.nn.Module, images: torch.Tensor, targets: Any = Non
     return ybroad(model, images, lm, targets=targets,
                   percentiles=DEFAULT_PERCENTILES if percentiles is None else percentiles,
                   noise=noise, seed=seed, batch_size=batch_size, score=score, trials=trials,
-                  progress=progress, logits=logits)
+                  progress=progress, logits=logits, fold=fold)
 
 
-__all__ = ["CHANCE_NAMES", "DEFAULT_SETTLE_THRESHOLD", "average_ranks", "chance_maps", "chance_road",
-           "kendall_tau", "map_change", "pearson_rows", "rank_change", "rank_maps", "settle_epochs", "share_below", "spearman"]
+__all__ = [
+    "CHANCE_NAMES",
+    "DEFAULT_SETTLE_THRESHOLD",
+    "average_ranks",
+    "chance_maps",
+    "chance_road",
+    "kendall_tau",
+    "map_change",
+    "pearson_rows",
+    "rank_change",
+    "rank_maps",
+    "settle_epochs",
+    "share_below",
+    "spearman",
+]

@@ -59,8 +59,19 @@ import torch
 
 from ..core.maps import exact_dtype
 from ..errors import CAManimError
-from .multigrid import (MAX_ITER, NEIGHBOUR_WEIGHTS_12, OFFSETS, TOL, WORK_BYTES_CPU,
-                        WORK_BYTES_OTHER, FineOperator, Grid, quantum, solve_pcg, split)
+from .multigrid import (
+    MAX_ITER,
+    NEIGHBOUR_WEIGHTS_12,
+    OFFSETS,
+    TOL,
+    WORK_BYTES_CPU,
+    WORK_BYTES_OTHER,
+    FineOperator,
+    Grid,
+    quantum,
+    solve_pcg,
+    split,
+)
 
 __all__ = ["impute", "add_noise", "direct_solve", "masks_per_solve", "solve_dtype", "work_dtype",
            "cuda_free_bytes"]
@@ -158,7 +169,11 @@ def impute(images: torch.Tensor, keep: torch.Tensor, noise: float = 0.0,
         CAManimError: bad shapes, or a system that no solver path brought
             to its tolerance.
     """
-    if images.dim() != 4 or keep.dim() != 3 or tuple(keep.shape) != (images.shape[0],) + tuple(images.shape[2:]):
+    if (
+        images.dim() != 4
+        or keep.dim() != 3
+        or tuple(keep.shape) != (images.shape[0],) + tuple(images.shape[2:])
+    ):
         raise CAManimError(f"impute needs images (N, C, H, W) and keep (N, H, W) with the same "
                            f"N, H, W; got {tuple(images.shape)} and {tuple(keep.shape)}")
     if noise and generator is None:
@@ -254,7 +269,9 @@ def _fallback(img: torch.Tensor, u: torch.Tensor, grid: Grid, scale: torch.Tenso
     small = [i for i, k in enumerate(counts) if k <= DIRECT_MAX_UNKNOWNS]
     large = [i for i, k in enumerate(counts) if k > DIRECT_MAX_UNKNOWNS]
     for i in small:
-        sol = direct_solve(img[i].detach().cpu().double().numpy(), u[i, 0].detach().cpu().numpy() > 0.5)
+        sol = direct_solve(
+            img[i].detach().cpu().double().numpy(), u[i, 0].detach().cpu().numpy() > 0.5
+        )
         out[i] = torch.from_numpy(sol).to(device=img.device, dtype=img.dtype)
     if large:
         idx = torch.tensor(large, device=img.device)
@@ -264,8 +281,9 @@ def _fallback(img: torch.Tensor, u: torch.Tensor, grid: Grid, scale: torch.Tenso
             raise CAManimError(
                 f"imputation: the linear solve of {int((~ok).sum())} mask(s) of "
                 f"{grid.h}x{grid.w} pixels did not reach its tolerance after "
-                f"{(MORE_ITER_FACTOR + 1) * max_iter} iterations; pass a larger tol= (or max_iter=) "
-                "to impute, or smaller images")
+                f"{(MORE_ITER_FACTOR + 1) * max_iter} iterations; pass a larger tol= "
+                "(or max_iter=) to impute, or smaller images"
+            )
         out[idx] = torch.where(u[idx].bool(), grid.unpad(x), img[idx])
     return out
 

@@ -27,22 +27,23 @@ CPU); see `ybroad`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from numbers import Integral, Real
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..core.inputs import SCORES, Target, check_images, resolve_targets, score_outputs
 from ..core.guard import eval_mode
-from ..core.inference import folded_model, outputs_agree
+from ..core.inference import FoldCache, scoring_runner
+from ..core.inputs import SCORES, Target, check_images, resolve_targets, score_outputs
 from ..core.maps import LayerMaps
 from ..errors import CAManimError
 from .imputation import add_noise, cuda_free_bytes, impute, masks_per_solve, solve_dtype, work_dtype
 from .road_result import DEFAULT_PERCENTILES, PERCENTILE_CONVENTION, RoadSummary, YbRoad
 
-__all__ = ["ybroad", "road_masks", "percentile_thresholds", "YbRoad", "RoadSummary",
+__all__ = ["FoldCache", "ybroad", "road_masks", "percentile_thresholds", "YbRoad", "RoadSummary",
            "DEFAULT_PERCENTILES", "PERCENTILE_CONVENTION"]
 
 
@@ -121,7 +122,7 @@ def _check_percentiles(percentiles: Any) -> tuple[float, ...]:
             raise CAManimError(f"percentiles must be numbers in [0, 100], got {p!r}")
         if not math.isfinite(float(p)) or not 0 <= float(p) <= 100:
             raise CAManimError(f"percentile {p!r} is outside [0, 100]; pass e.g. (20, 40, 60, 80)")
-        clean.append(int(p) if float(p).is_integer() else float(p))
+        clean.append(int(float(p)) if float(p).is_integer() else float(p))
     return tuple(clean)
 
 
@@ -134,9 +135,14 @@ def _check_args(noise: Any, seed: Any, trials: Any, batch_size: Any, score: Any)
         raise CAManimError(f"seed must be an int, got {seed!r}")
     if isinstance(trials, bool) or not isinstance(trials, (Integral, np.integer)) or trials < 1:
         raise CAManimError(f"trials must be an int >= 1, got {trials!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or
-                                   not isinstance(batch_size, (Integral, np.integer)) or batch_size < 1):
-        raise CAManimError(f"batch_size must be None (automatic) or an int >= 1, got {batch_size!r}")
+    if batch_size is not None and (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (Integral, np.integer))
+        or batch_size < 1
+    ):
+        raise CAManimError(
+            f"batch_size must be None (automatic) or an int >= 1, got {batch_size!r}"
+        )
     if score not in SCORES:
         raise CAManimError(f"unknown score {score!r}: use 'softmax' (probability of the target "
                            "class, the default) or 'logit'")
@@ -166,14 +172,19 @@ def _layer_cams(maps: Any, batch: int, size: tuple[int, int]) -> tuple[list[str]
         if not maps.is_floating_point():
             raise CAManimError(f"maps must be float, got {maps.dtype}")
         return [str(i) for i in range(maps.shape[0])], iter(maps), int(maps.shape[0])
-    raise CAManimError(f"maps must be a camanim.LayerMaps (from camanim.CAManim) or an (L, B, H, W) "
-                       f"array of maps, got {type(maps).__name__}")
+    raise CAManimError(
+        f"maps must be a camanim.LayerMaps (from camanim.CAManim) or an (L, B, H, W) "
+        f"array of maps, got {type(maps).__name__}"
+    )
 
 
 def _score_targets(targets: Any, maps: Any, logits: torch.Tensor, score: str
                    ) -> tuple[list[Target], list[int | None], str]:
     """Score callables per image, their class indices, and the score kind."""
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
+    from pytorch_grad_cam.utils.model_targets import (
+        ClassifierOutputSoftmaxTarget,
+        ClassifierOutputTarget,
+    )
 
     if targets is None and isinstance(maps, LayerMaps) and maps.targets is not None:
         targets = maps.targets
@@ -187,8 +198,13 @@ def _score_targets(targets: Any, maps: Any, logits: torch.Tensor, score: str
     calls, idx = resolve_targets(targets, b, logits)
     if is_callables:
         cls = [getattr(t, "category", None) for t in calls]
-        return calls, [int(c) if isinstance(c, (int, np.integer)) else None for c in cls], "callable"
-    classes = [int(c) for c in idx]
+        return (
+            calls,
+            [int(c) if isinstance(c, (int, np.integer)) else None for c in cls],
+            "callable",
+        )
+    assert idx is not None  # class indices: resolve_targets made them from the logits
+    classes: list[int | None] = [int(c) for c in idx]
     if score == "softmax" and logits.shape[-1] == 1:
         raise CAManimError(
             "the model has a single output: its softmax is always 1, so every ROAD score would "
@@ -222,7 +238,7 @@ def _probe_forward(model: nn.Module, x: torch.Tensor, allocated: Callable[[], in
     base = allocated()
     peak = [0]
 
-    def sample(module: nn.Module, args: Any, output: Any) -> None:
+    def sample(_module: nn.Module, _args: Any, _output: Any) -> None:  # a forward hook
         peak[0] = max(peak[0], allocated() - base)
 
     handles = [m.register_forward_hook(sample) for m in model.modules()]
@@ -293,7 +309,7 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
            noise: float = 0.01, seed: int = 0, batch_size: int | None = None,
            score: str = "softmax", trials: int = 1, progress: bool = True,
            logits: torch.Tensor | None = None,
-           layer_ids: Sequence[int] | None = None, fold: bool = True) -> YbRoad:
+           layer_ids: Sequence[int] | None = None, fold: bool | FoldCache = True) -> YbRoad:
     """ROAD of every layer's map (ybROAD), as ``ROADCombined`` per layer.
 
     Args:
@@ -341,6 +357,8 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
             images agree with the model's (relative 1e-4; float rounding
             gives ~1e-6); models it cannot trace run as they are. The
             model itself is never changed. ``False``: always run the model.
+            A `FoldCache` folds as ``True`` does, once for every call that
+            passes it with the same model state, images and logits.
 
     Precision: the model runs in its dtype. For float16/bfloat16 models the
     imputation starts from ``images`` in float32 (not the rounded model
@@ -355,37 +373,19 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
     Returns:
         `YbRoad` with ``scores`` of shape ``(L, B)``.
     """
+    # over 80 lines by its docstring only: the body is split into _ybroad_inputs,
+    # _perturb_and_score and _combine
     import time
 
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise CAManimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    ps = _check_percentiles(percentiles)
-    _check_args(noise, seed, trials, batch_size, score)
-    if not isinstance(fold, bool):
-        raise CAManimError(f"fold must be True or False, got {fold!r}")
-    x = check_images(images, model)
+    ps, x, (names, cams, n_layers), logits, ids = _ybroad_inputs(
+        model, images, maps, targets, percentiles, noise, seed, trials, batch_size, score,
+        logits, layer_ids, fold)
     b, c, h, w = x.shape
-    names, cams, n_layers = _layer_cams(maps, b, (h, w))
-    if targets is None and isinstance(maps, LayerMaps) and maps.targets is None:
-        raise CAManimError(
-            "these maps were computed for target callables without a class index "
-            "(maps.targets is None), so ybroad cannot tell which class they explain; pass the "
-            "same callables (or the class indices) as ybroad(..., targets=...)")
-    if logits is None and isinstance(maps, LayerMaps):
-        logits = maps.logits                  # the CAM pass's outputs spare a clean forward
-    if logits is not None:
-        logits = _check_logits(logits, b, x.device)
-    ids = list(range(n_layers)) if layer_ids is None else [int(i) for i in layer_ids]
-    if len(ids) != n_layers:
-        raise CAManimError(f"layer_ids has {len(ids)} entries for {n_layers} layers")
     acc = work_dtype(x.dtype)
     # half-precision models: impute from the float32 images, not the rounded input
     x_acc = x if acc == x.dtype else images.detach().to(device=x.device, dtype=acc)
-    n_p = len(ps)
-    per_layer = 2 * n_p * b
+    per_layer = 2 * len(ps) * b
     sdt = solve_dtype(x.device, x_acc.dtype)
     layers_per_solve = max(1, min(n_layers, masks_per_solve(c, h, w, x.device, sdt) // per_layer))
 
@@ -398,45 +398,17 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
         calls, classes, kind = _score_targets(targets, maps, logits, score)
         scorer = _Scorer(calls, classes, kind)
         clean = scorer(logits, torch.arange(b))                              # (B,) CPU
-        runner, channels_last = _runner(model, x, logits, bs, fold)
+        runner, channels_last = (fold.runner(model, images, x, logits, bs)
+                                 if isinstance(fold, FoldCache) else
+                                 scoring_runner(model, x, logits, bs, fold))
         n_trials = int(trials) if noise else 1   # without noise every trial is the same
-        pert = torch.full((n_trials, n_layers, 2 * n_p, b), float("nan"), dtype=torch.float64)
+        pert = torch.full((n_trials, n_layers, per_layer // b, b), float("nan"),
+                          dtype=torch.float64)
         queue = _ForwardQueue(runner, scorer, pert, bs, b, x.dtype, channels_last)
-        with tqdm(total=n_layers, desc="ybROAD", unit="layer", disable=not progress) as bar:
-            layer = 0
-            while layer < n_layers:
-                group = []
-                for cam in cams:
-                    cam = cam.to(x.device)
-                    if not bool(torch.isfinite(cam).all()):
-                        raise CAManimError(f"the map of layer {names[layer + len(group)]!r} "
-                                           "contains NaN or inf")
-                    group.append(road_masks(cam, ps).reshape(per_layer, h, w))
-                    if len(group) == layers_per_solve:
-                        break
-                if not group:
-                    break
-                keep = torch.cat(group)
-                filled = impute(x_acc.repeat(len(group) * 2 * n_p, 1, 1, 1), keep,
-                                chunk=layers_per_solve * per_layer, dtype=sdt)
-                for t in range(n_trials):
-                    for g in range(len(group)):
-                        rows = slice(g * per_layer, (g + 1) * per_layer)
-                        imgs = (add_noise(filled[rows], keep[rows], float(noise),
-                                          noise_generator(seed, t, ids[layer + g], x.device))
-                                if noise else filled[rows])
-                        queue.push(imgs, t, layer + g)
-                del filled, keep
-                layer += len(group)
-                bar.update(len(group))
-            queue.flush()
+        _perturb_and_score(queue, x_acc, cams, names, ps, layers_per_solve, sdt,
+                           float(noise), int(seed), ids, n_trials, progress)
 
-    diff = (pert - clean).numpy()                          # (T', L, 2P, B)
-    morf = diff[:, :, :n_p].transpose(0, 1, 3, 2)          # (T', L, B, P)
-    lerf = diff[:, :, n_p:].transpose(0, 1, 3, 2)
-    if n_trials < trials:                                  # noise 0: all trials equal
-        morf, lerf = (np.repeat(a, int(trials), axis=0) for a in (morf, lerf))
-    road = ((lerf - morf) / 2).mean(axis=-1)               # (T, L, B)
+    morf, lerf, road = _combine(pert, clean, len(ps), int(trials))
     std = road.std(axis=0, ddof=1) if trials > 1 else np.zeros(road.shape[1:])
     return YbRoad(scores=road.mean(axis=0), names=names, targets=classes, percentiles=ps,
                   std=std, trials=road, morf=morf, lerf=lerf, clean=clean.numpy(),
@@ -444,6 +416,98 @@ def ybroad(model: nn.Module, images: torch.Tensor, maps: LayerMaps | torch.Tenso
                   seconds=time.perf_counter() - t0,
                   extra={"batch_size": bs, "layers_per_solve": layers_per_solve,
                          "folded": channels_last})
+
+
+def _ybroad_inputs(model: nn.Module, images: torch.Tensor,
+                   maps: LayerMaps | torch.Tensor | np.ndarray, targets: Any,
+                   percentiles: Sequence[float], noise: float, seed: int, trials: int,
+                   batch_size: int | None, score: str, logits: torch.Tensor | None,
+                   layer_ids: Sequence[int] | None, fold: bool | FoldCache
+                   ) -> tuple[tuple[float, ...], torch.Tensor,
+                              tuple[list[str], Iterable[torch.Tensor], int],
+                              torch.Tensor | None, list[int]]:
+    """`ybroad`'s arguments checked: ``(percentiles, images on the model's
+    device, (layer names, (B, H, W) maps, L), logits or None, layer ids)``."""
+    if not isinstance(model, nn.Module):
+        raise CAManimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    ps = _check_percentiles(percentiles)
+    _check_args(noise, seed, trials, batch_size, score)
+    if not isinstance(fold, (bool, FoldCache)):
+        raise CAManimError(f"fold must be True, False or a FoldCache, got {fold!r}")
+    x = check_images(images, model)
+    b, _, h, w = x.shape
+    layers = _layer_cams(maps, b, (h, w))
+    if targets is None and isinstance(maps, LayerMaps) and maps.targets is None:
+        raise CAManimError(
+            "these maps were computed for target callables without a class index "
+            "(maps.targets is None), so ybroad cannot tell which class they explain; pass the "
+            "same callables (or the class indices) as ybroad(..., targets=...)")
+    if logits is None and isinstance(maps, LayerMaps):
+        logits = maps.logits                  # the CAM pass's outputs spare a clean forward
+    if logits is not None:
+        logits = _check_logits(logits, b, x.device)
+    n_layers = layers[2]
+    ids = list(range(n_layers)) if layer_ids is None else [int(i) for i in layer_ids]
+    if len(ids) != n_layers:
+        raise CAManimError(f"layer_ids has {len(ids)} entries for {n_layers} layers")
+    return ps, x, layers, logits, ids
+
+
+def _perturb_and_score(queue: _ForwardQueue, x_acc: torch.Tensor, cams: Iterable[torch.Tensor],
+                       names: Sequence[str], ps: tuple[float, ...], layers_per_solve: int,
+                       sdt: torch.dtype, noise: float, seed: int, ids: Sequence[int],
+                       n_trials: int, progress: bool) -> None:
+    """Impute the MoRF / LeRF images of ``layers_per_solve`` layers at a
+    time (one solve), add each trial's noise and push them through
+    ``queue``, which scores them into its ``(T', L, 2P, B)`` output."""
+    from tqdm.auto import tqdm
+
+    b, _, h, w = x_acc.shape
+    n_p, n_layers = len(ps), len(names)
+    per_layer = 2 * n_p * b
+    with tqdm(total=n_layers, desc="ybROAD", unit="layer", disable=not progress) as bar:
+        layer = 0
+        cams = iter(cams)
+        while layer < n_layers:
+            group: list[torch.Tensor] = []
+            for cam in cams:
+                cam = cam.to(x_acc.device)
+                if not bool(torch.isfinite(cam).all()):
+                    raise CAManimError(f"the map of layer {names[layer + len(group)]!r} "
+                                       "contains NaN or inf")
+                group.append(road_masks(cam, ps).reshape(per_layer, h, w))
+                if len(group) == layers_per_solve:
+                    break
+            if not group:
+                break
+            keep = torch.cat(group)
+            filled = impute(x_acc.repeat(len(group) * 2 * n_p, 1, 1, 1), keep,
+                            chunk=layers_per_solve * per_layer, dtype=sdt)
+            for t in range(n_trials):
+                for g in range(len(group)):
+                    rows = slice(g * per_layer, (g + 1) * per_layer)
+                    imgs = (add_noise(filled[rows], keep[rows], noise,
+                                      noise_generator(seed, t, ids[layer + g], x_acc.device))
+                            if noise else filled[rows])
+                    queue.push(imgs, t, layer + g)
+            del filled, keep
+            layer += len(group)
+            bar.update(len(group))
+        queue.flush()
+
+
+def _combine(pert: torch.Tensor, clean: torch.Tensor, n_p: int, trials: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(MoRF, LeRF, ROAD)``: ``(T, L, B, P)`` score drops of the perturbed
+    images ``pert`` ``(T', L, 2P, B)`` against the clean scores ``(B,)``,
+    and their ``(T, L, B)`` combination ``mean_p (LeRF - MoRF) / 2``."""
+    diff = (pert - clean).numpy()                          # (T', L, 2P, B)
+    morf = diff[:, :, :n_p].transpose(0, 1, 3, 2)          # (T', L, B, P)
+    lerf = diff[:, :, n_p:].transpose(0, 1, 3, 2)
+    if diff.shape[0] < trials:                             # noise 0: all trials equal
+        morf, lerf = (np.repeat(a, trials, axis=0) for a in (morf, lerf))
+    road = ((lerf - morf) / 2).mean(axis=-1)               # (T, L, B)
+    return morf, lerf, road
 
 
 def _batch_size(model: nn.Module, x: torch.Tensor, batch_size: int | None, need_first: bool
@@ -462,27 +526,6 @@ def _batch_size(model: nn.Module, x: torch.Tensor, batch_size: int | None, need_
     return bs, (out if need_first else None)
 
 
-def _runner(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, bs: int, fold: bool
-            ) -> tuple[nn.Module, bool]:
-    """The module that scores perturbed images, and whether it wants
-    channels-last inputs: the folded copy (CPU, float32/64, ``fold``) when
-    its outputs on the first clean batch agree with ``logits``, else the
-    model."""
-    if not fold or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-        return model, False
-    fast = folded_model(model)
-    if fast is None:
-        return model, False
-    n = min(bs, x.shape[0])
-    try:
-        out = fast(x[:n].contiguous(memory_format=torch.channels_last))
-    except Exception:  # noqa: BLE001 - a graph that fails on real inputs: run the model
-        return model, False
-    if not outputs_agree(out, logits[:n]):
-        return model, False
-    return fast, True
-
-
 class _ForwardQueue:
     """Collects perturbed images and scores them in batches of ``size``.
 
@@ -491,7 +534,8 @@ class _ForwardQueue:
     the model's dtype as they enter a batch.
     """
 
-    def __init__(self, model: nn.Module, scorer: _Scorer, out: torch.Tensor, size: int,
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], scorer: _Scorer,
+                 out: torch.Tensor, size: int,
                  n_images: int, dtype: torch.dtype, channels_last: bool = False) -> None:
         self.model, self.scorer, self.out, self.size = model, scorer, out, size
         self.b, self.dtype = n_images, dtype

@@ -4,10 +4,11 @@ summary, CSV/JSON/plot) and `RoadSummary`."""
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from numbers import Integral
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -144,7 +145,7 @@ class YbRoad:
     def fails(self, threshold: float = 0.05) -> np.ndarray:
         """``(B,)`` bool: ``|mean ybROAD| < threshold``, the paper's failure
         case (Fig. 11: the model does not find the class at any layer)."""
-        return np.abs(self.scores.mean(axis=0)) < float(threshold)
+        return np.asarray(np.abs(self.scores.mean(axis=0)) < float(threshold))
 
     def summary(self, fail_threshold: float = 0.05, chance: Any = None) -> list[RoadSummary]:
         """One `RoadSummary` per image (``.to_dict()`` is JSON-ready,
@@ -235,14 +236,16 @@ class YbRoad:
 
         idx = list(range(self.scores.shape[1])) if images is None else [int(i) for i in images]
         if not idx or any(not 0 <= i < self.scores.shape[1] for i in idx):
-            raise CAManimError(f"images must be indices in 0..{self.scores.shape[1] - 1}, got {images}")
+            raise CAManimError(
+                f"images must be indices in 0..{self.scores.shape[1] - 1}, got {images}"
+            )
         sm = self.smoothed(smooth) if smooth else None
         ch = chance_scores(chance, self.scores.shape[1])
         n_layers = len(self.names)
         x = np.arange(n_layers)
         fig, axes = plt.subplots(len(idx), 1, figsize=(max(6.0, min(16.0, 0.15 * n_layers + 4)),
                                                           2.8 * len(idx)), squeeze=False)
-        for ax, b in zip(axes[:, 0], idx):
+        for ax, b in zip(axes[:, 0], idx, strict=False):
             y = self.scores[:, b]
             if self.n_trials > 1:
                 ax.fill_between(x, y - self.std[:, b], y + self.std[:, b], alpha=0.25,
@@ -278,8 +281,10 @@ class YbRoad:
         return save_figure(fig, path)
 
     def __repr__(self) -> str:
-        return (f"YbRoad(layers={len(self.names)}, images={self.scores.shape[1]}, "
-                f"trials={self.n_trials}, percentiles={list(self.percentiles)}, score={self.score!r})")
+        return (
+            f"YbRoad(layers={len(self.names)}, images={self.scores.shape[1]}, "
+            f"trials={self.n_trials}, percentiles={list(self.percentiles)}, score={self.score!r})"
+        )
 
 
 def chance_scores(chance: Any, batch: int) -> np.ndarray | None:

@@ -46,18 +46,18 @@ import io
 import math
 import sys
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..core.files import atomic_path, os_cause, remove_stale
 from ..errors import CAManimError
 from ..metrics.convergence import DEFAULT_SETTLE_THRESHOLD, kendall_tau, settle_epochs, share_below
 from ..viz.convergence import chance_tau_image, convergence_image, not_above_chance
 from ..viz.plots import heatmap_image, save_png, trajectories_image
-from ..core.files import atomic_path, os_cause, remove_stale
-from .history import CSV_COLUMNS, CSV_NAME, read_rows, safe_name
+from .history import CSV_COLUMNS, CSV_NAME, group_rows, parse_cell, read_rows, safe_name
 
 __all__ = ["CSV_COLUMNS", "CSV_NAME", "ProbeSeries", "read_ybroad_csv", "find_csvs",
            "settle_epoch", "study"]
@@ -132,8 +132,16 @@ class ProbeSeries:
         return settle_epochs(self.change, self.epochs, threshold)
 
 
-def _float(s: str) -> float:
-    return float(s) if s not in ("", "nan", "NaN", None) else math.nan
+def _float(s: str | None) -> float:
+    v = parse_cell(s)
+    return math.nan if v is None else v
+
+
+def _cut_short(e: int, lists: dict[int, list[str]], whole: set[int]) -> bool:
+    """Epoch ``e`` lacks rows, or its layer list is a strict prefix of
+    another epoch's (rows missing at the end)."""
+    n = len(lists[e])
+    return e not in whole or any(len(o) > n and o[:n] == lists[e] for o in lists.values())
 
 
 def read_ybroad_csv(path: str | Path, run: str | None = None) -> list[ProbeSeries]:
@@ -168,12 +176,7 @@ def read_ybroad_csv(path: str | Path, run: str | None = None) -> list[ProbeSerie
         print(f"camanim study: {path}: skipped {bad + torn} malformed row(s)"
               + (" (a torn last line)" if torn else "")
               + " (an append cut short by a crash or a full disk)", file=sys.stderr)
-    # (method, probe) -> epoch -> layer_index -> row
-    groups: dict[tuple[str, str], dict[int, dict[int, dict]]] = {}
-    for row in rows:
-        key = (row.get("method") or "", row["probe"])
-        by_epoch = groups.setdefault(key, {}).setdefault(int(row["epoch"]), {})
-        by_epoch[int(row["layer_index"])] = row
+    groups = group_rows(rows)
     label = run if run is not None else path.parent.name
     out = []
     for (method, probe), by_epoch in sorted(groups.items()):
@@ -181,18 +184,14 @@ def read_ybroad_csv(path: str | Path, run: str | None = None) -> list[ProbeSerie
         lists = {e: [by_epoch[e][i]["layer_name"] for i in sorted(by_epoch[e])] for e in epochs}
         whole = {e for e in epochs if sorted(by_epoch[e]) == list(range(len(by_epoch[e])))}
 
-        def cut_short(e: int) -> bool:  # a strict prefix of another epoch's layer list
-            n = len(lists[e])
-            return e not in whole or any(len(lists[o]) > n and lists[o][:n] == lists[e]
-                                         for o in epochs)
-
-        ref = [e for e in epochs if not cut_short(e)]
+        short_of = {e: _cut_short(e, lists, whole) for e in epochs}
+        ref = [e for e in epochs if not short_of[e]]
         if not ref:
             print(f"camanim study: {path}: {probe}: no complete epoch; left out", file=sys.stderr)
             continue
         names = lists[ref[-1]]
         keep = [e for e in epochs if lists[e] == names and e in whole]
-        short = sum(1 for e in epochs if cut_short(e))
+        short = sum(1 for e in epochs if short_of[e])
         if short:
             print(f"camanim study: {path}: {probe}: {short} incomplete epoch(s) (rows missing) "
                   "were left out", file=sys.stderr)
@@ -205,11 +204,16 @@ def read_ybroad_csv(path: str | Path, run: str | None = None) -> list[ProbeSerie
                          for e in keep], dtype=np.float64).reshape(len(keep), len(names))
         change = np.array([[_float(by_epoch[e][i].get("map_change", "")) for i in range(len(names))]
                            for e in keep], dtype=np.float64).reshape(len(keep), len(names))
-        chance = np.array([[_float(by_epoch[e][0].get(f"road_chance_{k}", "")) for k in
-                            ("random", "blob")] for e in keep], dtype=np.float64).reshape(len(keep), 2)
+        chance = np.array(
+            [
+                [_float(by_epoch[e][0].get(f"road_chance_{k}", "")) for k in ("random", "blob")]
+                for e in keep
+            ],
+            dtype=np.float64,
+        ).reshape(len(keep), 2)
         targets = []
-        for e in keep:
-            t = by_epoch[e][0].get("target", "")
+        for ep in keep:
+            t = by_epoch[ep][0].get("target", "")
             targets.append(int(t) if t not in ("", None) else None)
         out.append(ProbeSeries(run=label, method=method, probe=probe, epochs=keep, names=names,
                                road=road, ebpg=ebpg if np.isfinite(ebpg).any() else None,
@@ -282,6 +286,7 @@ def mean_series(series: Sequence[ProbeSeries]) -> ProbeSeries | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
         road, ebpg, change, chance = (stack(a) for a in ("road", "ebpg", "change", "chance"))
+    assert road is not None  # every series has its ROAD matrix
     return ProbeSeries(run=same[0].run, method=same[0].method, probe="mean", epochs=common,
                        names=names, road=road, ebpg=ebpg, targets=[None] * len(common),
                        path=same[0].path, change=change, chance=chance)
@@ -336,7 +341,7 @@ def settle_rows(s: ProbeSeries, threshold: float = DEFAULT_SETTLE_THRESHOLD) -> 
     last = s.change[-1]
     return [{"run": s.run, "method": s.method, "probe": s.probe, "layer_index": i,
              "layer_name": n, "settle_epoch": e, "final_change": float(last[i])}
-            for i, (n, e) in enumerate(zip(s.names, s.settle_epochs(threshold)))]
+            for i, (n, e) in enumerate(zip(s.names, s.settle_epochs(threshold), strict=False))]
 
 
 def epoch_rows(s: ProbeSeries, threshold: float = DEFAULT_SETTLE_THRESHOLD) -> list[dict]:
@@ -369,7 +374,9 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS) -
     """Rows as an aligned plain-text table."""
     cells = [[c for c in columns]] + [[_fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    lines = [
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)).rstrip() for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -407,20 +414,7 @@ def study(run_dirs: Sequence[str | Path], out: str | Path = "camanim_study",
     if not run_dirs:
         raise CAManimError("pass at least one run folder or ybroad.csv file")
     out = Path(out)
-    wanted = set(probes) if probes is not None else None
-    all_series: list[ProbeSeries] = []
-    for label, path in find_csvs(run_dirs):
-        series = read_ybroad_csv(path, run=label)
-        if wanted is not None:
-            series = [s for s in series if s.probe in wanted]
-        by_method: dict[str, list[ProbeSeries]] = {}
-        for s in series:
-            by_method.setdefault(s.method, []).append(s)
-        for group in by_method.values():
-            all_series.extend(group)
-            m = mean_series(group)
-            if m is not None:
-                all_series.append(m)
+    all_series = _read_series(run_dirs, probes)
     if not all_series:
         raise CAManimError("no probe matched: check --probe against the probe names in the CSVs")
     thr = settle_threshold
@@ -436,31 +430,59 @@ def study(run_dirs: Sequence[str | Path], out: str | Path = "camanim_study",
     except OSError as e:
         raise CAManimError(f"cannot write to --out {out} ({os_cause(e)}); pass a writable "
                            "folder") from None
-    try:
-        if plots:
-            methods = {s.method for s in all_series}
-            for s in all_series:
-                tag = safe_name(s.run.replace("/", "__"))
-                meth = f"_{safe_name(s.method)}" if len(methods) > 1 else ""
-                label = f"{s.run} · {s.method} · {s.probe}"
-                mask = None if s.chance is None else not_above_chance(s.road, s.chance[:, 0])
-                save_png(out / f"heatmap_{tag}{meth}_{safe_name(s.probe)}.png",
-                         heatmap_image(s.road, s.epochs, s.names, mask=mask,
-                                       title=f"{label}: ybROAD"
-                                       + ("; hatched: <= chance" if mask is not None else "")))
-                if s.change is not None:
-                    save_png(out / f"convergence_{tag}{meth}_{safe_name(s.probe)}.png",
-                             convergence_image(s.change, s.epochs, s.names,
-                                               title=f"{label}: map change (1 - Spearman)"))
-            save_png(out / "best_layer.png", trajectories_image(all_series))
-            lines = [(f"{s.run} · {s.method} · {s.probe}", s.epochs, s.above_chance(),
-                      s.rank_tau()) for s in all_series
-                     if s.chance is not None or s.change is not None]
-            if lines:
-                save_png(out / "chance_tau.png", chance_tau_image(lines))
-    except OSError as e:
-        raise CAManimError(f"cannot write the plots to --out {out} ({os_cause(e)})") from None
+    if plots:
+        _write_plots(out, all_series)
     if verbose:
         print(format_table(rows))
-        print(f"\nwrote {out / 'study.csv'}, settle.csv, epochs.csv" + (" and plots" if plots else ""))
+        print(
+            f"\nwrote {out / 'study.csv'}, settle.csv, epochs.csv" + (" and plots" if plots else "")
+        )
     return rows
+
+
+def _read_series(run_dirs: Sequence[str | Path],
+                 probes: Iterable[str] | None) -> list[ProbeSeries]:
+    """Every run's probe series (only ``probes`` when given), each method's
+    followed by its mean over probes."""
+    wanted = set(probes) if probes is not None else None
+    all_series: list[ProbeSeries] = []
+    for label, path in find_csvs(run_dirs):
+        series = read_ybroad_csv(path, run=label)
+        if wanted is not None:
+            series = [s for s in series if s.probe in wanted]
+        by_method: dict[str, list[ProbeSeries]] = {}
+        for s in series:
+            by_method.setdefault(s.method, []).append(s)
+        for group in by_method.values():
+            all_series.extend(group)
+            m = mean_series(group)
+            if m is not None:
+                all_series.append(m)
+    return all_series
+
+
+def _write_plots(out: Path, all_series: Sequence[ProbeSeries]) -> None:
+    """The heatmaps, the best-layer trajectories and the chance / tau plot."""
+    try:
+        methods = {s.method for s in all_series}
+        for s in all_series:
+            tag = safe_name(s.run.replace("/", "__"))
+            meth = f"_{safe_name(s.method)}" if len(methods) > 1 else ""
+            label = f"{s.run} · {s.method} · {s.probe}"
+            mask = None if s.chance is None else not_above_chance(s.road, s.chance[:, 0])
+            save_png(out / f"heatmap_{tag}{meth}_{safe_name(s.probe)}.png",
+                     heatmap_image(s.road, s.epochs, s.names, mask=mask,
+                                   title=f"{label}: ybROAD"
+                                   + ("; hatched: <= chance" if mask is not None else "")))
+            if s.change is not None:
+                save_png(out / f"convergence_{tag}{meth}_{safe_name(s.probe)}.png",
+                         convergence_image(s.change, s.epochs, s.names,
+                                           title=f"{label}: map change (1 - Spearman)"))
+        save_png(out / "best_layer.png", trajectories_image(all_series))
+        lines = [(f"{s.run} · {s.method} · {s.probe}", s.epochs, s.above_chance(),
+                  s.rank_tau()) for s in all_series
+                 if s.chance is not None or s.change is not None]
+        if lines:
+            save_png(out / "chance_tau.png", chance_tau_image(lines))
+    except OSError as e:
+        raise CAManimError(f"cannot write the plots to --out {out} ({os_cause(e)})") from None

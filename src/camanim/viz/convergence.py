@@ -14,7 +14,7 @@ callback (TensorBoard, ``heatmaps/``) and ``camanim study``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

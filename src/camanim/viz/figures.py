@@ -13,19 +13,20 @@ from __future__ import annotations
 import json
 import math
 import textwrap
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CAManimError
 from ..core.files import save_figure, write_text
 from ..core.maps import LayerMaps
+from ..errors import CAManimError
 from .fonts import sans_font, short_names
-from .plots import fit_figure
 from .overlay import colormap_lut, display_images, iter_maps, overlay
+from .plots import fit_figure
 from .render import road_scores
 
 __all__ = ["percentile_layers", "contact_sheet", "plot_params", "run_summary",
@@ -147,7 +148,7 @@ def contact_sheet(path: str | Path, images: Any, maps: LayerMaps,
     fig = plt.figure(figsize=(fig_w, fig_h))
     L, labels = len(maps), short_names(maps.names)
     for r, norm in enumerate(norms):
-        for c, (i, im) in enumerate(zip(picks, tiles[norm])):
+        for c, (i, im) in enumerate(zip(picks, tiles[norm], strict=False)):
             x0 = left + c * (tw_in + gap)
             y0 = fig_h - top - head - (r + 1) * th_in - r * gap
             ax = fig.add_axes((x0 / fig_w, y0 / fig_h, tw_in / fig_w, th_in / fig_h))
@@ -261,18 +262,24 @@ def run_summary(maps: LayerMaps, model: nn.Module | None = None,
     secs = [float(s) for s in maps.seconds] if maps.seconds else []
     total_s = float(seconds) if seconds is not None else (float(sum(secs)) if secs else None)
     out: dict[str, Any] = dict(extra)
-    out.update({
-        "method": maps.method,
-        "layers": len(maps),
-        "input_size": list(maps.input_size),
-        "total_params": int(sum(p.numel() for p in model.parameters())) if model is not None else None,
-        "layer_params_total": int(sum(params)),
-        "mean_params_per_layer": float(np.mean(params)) if params else 0.0,
-        "runtime_s": total_s,
-        "mean_runtime_per_layer_s": (total_s / len(maps)) if total_s is not None and len(maps) else None,
-        "first_layer": maps.names[0] if len(maps) else None,
-        "last_layer": maps.names[-1] if len(maps) else None,
-    })
+    out.update(
+        {
+            "method": maps.method,
+            "layers": len(maps),
+            "input_size": list(maps.input_size),
+            "total_params": int(sum(p.numel() for p in model.parameters()))
+            if model is not None
+            else None,
+            "layer_params_total": int(sum(params)),
+            "mean_params_per_layer": float(np.mean(params)) if params else 0.0,
+            "runtime_s": total_s,
+            "mean_runtime_per_layer_s": (total_s / len(maps))
+            if total_s is not None and len(maps)
+            else None,
+            "first_layer": maps.names[0] if len(maps) else None,
+            "last_layer": maps.names[-1] if len(maps) else None,
+        }
+    )
     return out
 
 

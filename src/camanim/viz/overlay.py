@@ -5,7 +5,8 @@ only uint8 crosses to the CPU)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,7 +109,9 @@ def display_images(images: Any, mean: Sequence[float] | None = None,
 
 
 def _channel_vector(v: Sequence[float], c: int, what: str) -> torch.Tensor:
-    t = torch.as_tensor(list(v) if not isinstance(v, torch.Tensor) else v, dtype=torch.float32).reshape(-1)
+    t = torch.as_tensor(
+        list(v) if not isinstance(v, torch.Tensor) else v, dtype=torch.float32
+    ).reshape(-1)
     if t.numel() == 1:
         t = t.expand(c)
     if t.numel() != c:

@@ -11,8 +11,9 @@ run, are cached.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -289,7 +290,7 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
     if ebpg is not None:
         eb = np.asarray(ebpg, dtype=np.float64).reshape(-1)
         pts = [(x_of(i), y_of(float(e), 0.0, 1.0)) for i, e in enumerate(eb) if np.isfinite(e)]
-        for (xa, ya), (xb, yb) in zip(pts[:-1], pts[1:]):
+        for (xa, ya), (xb, yb) in zip(pts[:-1], pts[1:], strict=False):
             dashed(xa, ya, xb, yb)
         for val in (0.0, 1.0):
             d.text((left + pw + 4, y_of(val, 0.0, 1.0)), f"{val:.0f}", font=font,
@@ -349,7 +350,11 @@ def fit_figure(fig: Any, pad: float = 0.1) -> Any:
 
 def _cut(text: str, n: int) -> str:
     """``text`` cut in the middle to at most ``n`` characters."""
-    return text if len(text) <= n else text[:(n - 1) // 2 + (n - 1) % 2] + "…" + text[-((n - 1) // 2):]
+    return (
+        text
+        if len(text) <= n
+        else text[: (n - 1) // 2 + (n - 1) % 2] + "…" + text[-((n - 1) // 2) :]
+    )
 
 
 def trajectories_figure(series: Sequence[Any]) -> Any:

@@ -24,14 +24,16 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
+from typing_extensions import override
 
-from ..errors import CAManimError
 from ..core.files import fsync_path, os_cause, temp_path
 from ..core.maps import LayerMaps
+from ..errors import CAManimError
 from .render import FrameRenderer
 
 __all__ = ["write_video", "write_frames", "encode_gif", "iter_video", "video_format",
@@ -178,6 +180,7 @@ class _GifSink(_Sink):
         self.durations.append(self.ms)
         self.count += 1
 
+    @override
     def hold(self, frame: np.ndarray, n: int) -> None:
         # GIF frames carry their own duration: one longer frame, not n copies
         # (Pillow would merge identical copies anyway).
@@ -222,13 +225,18 @@ class _PngSink(_Sink):
             self.tmp / f"frame_{self.count:04d}.png", compress_level=3))
         self.count += 1
 
+    @override
     def hold(self, frame: np.ndarray, n: int) -> None:
         pass  # a folder holds one picture per layer
 
     def finish(self) -> Path:
         if self.path.exists() and not self.path.is_dir():
             raise CAManimError(f"{self.path} exists and is not a folder; pick another path")
-        self._check_write(lambda: [fsync_path(f) for f in self.tmp.iterdir()])
+        def sync_all() -> None:
+            for f in self.tmp.iterdir():
+                fsync_path(f)
+
+        self._check_write(sync_all)
         if not self.path.exists():
             os.replace(self.tmp, self.path)
             return self.path
@@ -320,10 +328,10 @@ def write_video(path: str | Path, images: Any, maps: LayerMaps, normalization: s
                           unit="layer", leave=False)
         last: list[np.ndarray] = []
         for frames in layers:
-            for sink, frame in zip(sinks, frames):
+            for sink, frame in zip(sinks, frames, strict=False):
                 sink.write(frame)
             last = frames
-        for sink, frame in zip(sinks, last):
+        for sink, frame in zip(sinks, last, strict=False):
             sink.hold(frame, hold_last)
         done = [sink.finish() for sink in sinks]
     except BaseException:
