@@ -19,11 +19,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lit_models import TinyLitNet
 
 from camanim.lightning.callback import CAManimCallback
 from camanim.lightning.loggers import EpochArtifacts, MLflowSink, logger_sinks, send_epoch
 from camanim.viz.video import iter_video
+from lit_models import TinyLitNet
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread", "wandb_offline")
 

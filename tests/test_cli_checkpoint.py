@@ -11,10 +11,10 @@ import json
 
 import pytest
 import torch
-from test_cli import TINY, image, tiny_cnn  # noqa: F401 - image is a fixture used below
 
 from camanim import CAManim, LayerMaps, cli
 from camanim.core.images import IMAGENET_MEAN, IMAGENET_STD, load_image, to_model_input
+from test_cli import TINY, image, tiny_cnn  # noqa: F401 - image is a fixture used below
 
 TARGET = 1
 

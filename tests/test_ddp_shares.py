@@ -16,13 +16,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from test_road import sharp_model
 
 import camanim
 import camanim.lightning.callback as callback_mod
 from camanim.errors import CAManimError
 from camanim.lightning.callback import CAManimCallback
 from camanim.lightning.distributed import merge_shares, score_share
+from test_road import sharp_model
 
 ROAD = dict(percentiles=(20, 50, 80), noise=0.05, seed=3, progress=False, batch_size=None,
             score="softmax")

@@ -13,10 +13,10 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import TinyCNN, no_hooks
 
 import camanim.core.guard as guard
 from camanim.core.guard import untouched
+from helpers import TinyCNN, no_hooks
 
 
 @pytest.fixture

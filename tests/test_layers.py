@@ -7,11 +7,11 @@ import warnings
 import pytest
 import torch
 import torchvision
-from helpers import no_hooks
 from torch import nn
 
 import camanim
 from camanim.core.layout import NCHW, NHWC, VECTOR
+from helpers import no_hooks
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_blocks_is_the_last_layer_before_each_downsampling(arch):
     table = camanim.list_layers(model, torch.randn(1, 3, size, size), "blocks")
     assert table.names == want
     sizes = [i.spatial_size for i in table.selected]
-    assert all(a[0] > b[0] for a, b in zip(sizes, sizes[1:]))      # one per stage, shrinking
+    assert all(a[0] > b[0] for a, b in zip(sizes, sizes[1:], strict=False))      # one per stage, shrinking
 
 
 def test_conv_on_resnet50_is_53_layers(r50):
@@ -148,7 +148,7 @@ def test_convnext_channels_last_layers_run_without_reshape_transform():
     assert ln.spatial_size == (ln.output_shape[1], ln.output_shape[2])
     maps = camanim.CAManim(model, "gradcam", "all")(x)
     assert len(maps) == len(table)
-    for r, info in zip(maps.raw, maps.layers):
+    for r, info in zip(maps.raw, maps.layers, strict=False):
         assert tuple(r.shape[1:]) == info.spatial_size
         assert torch.isfinite(r).all() and (r >= 0).all()
     assert no_hooks(model)
@@ -165,7 +165,7 @@ def test_maxvit_runs_with_all_and_skips_window_tensors():
     assert len(maps) > 10
     reasons = [i.skipped for i in table.skipped]
     assert any("layout cannot be told" in r for r in reasons)   # window/partition tensors
-    for r, info in zip(maps.raw, maps.layers):
+    for r, info in zip(maps.raw, maps.layers, strict=False):
         assert info.layout in (NCHW, NHWC)
         assert tuple(r.shape[1:]) == info.spatial_size
     assert no_hooks(model)

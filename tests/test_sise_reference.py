@@ -27,10 +27,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_seed_methods import acts_grads, np_binarize, np_otsu_split, twin
 from torch import nn
 
 from camanim.methods.sise import ada_sise, sise
+from test_seed_methods import acts_grads, np_binarize, np_otsu_split, twin
 
 ATOL = 1e-9
 

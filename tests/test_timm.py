@@ -257,6 +257,7 @@ def test_gradcam_equals_pytorch_grad_cam_with_a_hand_written_reshape(arch):
     test_equivalence.without_inplace). Tolerance: 1e-4 on the min-max
     normalized maps. camanim reads every layout itself (no reshape_transform)."""
     from pytorch_grad_cam import GradCAM
+
     from test_equivalence import without_inplace
 
     build, size, layers = EQUIVALENCE[arch]

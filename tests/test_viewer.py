@@ -13,13 +13,13 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
-from viewer_run import PROBES, tiny_run
 
 from camanim.core.maps import LayerMaps
 from camanim.errors import CAManimError
 from camanim.viewer.data import read_index, sprite_path, write_viewer_epoch
 from camanim.viewer.report import report_data, write_report
 from camanim.viz.overlay import iter_maps
+from viewer_run import PROBES, tiny_run
 
 pytest.importorskip("tensorboard")
 from werkzeug.test import Client  # noqa: E402 - after the skip

@@ -18,12 +18,12 @@ import time
 
 import numpy as np
 import pytest
-from viewer_run import PROBES, tiny_run
 
 from camanim.core.maps import LayerMaps
 from camanim.viewer.data import write_viewer_epoch
 from camanim.viewer.report import write_report
 from camanim.viz.render import FrameRenderer
+from viewer_run import PROBES, tiny_run
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed "
                                "(pip install playwright; a Chromium: apt-get install chromium)")

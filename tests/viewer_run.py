@@ -13,9 +13,9 @@ def tiny_run(root: Path, epochs: int = 2) -> tuple[Path, object]:
     """Train ``epochs`` epochs of `TinyLitNet` with the callback writing to
     ``root/run-a`` (maps saved, no videos); returns (run folder, probes)."""
     import lightning as L
-    from lit_models import TinyLitNet
 
     import camanim
+    from lit_models import TinyLitNet
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

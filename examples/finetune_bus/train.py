@@ -146,8 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "4-8 on a GPU machine)",
     )
     m = p.add_argument_group("model and training")
-    m.add_argument("--arch", type=_arch, default="resnet50", metavar="{%s,timm:NAME}"
-                   % ",".join(ARCHS),
+    m.add_argument("--arch", type=_arch, default="resnet50", metavar="{{{},timm:NAME}}".format(",".join(ARCHS)),
                    help="torchvision ResNet (resnet50 as in the paper; resnet18 for quick runs) "
                         "or a timm model, e.g. timm:convnext_tiny (random initial weights)")
     m.add_argument("--weights", default="none", metavar="{none,imagenet,PATH}",

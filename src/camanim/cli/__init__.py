@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import CAManimError
 from .common import DEVICES, FORMATS, Parser, input_args, model_args

@@ -10,7 +10,6 @@ from pathlib import Path
 from ..errors import CAManimError
 
 
-
 def add_study_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``study`` subcommand to an ``argparse`` subparsers object;
     dispatch with ``run_study(args)``."""

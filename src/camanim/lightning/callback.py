@@ -83,8 +83,8 @@ from ..metrics.road import FoldCache
 from ..runs.history import EpochRecord, History
 from .convergence import Convergence, media_fields, run_sanity
 from .distributed import Share, gather_objects, merge_shares, score_share
-from .loggers import LoggerMedia
 from .epoch import build_engine, epoch_record, finite_probes, pick, state_key_parts
+from .loggers import LoggerMedia
 from .media import (
     EpochMedia,
     MediaQueue,

@@ -53,22 +53,23 @@ import copy
 import csv
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..engine import CAManim
-from ..core.guard import eval_mode
 from ..core.files import atomic_path, save_figure, write_json
-from ..errors import CAManimError
+from ..core.guard import eval_mode
 from ..core.maps import exact_dtype
+from ..engine import CAManim
+from ..errors import CAManimError
 from .convergence import average_ranks, pearson_rows
-from .similarity import descriptor_corr, SsimReference, hog, hog_similarity, ssim
+from .similarity import SsimReference, descriptor_corr, hog, hog_similarity, ssim
 
 METRICS = ("spearman", "ssim", "hog")
 DEFAULT_THRESHOLD = 0.9
@@ -131,7 +132,7 @@ class SanityReport:
 
     @property
     def flagged_layers(self) -> list[str]:
-        return [n for n, f in zip(self.layers, self.flagged) if f]
+        return [n for n, f in zip(self.layers, self.flagged, strict=False) if f]
 
     @property
     def method_flagged(self) -> bool:
@@ -184,10 +185,10 @@ class SanityReport:
         sp, ss, hg = (self.mean(m) for m in METRICS)
         head = ("#", "layer", "spearman@1", "spearman@all", "ssim@all", "hog@all", "flag")
         rows = [(str(i), n, _fmt(sp[0, i]), _fmt(sp[-1, i]), _fmt(ss[-1, i]), _fmt(hg[-1, i]),
-                 "FLAG" if f else "") for i, (n, f) in enumerate(zip(self.layers, self.flagged))]
+                 "FLAG" if f else "") for i, (n, f) in enumerate(zip(self.layers, self.flagged, strict=False))]
         widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
         lines = ["  ".join(c.ljust(w) if j == 1 else c.rjust(w)
-                           for j, (c, w) in enumerate(zip(r, widths))).rstrip()
+                           for j, (c, w) in enumerate(zip(r, widths, strict=False))).rstrip()
                  for r in [head, tuple("-" * w for w in widths)] + rows]
         verdict = ("FLAGGED: the maps barely change when the model is randomized; they do not "
                    "explain the model" if self.method_flagged else
@@ -215,7 +216,7 @@ class SanityReport:
         label_size = 7 if n_layers <= 40 else (6 if n_layers <= 70 else 5)
         every = max(1, math.ceil(n_layers / 90))
         flags = self.flagged
-        for ax, m in zip(axes[0], METRICS):
+        for ax, m in zip(axes[0], METRICS, strict=False):
             data = self.mean(m).T                                    # (L, K)
             im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap="viridis",
                            vmin=-1, vmax=1, interpolation="nearest")
@@ -230,7 +231,7 @@ class SanityReport:
         ticks = list(range(0, n_layers, every))
         ax0.set_yticks(ticks)
         ax0.set_yticklabels([f"{i} {self.layers[i]}" for i in ticks], fontsize=label_size)
-        for t, i in zip(ax0.get_yticklabels(), ticks):
+        for t, i in zip(ax0.get_yticklabels(), ticks, strict=False):
             if flags[i]:
                 t.set_color("red")
         verdict = "FLAGGED" if self.method_flagged else "passed"

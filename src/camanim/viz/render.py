@@ -26,20 +26,21 @@ at a time, so memory does not grow with the number of layers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..errors import CAManimError
 from ..core.guard import one_torch_thread
-from .fonts import fit_text, join_fit, sans_font, short_names
-from .overlay import colormap_lut, display_images, iter_maps, overlay
 from ..core.images import IMAGENET_MEAN, IMAGENET_STD
 from ..core.layers import LayerInfo
 from ..core.maps import NORMALIZATIONS, LayerMaps
+from ..errors import CAManimError
+from .fonts import fit_text, join_fit, sans_font, short_names
+from .overlay import colormap_lut, display_images, iter_maps, overlay
 
 __all__ = ["render_frames", "FrameRenderer", "colormap_lut", "display_images", "iter_maps",
            "overlay", "panel_size", "road_scores", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -253,7 +254,7 @@ class FrameRenderer:
         size = (self.layout.ph, self.layout.pw)
         streams = [iter_maps(self.maps, n, size, overlay_on=(self.backgrounds, self.lut))
                    for n in self.norms]
-        for i, cams in enumerate(zip(*streams)):  # each: overlay panels (B, ph, pw, 3) uint8
+        for i, cams in enumerate(zip(*streams, strict=False)):  # each: overlay panels (B, ph, pw, 3) uint8
             yield [self._frame(i, cams, out) for out in range(self.n_outputs)]
 
     # ..................................................... drawing
