@@ -114,8 +114,7 @@ MUTATIONS: tuple[Mutation, ...] = (
              "targets=targets, layer_ids=idx, **road_kw)", "targets=targets, **road_kw)",
              ("tests/test_ddp_shares.py",)),
     Mutation("ddp: rank zero keeps only its own share", "src/camanim/lightning/callback.py",
-             "result = (result[0], [s for _, s in gathered], result[2])",
-             "result = (result[0], result[1], result[2])",
+             "            shares = [s for _, s in gathered]\n", "",
              ("tests/test_ddp_shares.py",)),
     # ---------------------------------------------------------------- ROAD
     Mutation("road: percentile counted from the other end", ROAD,

@@ -17,14 +17,18 @@ _WHERE = {
     "CAManim": ".engine",
     "CAManimCallback": ".lightning.callback",
     "CheckpointMeta": ".core.checkpoint",
+    "ConvergenceOptions": ".lightning.options",
     "ExplanationMaps": ".methods.sise",
     "IMAGENET_MEAN": ".core.images",
     "IMAGENET_STD": ".core.images",
     "LayerInfo": ".core.layers",
     "LayerMaps": ".core.maps",
     "LayerTable": ".core.layers",
+    "MediaOptions": ".lightning.options",
+    "RoadOptions": ".lightning.options",
     "RoadSummary": ".metrics.road",
     "SanityReport": ".metrics.sanity",
+    "VideoOptions": ".lightning.options",
     "YbRoad": ".metrics.road",
     "ada_sise": ".methods.sise",
     "checkpoint_meta": ".core.checkpoint",
@@ -51,7 +55,8 @@ __all__ = sorted(["CAManimError", *_WHERE])
 __version__ = "0.1.0"
 
 
-_SUBPACKAGES = ("cli", "core", "engine", "lightning", "methods", "metrics", "runs", "viz")
+_SUBPACKAGES = ("cli", "core", "engine", "lightning", "methods", "metrics", "runs", "viewer",
+                "viz")
 
 
 def __getattr__(name: str) -> Any:
