@@ -156,7 +156,8 @@ class CAManimPlugin(_Base):
                                "this TensorBoard has none")
         elif not body["runs"]:
             body["message"] = (f"no run under {self._root} has viewer data yet: it appears "
-                               "after the first CAManimCallback epoch (viewer=True)")
+                               "after the first CAManimCallback epoch "
+                               "(MediaOptions.viewer, on by default)")
         return _respond(json.dumps(body), "application/json")
 
     def _serve_index(self, request: Any) -> wrappers.Response:

@@ -146,7 +146,7 @@ def report_data(run_dir: str | Path, *, epochs: Sequence[int] | None = None,
         runs = find_runs(root)
     if not runs:
         raise CAManimError(f"no viewer data under {root}: it is written by CAManimCallback "
-                           "(viewer=True, the default) after each callback epoch")
+                           "(MediaOptions.viewer, on by default) after each callback epoch")
     label = {r: (root.resolve().name if r == "." else r) for r in runs}
     data = {label[r]: _run_data(root / r / VIEWER_DIR, epochs, layers, probes, frame_size)
             for r in runs}
