@@ -66,7 +66,8 @@ def test_blocks_is_the_last_layer_before_each_downsampling(arch):
     table = camanim.list_layers(model, torch.randn(1, 3, size, size), "blocks")
     assert table.names == want
     sizes = [i.spatial_size for i in table.selected]
-    assert all(a[0] > b[0] for a, b in zip(sizes, sizes[1:], strict=False))      # one per stage, shrinking
+    # one per stage, shrinking
+    assert all(a[0] > b[0] for a, b in zip(sizes, sizes[1:], strict=False))
 
 
 def test_conv_on_resnet50_is_53_layers(r50):
@@ -204,7 +205,7 @@ def test_token_grid_is_told_with_one_notice_and_reshape_transform_overrides():
         # the grid read by hand gives the same map; no notice with an override
         calls = []
 
-        def by_hand(t, p=prefix):
+        def by_hand(t, p=prefix, calls=calls):
             calls.append(t.shape)
             return t[:, p:].transpose(1, 2).reshape(t.shape[0], 8, 4, 4)
 

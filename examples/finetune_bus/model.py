@@ -55,7 +55,8 @@ def _how_to_get(arch: str) -> str:
         f"ImageNet weights for {arch} are not in torch's cache ({path}) and could not be "
         f"downloaded (no network?).\n"
         f"  - On a machine with network access run:\n"
-        f"      python -c \"import torchvision; torchvision.models.{arch}(weights='IMAGENET1K_V1')\"\n"
+        f"      python -c \"import torchvision; "
+        f"torchvision.models.{arch}(weights='IMAGENET1K_V1')\"\n"
         f"    then copy {path.name} into {path.parent}/ here (or set TORCH_HOME to a folder whose\n"
         f"    hub/checkpoints/ holds it), or pass the file itself: --weights /path/to/{path.name}\n"
         f"    (URL: {w.url})\n"
@@ -96,16 +97,18 @@ def build_backbone(arch: str = "resnet50", num_classes: int = 2, weights: str = 
             socket.setdefaulttimeout(download_timeout)
             try:
                 state = imagenet_weights(arch).get_state_dict(progress=True, check_hash=True)
-            except Exception as e:  # URLError, timeout, hash mismatch, ...
-                raise WeightsUnavailable(_how_to_get(arch) + f"\n  (error: {type(e).__name__}: {e})") from None
+            except Exception as e:  # noqa: BLE001 - any failure: re-raised as WeightsUnavailable
+                # URLError, timeout, hash mismatch, ...
+                raise WeightsUnavailable(_how_to_get(arch)
+                                         + f"\n  (error: {type(e).__name__}: {e})") from None
             finally:
                 socket.setdefaulttimeout(old)
         net.load_state_dict(state)
     elif weights not in (None, "none"):
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise WeightsUnavailable(f"--weights {weights}: no such file (use 'imagenet', 'none' or a "
-                                     f".pth state dict of torchvision's {arch})")
+            raise WeightsUnavailable(f"--weights {weights}: no such file (use 'imagenet', 'none' "
+                                     f"or a .pth state dict of torchvision's {arch})")
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint
             state = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
@@ -113,7 +116,8 @@ def build_backbone(arch: str = "resnet50", num_classes: int = 2, weights: str = 
         missing, unexpected = net.load_state_dict(state, strict=False)
         if set(missing) - {"fc.weight", "fc.bias"} or unexpected:
             raise ValueError(f"--weights {path}: not a {arch} state dict "
-                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+                             f"(missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]})")
     net.fc = nn.Linear(net.fc.in_features, num_classes)
     return net
 
@@ -130,7 +134,9 @@ class BUSClassifier(L.LightningModule):
     ``hyper_parameters``), for ``camanim explain`` and ``camanim sanity``."""
 
     def __init__(self, arch: str = "resnet50", num_classes: int = 2, weights: str = "none",
-                 lr: float = 1e-3, weight_decay: float = 1e-4, max_epochs: int = 10,
+                 lr: float = 1e-3,  # noqa: ARG002 - stored by save_hyperparameters, read as hparams
+                 weight_decay: float = 1e-4,  # noqa: ARG002 - the same
+                 max_epochs: int = 10,  # noqa: ARG002 - the same
                  class_names: Sequence[str] | None = None,
                  image_size: int | None = None,  # noqa: ARG002 - stored by save_hyperparameters
                  mean: Sequence[float] | None = None,  # noqa: ARG002 - the same
@@ -160,13 +166,14 @@ class BUSClassifier(L.LightningModule):
         p = logits.softmax(-1)
         return p[:, 1] if self.hparams.num_classes == 2 else p
 
-    def training_step(self, batch, batch_idx):
+    def training_step(self, batch, _batch_idx):
         logits = self(batch["image"])
         loss = F.cross_entropy(logits, batch["label"])
         self.train_acc(self._scores(logits.detach()), batch["label"])
         bs = batch["label"].shape[0]
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
-        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=bs)
         return loss
 
     def _eval_step(self, batch, stage: str):
@@ -181,16 +188,17 @@ class BUSClassifier(L.LightningModule):
 
     def _eval_epoch_end(self, stage: str):
         for name, metric in self.metrics[stage].items():
-            self.log(f"{stage}_{name}", metric.compute(), prog_bar=stage == "val" and name in ("acc", "auroc"))
+            self.log(f"{stage}_{name}", metric.compute(),
+                     prog_bar=stage == "val" and name in ("acc", "auroc"))
             metric.reset()
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, _batch_idx):
         return self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self):
         self._eval_epoch_end("val")
 
-    def test_step(self, batch, batch_idx):
+    def test_step(self, batch, _batch_idx):
         return self._eval_step(batch, "test")
 
     def on_test_epoch_end(self):
@@ -199,5 +207,6 @@ class BUSClassifier(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr,
                                 weight_decay=self.hparams.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.hparams.max_epochs))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt,
+                                                           T_max=max(1, self.hparams.max_epochs))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -146,31 +146,36 @@ def build_parser() -> argparse.ArgumentParser:
         "4-8 on a GPU machine)",
     )
     m = p.add_argument_group("model and training")
-    m.add_argument("--arch", type=_arch, default="resnet50", metavar="{{{},timm:NAME}}".format(",".join(ARCHS)),
+    m.add_argument("--arch", type=_arch, default="resnet50",
+                   metavar="{{{},timm:NAME}}".format(",".join(ARCHS)),
                    help="torchvision ResNet (resnet50 as in the paper; resnet18 for quick runs) "
                         "or a timm model, e.g. timm:convnext_tiny (random initial weights)")
     m.add_argument("--weights", default="none", metavar="{none,imagenet,PATH}",
-                   help="'imagenet': torchvision's ImageNet-1k weights (the paper; read from the torch cache "
-                        "$TORCH_HOME/hub/checkpoints, downloaded if missing, else the run stops and says how "
-                        "to get them); 'none': random initialization (offline default); or a path to a "
-                        "torchvision .pth state dict")
+                   help="'imagenet': torchvision's ImageNet-1k weights (the paper; read from the "
+                        "torch cache $TORCH_HOME/hub/checkpoints, downloaded if missing, else the "
+                        "run stops and says how to get them); 'none': random initialization "
+                        "(offline default); or a path to a torchvision .pth state dict")
     m.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], metavar="E",
-                   help="training epochs (each ends with validation; the best epoch is checkpointed)")
+                   help="training epochs (each ends with validation; the best epoch is "
+                        "checkpointed)")
     m.add_argument("--lr", type=float, default=None,
                    help=f"AdamW learning rate (cosine schedule over the epochs). Default: "
-                        f"{DEFAULTS['lr_none']:g} from random weights, {DEFAULTS['lr_imagenet']:g} when "
-                        f"fine-tuning pre-trained weights")
-    m.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (decoupled L2 penalty)")
+                        f"{DEFAULTS['lr_none']:g} from random weights, "
+                        f"{DEFAULTS['lr_imagenet']:g} when fine-tuning pre-trained weights")
+    m.add_argument("--weight-decay", type=float, default=1e-4,
+                   help="AdamW weight decay (decoupled L2 penalty)")
     m.add_argument("--monitor", choices=("val_loss", "val_auroc", "val_acc"), default="val_loss",
-                   help="validation metric that picks the best checkpoint (min for loss, max for "
-                        "auroc/acc; a tie goes to the later epoch). val_loss, the default, does not "
-                        "saturate: AUROC and accuracy reach 1.000 on a few validation images after "
-                        "an epoch or two and would keep a barely trained model")
+                   help="validation metric that picks the best checkpoint (min for loss, max "
+                        "for auroc/acc; a tie goes to the later epoch). val_loss, the default, "
+                        "does not saturate: AUROC and accuracy reach 1.000 on a few validation "
+                        "images after an epoch or two and would keep a barely trained model")
     m.add_argument("--seed", type=int, default=0,
-                   help="seeds everything: synthetic images, split, weights init, augmentation, batch order")
+                   help="seeds everything: synthetic images, split, weights init, augmentation, "
+                        "batch order")
     m.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="CPU threads for PyTorch (0: PyTorch's default, one per core). On a CPU shared "
-                        "with other jobs use 1: busy cores make parallel threads wait for each other "
+                   help="CPU threads for PyTorch (0: PyTorch's default, one per core). On a CPU "
+                        "shared with other jobs use 1: busy cores make parallel threads wait for "
+                        "each other "
                         "(measured 5-7x slower with 2 threads on a loaded 2-core machine)")
     m.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda", "mps"),
                    help="Lightning accelerator (auto: a GPU when there is one)")
@@ -179,17 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CAM method: gradcam, hirescam, gradcam++, layercam, xgradcam, eigencam, "
                         "scorecam, ablationcam, integrated-gradcam, sise, ada-sise, ...")
     c.add_argument("--cam-layers", default="conv", metavar="SEL",
-                   help="layers to animate: conv (every Conv2d call; ResNet-50 has 53), all, blocks, "
-                        "or comma-separated layer names")
+                   help="layers to animate: conv (every Conv2d call; ResNet-50 has 53), all, "
+                        "blocks, or comma-separated layer names")
     c.add_argument("--cam-max-layers", type=int, default=16, metavar="N",
-                   help="keep N evenly spaced layers of --cam-layers (0: all of them, as in the paper; "
-                        "ybROAD of all 53 ResNet-50 layers x 4 probes at 224 px makes training wait "
+                   help="keep N evenly spaced layers of --cam-layers (0: all of them, as in the "
+                        "paper; ybROAD of all 53 ResNet-50 layers x 4 probes at 224 px makes "
+                        "training wait "
                         "250 s per callback epoch on a quiet 2-core CPU, benchmarks/RESULTS.md)")
     c.add_argument("--cam-every", type=int, default=1, metavar="K",
-                   help="run CAManim and ybROAD on the probes every K epochs (and once at the end of fit)")
+                   help="run CAManim and ybROAD on the probes every K epochs (and once at the end "
+                        "of fit)")
     c.add_argument("--cam-probes", type=int, default=4, metavar="P",
-                   help="fixed probe images from the test split, malignant first, with their lesion masks "
-                        "(so the energy-based pointing game is logged beside ybROAD)")
+                   help="fixed probe images from the test split, malignant first, with their "
+                        "lesion masks (so the energy-based pointing game is logged beside ybROAD)")
     c.add_argument("--no-road", action="store_true", help="skip ybROAD (videos and EBPG only)")
     c.add_argument("--no-cam", action="store_true", help="train without the CAManim callback")
     c.add_argument("--no-explain", action="store_true",
@@ -230,7 +237,8 @@ def build_datamodule(args: argparse.Namespace) -> bus_data.BUSDataModule:
         split_file=args.split_file)
 
 
-def build_model(args: argparse.Namespace, datamodule: bus_data.BUSDataModule) -> bus_model.BUSClassifier:
+def build_model(args: argparse.Namespace,
+                datamodule: bus_data.BUSDataModule) -> bus_model.BUSClassifier:
     """The LightningModule; its checkpoints carry the input size, mean/std and class
     names (``hyper_parameters``), which ``camanim explain`` and ``sanity`` read."""
     return bus_model.BUSClassifier(

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"camanim {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,layers,study,sanity,report}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{explain,layers,study,sanity,report}")
 
     ex = sub.add_parser("explain", help="CAManim videos, contact sheet and summary for images",
                         description="Write a CAManim video per image and normalization, a "
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-layers", type=int, default=None, metavar="N",
                     help="keep at most N evenly spaced layers (0: all, the default)")
     ex.add_argument("--norm", default="local,global", metavar="local,global,both",
-                    help="normalizations, one video each; 'both' = side by side (default local,global)")
+                    help="normalizations, one video each; 'both' = side by side "
+                         "(default local,global)")
     ex.add_argument("--size", default=None, metavar="224|HxW|none",
                     help="model input size; none keeps the original resolution (default: the "
                          "checkpoint's training size when it holds one, else 224)")
@@ -89,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(ly)
     ly.add_argument("--layers", default="all", metavar="SEL",
                     help="conv, all (default), blocks, or comma-separated layer names")
-    ly.add_argument("--size", default="224", metavar="224|HxW", help="example input size (default 224)")
+    ly.add_argument("--size", default="224", metavar="224|HxW",
+                    help="example input size (default 224)")
     ly.set_defaults(func=cmd_layers)
     from .report import add_report_parser
     from .sanity import add_sanity_parser

@@ -56,9 +56,11 @@ def model_args(p: argparse.ArgumentParser) -> None:
                    help="a torchvision model name (resnet50, densenet161, ...), a timm model "
                         "(timm:convnext_tiny; random weights, load yours with --checkpoint) or an "
                         "importable "
-                        "'package.module:callable' / 'path/to/file.py:callable' returning an nn.Module")
+                        "'package.module:callable' / 'path/to/file.py:callable' returning an "
+                        "nn.Module")
     p.add_argument("--num-classes", type=int, default=None, metavar="K",
-                   help="output classes of a torchvision model (default: 1000; explain: or what --checkpoint holds)")
+                   help="output classes of a torchvision model (default: 1000; explain: or what "
+                        "--checkpoint holds)")
 
 
 
@@ -112,7 +114,8 @@ def target_index(text: str, classes: list[str] | None, n_out: int | None) -> int
     if text.lstrip("-").isdigit():
         k = int(text)
         if k < 0 or (n_out is not None and k >= n_out):
-            raise CAManimError(f"--target {k} is out of range: the model has {n_out} classes (0..{(n_out or 1) - 1})")
+            raise CAManimError(f"--target {k} is out of range: the model has {n_out} classes "
+                               f"(0..{(n_out or 1) - 1})")
         return k
     if not classes:
         raise CAManimError(f"--target {text!r}: class names are unknown for this model; pass an "
@@ -121,7 +124,8 @@ def target_index(text: str, classes: list[str] | None, n_out: int | None) -> int
     if text.lower() in low:
         return low.index(text.lower())
     close = difflib.get_close_matches(text.lower(), low, n=4, cutoff=0.5)
-    hint = f"; did you mean {', '.join(repr(classes[low.index(c)]) for c in close)}?" if close else ""
+    hint = (f"; did you mean {', '.join(repr(classes[low.index(c)]) for c in close)}?"
+            if close else "")
     raise CAManimError(f"--target {text!r} is not a class name of this model{hint}")
 
 
@@ -178,14 +182,14 @@ def input_settings(args: argparse.Namespace, meta: CheckpointMeta | None, quiet:
     has = meta is not None
     if args.size is not None:
         size, size_from = parse_size(args.size), "--size"
-        trained = meta.image_size if has else None
+        trained = meta.image_size if meta is not None else None
         if trained is not None and size != trained:
             shown = "none (original resolution)" if size is None else f"{size[0]}x{size[1]}"
             print(f"warning: --size {shown} differs from the training size "
                   f"{trained[0]}x{trained[1]} stored in {args.checkpoint}; predictions and maps "
                   "at another size can differ (omit --size to use the training size)",
                   file=sys.stderr)
-    elif has and meta.image_size is not None:
+    elif meta is not None and meta.image_size is not None:
         size, size_from = meta.image_size, src
     else:
         size, size_from = (224, 224), "default"
@@ -202,7 +206,7 @@ def input_settings(args: argparse.Namespace, meta: CheckpointMeta | None, quiet:
     (mean, mean_from), (std, std_from) = mean_std
     classes = parse_class_names(args.classes, None)
     classes_from = "--classes" if classes is not None else ""
-    if classes is None and has and meta.class_names is not None:
+    if classes is None and meta is not None and meta.class_names is not None:
         classes, classes_from = list(meta.class_names), src
     if not quiet:
         size_text = "original resolution" if size is None else f"{size[0]}x{size[1]}"

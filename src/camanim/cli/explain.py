@@ -96,7 +96,8 @@ def _setup(args: argparse.Namespace, first_rgb: Any) -> _Run:
                    and ":" not in args.model)
     label = f"{args.model} (random weights)" if random_init else args.model
     # Integrated Grad-CAM's black baseline is (0 - mean) / std: the images' normalization
-    ig = dict(mean=mean, std=std) if get_method(args.method).name == "integrated-gradcam" else {}
+    ig: dict[str, Any] = (dict(mean=mean, std=std)
+                          if get_method(args.method).name == "integrated-gradcam" else {})
     anim = CAManim(model, method=args.method, layers=layer_selector(args.layers),
                    max_layers=n_layers, seed=args.seed, progress=not quiet, **ig)
     return _Run(args=args, out=out, device=device, model=model, anim=anim, size=size, mean=mean,
@@ -194,7 +195,8 @@ def _summary(run: _Run, path: Path, stem: str, rgb: Any, x: torch.Tensor, maps: 
         probs = torch.softmax(logits.float(), dim=-1)[0]
     pred = int(probs.argmax()) if probs is not None else None
     tgt = int(maps.targets[0]) if maps.targets is not None else None
-    if run.target is not None and pred is not None and pred != run.target and not args.quiet:
+    if (run.target is not None and pred is not None and probs is not None
+            and pred != run.target and not args.quiet):
         def name(k: int) -> str:
             return run.class_name(k) or f"class {k}"
 

@@ -39,7 +39,8 @@ def add_sanity_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="keep at most N evenly spaced layers (0: all, the default)")
     p.add_argument("--blocks", default="children", metavar="children|leaves|A,B,...",
                    help="what one randomization step covers: the model's top-level children "
-                        "(default), every module with parameters (leaves), or module names, top first")
+                        "(default), every module with parameters (leaves), or module names, top "
+                        "first")
     p.add_argument("--threshold", type=float, default=0.9,
                    help="flag a layer whose mean Spearman after full randomization is above this "
                         "(default 0.9)")
@@ -125,8 +126,8 @@ def run_sanity(args: argparse.Namespace) -> int:
                     f"flagged layer)")
     if not args.quiet:
         print(table)           # results on stdout; the progress bar went to stderr
-        print(f"\nwrote sanity.txt, sanity.json, sanity.csv{'' if args.no_plot else ', sanity.png'} "
-              f"to {out}/")
+        png = "" if args.no_plot else ", sanity.png"
+        print(f"\nwrote sanity.txt, sanity.json, sanity.csv{png} to {out}/")
     if args.fail_on == "method" and report.method_flagged:
         return 1
     if args.fail_on == "layer" and report.flagged_layers:

@@ -26,7 +26,8 @@ from torch import nn
 from ..errors import CAManimError
 from .guard import eval_mode
 from .inputs import Target, resolve_targets, score_outputs
-from .layers import NHWC, TOKENS, LayerInfo
+from .layers import LayerInfo
+from .layout import NHWC, TOKENS
 
 
 @dataclass

@@ -83,7 +83,7 @@ def meta_from_hparams(hparams: Mapping[str, Any], path: str = "") -> CheckpointM
         parts = [size] if isinstance(size, Integral) else size
         if (isinstance(size, bool) or not isinstance(parts, (list, tuple))
                 or len(parts) not in (1, 2)
-                or not all(isinstance(v, Integral) and not isinstance(v, bool) and v > 0
+                or not all(isinstance(v, Integral) and not isinstance(v, bool) and int(v) > 0
                            for v in parts)):
             raise _bad(path, "image_size", "a positive int or [H, W]", size)
         size = (int(parts[0]), int(parts[-1]))

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -60,6 +60,7 @@ from .layout import (
 )
 
 Selector = str | Sequence[str] | Callable[[str, nn.Module], bool]
+ReshapeTransform = Callable[[torch.Tensor], torch.Tensor]
 
 # Pooling layers: their output only carries a map to the next resolution, it
 # is never "the last layer before a downsampling" (see block_layers).
@@ -172,7 +173,7 @@ class LayerTable:
     selected: list[LayerInfo]
     skipped: list[LayerInfo] = field(default_factory=list)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[LayerInfo]:
         return iter(self.selected)
 
     def __len__(self) -> int:
@@ -228,7 +229,7 @@ def _stride_one_resize(module: nn.Module, inp: Any, out: Any) -> tuple[tuple[int
     strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
     if any(int(s) != 1 for s in strides):
         return None
-    a, b = tuple(x.shape[2:4]), tuple(out.shape[2:4])
+    a, b = (int(x.shape[2]), int(x.shape[3])), (int(out.shape[2]), int(out.shape[3]))
     return (a, b) if a != b else None
 
 
@@ -255,8 +256,8 @@ class _Recorder:
             known.add(tuple(out.shape[2:4]))
         elif layout in SPATIAL and in_layout is not None:
             size = tuple(out.shape[2:4]) if layout == NCHW else tuple(out.shape[1:3])
-            if size not in known and downsized(in_layout[1], size):  # type: ignore[arg-type]
-                known.add(size)  # type: ignore[arg-type]
+            if size not in known and downsized(in_layout[1], size):
+                known.add(size)
 
     def hook(self, module: nn.Module, inp: Any, out: Any) -> None:
         self.counts[module] = k = self.counts.get(module, 0) + 1
@@ -370,7 +371,7 @@ def _call_name(rec: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------
 # selection
 
-def _drawable(info: LayerInfo, reshape_transform: Callable | None) -> str | None:
+def _drawable(info: LayerInfo, reshape_transform: ReshapeTransform | None) -> str | None:
     """Reason why ``info`` cannot be drawn, or ``None``."""
     if info.layout in SPATIAL:
         return None
@@ -409,7 +410,7 @@ def block_layers(cands: list[LayerInfo], calls: list[LayerInfo]) -> list[LayerIn
     return sorted(chosen, key=lambda i: i.order)
 
 
-def _notice(chosen: list[LayerInfo], reshape_transform: Callable | None) -> None:
+def _notice(chosen: list[LayerInfo], reshape_transform: ReshapeTransform | None) -> None:
     """One warning: how token layers were laid out (what was read from the
     model, or guessed from their length) and which layers get no gradient."""
     parts = []
@@ -440,7 +441,7 @@ def _feature_blocks(model: nn.Module, calls: list[LayerInfo]) -> list[LayerInfo]
     also on a wrapped model), or ``None`` when it has none that ran."""
     prefix, dicts = "", None
     for name, module in model.named_modules():
-        info = getattr(module, "feature_info", None)
+        info: Any = getattr(module, "feature_info", None)
         got = info.get_dicts() if hasattr(info, "get_dicts") else info
         if isinstance(got, (list, tuple)) and got and all(isinstance(d, dict) for d in got):
             prefix, dicts = name, got
@@ -462,7 +463,7 @@ def _feature_blocks(model: nn.Module, calls: list[LayerInfo]) -> list[LayerInfo]
 class _Keeper:
     """Splits candidate calls into drawable ones and skipped ones."""
 
-    def __init__(self, reshape_transform: Callable | None) -> None:
+    def __init__(self, reshape_transform: ReshapeTransform | None) -> None:
         self.reshape_transform = reshape_transform
         self.skipped: list[LayerInfo] = []
 
@@ -502,7 +503,7 @@ def _select_builtin(calls: list[LayerInfo], layers: str, model: nn.Module | None
 
 
 def _select_names(calls: list[LayerInfo], wanted: list[Any],
-                  reshape_transform: Callable | None) -> list[LayerInfo]:
+                  reshape_transform: ReshapeTransform | None) -> list[LayerInfo]:
     """The calls named in ``wanted``, in execution order; a clear error for
     an unknown or undrawable name."""
     if not wanted:
@@ -542,7 +543,7 @@ def _spaced(chosen: list[LayerInfo], max_layers: int | None) -> list[LayerInfo]:
 
 
 def select(calls: list[LayerInfo], layers: Selector, model: nn.Module | None = None,
-           reshape_transform: Callable | None = None,
+           reshape_transform: ReshapeTransform | None = None,
            max_layers: int | None = None) -> LayerTable:
     """Pick the drawable calls named by ``layers`` (see module docstring)."""
     keep = _Keeper(reshape_transform)
@@ -557,7 +558,9 @@ def select(calls: list[LayerInfo], layers: Selector, model: nn.Module | None = N
             "of layer names, or a callable (name, module) -> bool")
     elif callable(layers):
         modules = dict(model.named_modules()) if model is not None else {}
-        chosen = keep([i for i in calls if layers(i.name, modules.get(i.module_name))])
+        # without a model (select() called alone) the callable gets module None
+        chosen = keep([i for i in calls
+                       if layers(i.name, modules.get(i.module_name))])  # type: ignore[arg-type]
         if not chosen:
             raise CAManimError("the layer callable selected no drawable layer; "
                                "`camanim layers --model NAME --layers all` (or "
@@ -570,7 +573,7 @@ def select(calls: list[LayerInfo], layers: Selector, model: nn.Module | None = N
 
 
 def list_layers(model: nn.Module, example_input: torch.Tensor, layers: Selector = "all",
-                reshape_transform: Callable | None = None,
+                reshape_transform: ReshapeTransform | None = None,
                 max_layers: int | None = None) -> LayerTable:
     """Discover the layer calls of ``model`` on ``example_input`` and select.
 

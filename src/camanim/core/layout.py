@@ -310,6 +310,6 @@ def flag_zero_gradients(model: nn.Module, x: torch.Tensor, infos: list[Any]) -> 
             return
         grads = torch.autograd.grad(out.float().sum(), [o for _, o in pairs], allow_unused=True)
     for (info, _), g in zip(pairs, grads, strict=True):
-        prefix = info.token_grid[0]  # type: ignore[index]
+        prefix = info.token_grid[0]
         if g is not None and bool((g[:, prefix:] == 0).all()) and bool((g[:, :prefix] != 0).any()):
             info.zero_gradient = True

@@ -35,7 +35,7 @@ def layer_records(table: Any) -> list[dict[str, Any]]:
     ``index`` (in the selection; ``None`` when skipped), ``name``, ``type``,
     ``output_shape`` (per image), ``params`` (module and children),
     ``layout``, ``skipped`` (the reason, or ``None``)."""
-    rows = [(i, info) for i, info in enumerate(table.selected)]
+    rows: list[tuple[int | None, Any]] = [(i, info) for i, info in enumerate(table.selected)]
     rows += [(None, info) for info in table.skipped]
     return [{"index": i, "name": info.name, "type": info.type,
              "output_shape": tuple(info.output_shape[1:]), "params": info.params_total,
@@ -63,7 +63,8 @@ def layer_table_text(table: Any) -> str:
            f"{len(table.selected)} layers selected of {len(table.calls)} module calls "
            "(output shape per image: CxHxW for nchw, HxWxC for nhwc)"]
     if table.skipped:
-        rows = [(x.name, x.type, _shape(x.output_shape), x.skipped or "") for x in table.skipped]
+        skipped = [(x.name, x.type, _shape(x.output_shape), x.skipped or "")
+                   for x in table.skipped]
         out += [f"\nskipped ({len(table.skipped)}):",
-                text_table(("name", "type", "output shape", "reason"), rows)]
+                text_table(("name", "type", "output shape", "reason"), skipped)]
     return "\n".join(out)

@@ -37,7 +37,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -48,6 +48,7 @@ __all__ = ["EpochArtifacts", "MediaSink", "WandbSink", "MLflowSink", "LoggerMedi
 
 #: what a logger without a sink misses
 _MISSED = "the CAManim videos, ybROAD heatmaps and curves"
+_WandbFormat = Literal["gif", "mp4", "webm", "ogg"]  # wandb.Video(format=...)
 
 
 @dataclass
@@ -121,8 +122,10 @@ class WandbSink(MediaSink):
     def epoch(self, art: EpochArtifacts) -> None:
         import wandb
 
-        row: dict[str, Any] = {video_key(k): wandb.Video(str(p), format=p.suffix[1:])
-                               for k, p in sorted(art.videos.items())}
+        # the suffix is a format wandb knows (mp4, gif, webm: what write_frames writes)
+        row: dict[str, Any] = {
+            video_key(k): wandb.Video(str(p), format=cast(_WandbFormat, p.suffix[1:]))
+            for k, p in sorted(art.videos.items())}
         row.update({tag: wandb.Image(img) for tag, img in sorted(art.pictures.items())})
         if row:
             self._log(row, art.epoch)
@@ -203,7 +206,7 @@ def logger_sinks(loggers: Sequence[Any]) -> tuple[list[MediaSink], list[str]]:
 
 
 def _each(sinks: Sequence[MediaSink], what: str, call: Any) -> list[tuple[str, BaseException]]:
-    errors = []
+    errors: list[tuple[str, BaseException]] = []
     for sink in sinks:
         try:
             call(sink)

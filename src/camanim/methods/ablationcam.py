@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..core.capture import Hooks
 from ..core.inputs import score_outputs
-from ..core.layers import NHWC, TOKENS
+from ..core.layout import NHWC, TOKENS
 from ..errors import CAManimError
 from .base import LayerContext
 

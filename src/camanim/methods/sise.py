@@ -61,7 +61,8 @@ from tqdm.auto import tqdm
 from ..core.capture import capture, forward_logits
 from ..core.guard import eval_mode
 from ..core.inputs import SCORES, Target, check_images, logit_target, score_outputs
-from ..core.layers import NCHW, LayerInfo, Selector, list_layers
+from ..core.layers import LayerInfo, Selector, list_layers
+from ..core.layout import NCHW
 from ..core.maps import LayerMaps, image_size, minmax, wide
 from ..errors import CAManimError
 from .otsu import bin_index, histogram, otsu_binarize, otsu_split

@@ -121,14 +121,14 @@ class SanityReport:
     @property
     def final_spearman(self) -> np.ndarray:
         """``(L,)`` mean Spearman after full randomization."""
-        return self.mean("spearman")[-1]
+        return np.asarray(self.mean("spearman")[-1])
 
     @property
     def flagged(self) -> np.ndarray:
         """``(L,)`` bool: the layer's maps did not change (see module doc).
         A layer whose maps are all undefined (constant) is not flagged."""
         f = self.final_spearman
-        return np.nan_to_num(f, nan=-np.inf) > self.threshold
+        return np.asarray(np.nan_to_num(f, nan=-np.inf) > self.threshold)
 
     @property
     def flagged_layers(self) -> list[str]:
@@ -185,7 +185,8 @@ class SanityReport:
         sp, ss, hg = (self.mean(m) for m in METRICS)
         head = ("#", "layer", "spearman@1", "spearman@all", "ssim@all", "hog@all", "flag")
         rows = [(str(i), n, _fmt(sp[0, i]), _fmt(sp[-1, i]), _fmt(ss[-1, i]), _fmt(hg[-1, i]),
-                 "FLAG" if f else "") for i, (n, f) in enumerate(zip(self.layers, self.flagged, strict=False))]
+                 "FLAG" if f else "")
+                for i, (n, f) in enumerate(zip(self.layers, self.flagged, strict=False))]
         widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
         lines = ["  ".join(c.ljust(w) if j == 1 else c.rjust(w)
                            for j, (c, w) in enumerate(zip(r, widths, strict=False))).rstrip()
@@ -198,7 +199,8 @@ class SanityReport:
                f"flag: mean Spearman after full randomization > {self.threshold:g}; nan: the map "
                "is constant (e.g. all zero) in every image, no pixel ordering to compare",
                "similarities to the trained model's map: low is good (the map changes when the "
-               "weights it should explain are gone); near 1, the map shows the input, not the model",
+               "weights it should explain are gone); near 1, the map shows the input, not the "
+               "model",
                f"{verdict}"]
         return "\n".join(top + [""] + lines)
 
@@ -289,7 +291,8 @@ def _has_params(m: nn.Module, recurse: bool = True) -> bool:
     return any(True for _ in m.parameters(recurse=recurse))
 
 
-def find_blocks(model: nn.Module, x: torch.Tensor, blocks: Any = "children") -> list[tuple[str, list[nn.Module]]]:
+def find_blocks(model: nn.Module, x: torch.Tensor,
+                blocks: Any = "children") -> list[tuple[str, list[nn.Module]]]:
     """The blocks to randomize, top (closest to the logits) first.
 
     Args:
@@ -411,7 +414,8 @@ def sanity_check(model: nn.Module, images: torch.Tensor, method: Any = "gradcam"
         raise CAManimError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(threshold, bool) or not isinstance(threshold, (Real, np.number)) \
             or not -1 <= float(threshold) <= 1:
-        raise CAManimError(f"threshold must be a Spearman correlation in [-1, 1], got {threshold!r}")
+        raise CAManimError(
+            f"threshold must be a Spearman correlation in [-1, 1], got {threshold!r}")
     if isinstance(seed, bool) or not isinstance(seed, (Integral, np.integer)):
         raise CAManimError(f"seed must be an int, got {seed!r}")
     try:

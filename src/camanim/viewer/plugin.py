@@ -62,7 +62,7 @@ def _refuse(code: int) -> wrappers.Response:
 try:
     from tensorboard.plugins import base_plugin
 except ImportError:  # pragma: no cover - TensorBoard is a dependency; the report works without
-    base_plugin = None  # type: ignore[assignment]
+    base_plugin = None
 
 _Base: Any = base_plugin.TBPlugin if base_plugin is not None else object
 
@@ -114,7 +114,7 @@ class CAManimPlugin(_Base):
             return 400
         if run not in self.runs() and run not in self._fresh_runs():
             return 404
-        return self._root / run / VIEWER_DIR  # type: ignore[operator]
+        return self._root / run / VIEWER_DIR
 
     def _fresh_runs(self) -> list[str]:
         self._runs = (0.0, [])

@@ -38,7 +38,8 @@ def convergence_image(change: np.ndarray, epochs: Sequence[int], names: Sequence
     without a previous map (the first one): white and dotted; a single
     undefined cell (NaN: a constant map) is grey. ``(H, W, 3)`` uint8."""
     change = np.asarray(change, dtype=np.float64).reshape(len(epochs), len(names))
-    first = ~np.isfinite(change).any(axis=1) if len(names) else np.zeros(len(epochs), bool)
+    first = (np.asarray(~np.isfinite(change).any(axis=1)) if len(names)
+             else np.zeros(len(epochs), bool))
     return heatmap_image(change, epochs, names, title, cmap=CHANGE_CMAP, vmin=0.0, vmax=2.0,
                          mark_best=False, blank=first, note=CHANGE_NOTE)
 

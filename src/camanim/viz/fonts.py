@@ -84,19 +84,20 @@ def dropped_prefix(names: Sequence[str]) -> str:
     return ".".join(names[0].split(".")[:drop]) + "." if drop else ""
 
 
-def join_fit(parts: Sequence[str], font: Any, width: float, keep: int = 1,
+def join_fit(parts: Sequence[str | None], font: Any, width: float, keep: int = 1,
              sep: str = " · ") -> str:
     """``parts`` joined by ``sep`` within ``width`` pixels: the first ``keep``
     parts stay whole (only the first of them is cut, in the middle, when they
     alone are too wide); later parts follow while they fit, the first that
-    does not is cut at its end and the rest are dropped."""
-    parts = [p for p in parts if p]
-    head = parts[:keep]
+    does not is cut at its end and the rest are dropped. Empty (and ``None``)
+    parts are left out."""
+    kept = [p for p in parts if p]
+    head = kept[:keep]
     if head:
         rest = "".join(sep + p for p in head[1:])
         head[0] = fit_text(head[0], font, width - font.getlength(rest))
     out = sep.join(head)
-    for p in parts[keep:]:
+    for p in kept[keep:]:
         cand = out + sep + p if out else p
         if font.getlength(cand) <= width:
             out = cand

@@ -113,7 +113,7 @@ def _title_lines(title: str, font: Any, width: float, most: int = 3) -> list[str
 def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
                        title: str = "", *, cmap: str = "RdYlGn", vmin: float | None = None,
                        vmax: float | None = None, mask: np.ndarray | None = None,
-                       mark_best: bool = True, blank: Sequence[bool] | None = None,
+                       mark_best: bool = True, blank: Sequence[bool] | np.ndarray | None = None,
                        note: str | None = "auto") -> np.ndarray:
     """Epoch-by-layer ROAD heatmap (layers top to bottom, epochs left to
     right, each epoch's best layer marked, colour bar), ``(H, W, 3)`` uint8.
@@ -175,8 +175,8 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
             big = np.repeat(np.repeat(np.asarray(mask, bool).reshape(E, L).T, rh, 0), cw, 1)
             yy, xx = np.mgrid[0:ph, 0:pw]
             canvas[top:top + ph, x0:x0 + pw][big & ((xx + yy) % 4 == 0)] = (70, 70, 70)
-        for e in np.flatnonzero(np.asarray(blank, bool)) if blank is not None else ():
-            col = canvas[top:top + ph, x0 + e * cw:x0 + (e + 1) * cw]
+        for c in np.flatnonzero(np.asarray(blank, bool)) if blank is not None else ():
+            col = canvas[top:top + ph, x0 + c * cw:x0 + (c + 1) * cw]
             col[:] = _BLANK
             col[1::4, 1::4] = (150, 150, 150)
     bar = _colors(np.linspace(v, -v, ph)[:, None], v, lut)             # colour bar

@@ -97,7 +97,8 @@ def _even(n: float) -> int:
     return max(2, int(round(n / 2.0)) * 2)
 
 
-def panel_size(image_hw: tuple[int, int], size: int | Sequence[int] | None = None) -> tuple[int, int]:
+def panel_size(image_hw: tuple[int, int],
+               size: int | Sequence[int] | None = None) -> tuple[int, int]:
     """Even ``(H, W)`` of one image panel.
 
     ``size=None``: the image size, upscaled to at least `MIN_PANEL_WIDTH`
@@ -254,7 +255,8 @@ class FrameRenderer:
         size = (self.layout.ph, self.layout.pw)
         streams = [iter_maps(self.maps, n, size, overlay_on=(self.backgrounds, self.lut))
                    for n in self.norms]
-        for i, cams in enumerate(zip(*streams, strict=False)):  # each: overlay panels (B, ph, pw, 3) uint8
+        # each of cams: overlay panels (B, ph, pw, 3) uint8
+        for i, cams in enumerate(zip(*streams, strict=False)):
             yield [self._frame(i, cams, out) for out in range(self.n_outputs)]
 
     # ..................................................... drawing
@@ -330,7 +332,7 @@ class FrameRenderer:
         # and the normalization next, the title last (shortened first)
         norm = self.norms[0] if len(self.norms) == 1 else ""  # else the panels are labelled
         target = self._target_text(imgs[0]) if len(imgs) == 1 else ""
-        width = self._text_width(imgs)
+        width = self._text_width()
         method = self.maps.method or "CAM"
         if target and self.font.getlength(f"target: {target} · {method}") > width:
             target_bits = [target]                          # narrow: drop the "target:" word
@@ -352,7 +354,7 @@ class FrameRenderer:
         """Top of caption row ``k`` inside the band."""
         return self._pad // 2 + k * self.line + (2 if k else 0)
 
-    def _text_width(self, imgs: tuple[int, ...]) -> int:
+    def _text_width(self) -> int:
         """Room for caption rows 2-3 (left of the ybROAD curve, if any)."""
         if self.scores is None:
             return self.layout.width - 2 * self._pad
@@ -378,7 +380,7 @@ class FrameRenderer:
         info = self.maps.layers[i]
         im = Image.fromarray(band)
         d = ImageDraw.Draw(im)
-        pad, text_w = self._pad, self._text_width(imgs)
+        pad, text_w = self._pad, self._text_width()
         d.text((pad, self._row_y(0)), fit_text(f"{i + 1}/{len(self.maps)}  {self.labels[i]}",
                                            self.font_big, lay.width - 2 * pad),
                font=self.font_big, fill=_FG)
@@ -442,7 +444,8 @@ def render_frames(images: Any, maps: LayerMaps, normalization: str = "local",
             raise CAManimError(f"index {index} is out of range for {B} images")
         b = int(index) % B
         maps = maps.image(b)
-        road = None if road is None else road_scores(road, len(maps), B)[:, b:b + 1]
+        scores = road_scores(road, len(maps), B)  # None stays None
+        road = None if scores is None else scores[:, b:b + 1]
         images = _take(images, b)
     r = FrameRenderer(images, maps, normalization=normalization, colormap=colormap,
                       alpha=alpha, mean=mean, std=std, denormalize=denormalize, road=road,
