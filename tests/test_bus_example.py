@@ -71,7 +71,8 @@ def test_args_validation_and_lr_default(capsys):
     for bad, why in ((["--image-size", "16"], "--image-size must be at least 32"),
                      (["--limit", "3"], "--limit must be at least 6"),
                      (["--epochs", "0"], "--epochs must be at least 1"),
-                     (["--arch", "vgg16"], "invalid choice: 'vgg16'")):
+                     (["--arch", "vgg16"], "--arch must be one of resnet50, resnet18, "
+                                           "resnet34, resnet101 or timm:NAME, got 'vgg16'")):
         with pytest.raises(SystemExit, match="^2$"):       # argparse's usage-error status
             train.parse_args(bad)
         assert why in capsys.readouterr().err

@@ -57,7 +57,8 @@ def synced(monkeypatch, maps, own, gathered, rank=0):
     """Run `_run_synced` as rank ``rank`` of 2; return what `_write` got."""
     cb = CAManimCallback(torch.zeros(2, 3, 16, 20), log_videos=False, on_error="raise")
     written = {}
-    monkeypatch.setattr(cb, "_compute", lambda *_: (maps, [own], None))
+    done = callback_mod._Computed(maps=maps, share=own, ebpg=None, ranks=None, chance=None)
+    monkeypatch.setattr(cb, "_compute", lambda *_: done)
     monkeypatch.setattr(cb, "_write", lambda *args: written.update(road=args[3]))
     monkeypatch.setattr(callback_mod, "gather_objects", lambda *_: gathered)
     trainer = SimpleNamespace(global_rank=rank, world_size=2, is_global_zero=rank == 0)

@@ -24,7 +24,6 @@ The file is read with ``weights_only=True`` (no code from the file runs).
 
 from __future__ import annotations
 
-import pickle
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -128,8 +127,10 @@ def checkpoint_meta(path: str | Path) -> CheckpointMeta:
                 warnings.simplefilter("ignore")
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
             break
-        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
-            continue                         # a legacy (non-zip) file cannot be mapped
+        except Exception:  # noqa: BLE001 - a damaged or foreign file fails in many ways
+            # (weights_only's unpickler raises KeyError, AssertionError, ...); a legacy
+            # non-zip file cannot be mapped. Loading the weights reports the problem.
+            continue
     hp = obj.get("hyper_parameters") if isinstance(obj, dict) else None
     if not isinstance(hp, Mapping):
         return CheckpointMeta(path=str(path))
