@@ -301,8 +301,13 @@ def test_heatmap_mask_scale_and_curve_chance_line():
     hatched = heatmap_image(road, [0, 1], names, mask=mask)
     diff = np.argwhere((hatched != plain).any(-1))
     assert diff.size and (hatched[tuple(diff.T)] == (70, 70, 70)).all()  # only hatch pixels
+    # a fixed scale changes the colours, not the layout; the default colours carry
+    # their own legend line (HEATMAP_NOTE, about green cells), other colours none:
+    # compare with the default picture drawn without its legend
     fixed = heatmap_image(road, [0, 1], names, cmap="YlOrRd", vmin=0.0, vmax=1.0, mark_best=False)
-    assert fixed.shape == plain.shape and not np.array_equal(fixed, plain)
+    bare = heatmap_image(road, [0, 1], names, note=None)
+    assert plain.shape[0] > bare.shape[0] and plain.shape[1] == bare.shape[1]
+    assert fixed.shape == bare.shape and not np.array_equal(fixed, bare)
     curve = curve_image(road[0], names)
     with_line = curve_image(road[0], names, chance=0.05)
     red = (with_line == (214, 39, 40)).all(-1)

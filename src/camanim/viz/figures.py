@@ -24,7 +24,7 @@ from torch import nn
 from ..core.files import save_figure, write_text
 from ..core.maps import LayerMaps
 from ..errors import CAManimError
-from .fonts import sans_font, short_names
+from .fonts import sans_font, short_names, wrap_text
 from .overlay import colormap_lut, display_images, iter_maps, overlay
 from .plots import fit_figure
 from .render import road_scores
@@ -138,12 +138,17 @@ def contact_sheet(path: str | Path, images: Any, maps: LayerMaps,
     left = 0.3 if len(norms) > 1 else 0.08
     top, head = 0.36, 0.18
     notes = _sheet_notes(norms, scores is not None, maps.names)
-    bottom = 0.42 + (0.13 if scores is not None else 0.0) + 0.14 * len(notes)
     grid_w = n * tw_in + (n - 1) * gap
     title_w = sans_font(90).getlength(title) / 720 + 0.2      # 9 pt = 1/8 inch
     left += max(0.0, title_w - (left + grid_w + 0.08)) / 2
-    note_w = max((sans_font(65).getlength(n) / 720 + 0.2 for n in notes), default=0.0)  # 6.5 pt
-    fig_w = max(left + grid_w + 0.08, title_w, note_w)
+    fig_w = max(left + grid_w + 0.08, title_w, 3.0)
+    # legend lines (6.5 pt) wrapped to the figure's width; matplotlib draws
+    # them up to ~7% wider than PIL measures, hence the margin
+    nfont = sans_font(65)
+    notes = [ln for note in notes
+             for ln in wrap_text(note, nfont, (fig_w - 0.2) * 720 / 1.1)]
+    fig_w = max([fig_w] + [nfont.getlength(ln) * 1.1 / 720 + 0.2 for ln in notes])
+    bottom = 0.42 + (0.13 if scores is not None else 0.0) + 0.14 * len(notes)
     fig_h = top + head + len(norms) * th_in + (len(norms) - 1) * gap + bottom
     fig = plt.figure(figsize=(fig_w, fig_h))
     L, labels = len(maps), short_names(maps.names)
@@ -176,7 +181,7 @@ def contact_sheet(path: str | Path, images: Any, maps: LayerMaps,
 
 def _sheet_notes(norms: Sequence[str], road: bool, names: Sequence[str]) -> list[str]:
     """The legend lines under a contact sheet: how to read each row."""
-    from .fonts import dropped_prefix
+    from .fonts import dropped_prefix, prefix_note
 
     notes = []
     if "local" in norms:
@@ -190,7 +195,7 @@ def _sheet_notes(norms: Sequence[str], road: bool, names: Sequence[str]) -> list
                      "more than removing the least relevant")
     prefix = dropped_prefix(names)
     if prefix:
-        notes.append(f"layer names after '{prefix}'")
+        notes.append(prefix_note(prefix))
     return notes
 
 

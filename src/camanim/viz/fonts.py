@@ -12,7 +12,8 @@ from typing import Any
 
 from PIL import ImageFont
 
-__all__ = ["sans_font", "mono_font", "fit_text", "short_names", "dropped_prefix", "join_fit"]
+__all__ = ["sans_font", "mono_font", "fit_text", "wrap_text", "short_names", "dropped_prefix",
+           "prefix_note", "join_fit"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -54,6 +55,25 @@ def fit_text(text: str, font: Any, width: float, tail: bool = False) -> str:
     return "…" if font.getlength("…") <= width else ""
 
 
+def wrap_text(text: str, font: Any, width: float, most: int = 10) -> list[str]:
+    """``text`` broken at spaces onto at most ``most`` lines of ``width``
+    pixels, words kept whole; the last line is cut in the middle if the text
+    is still too long (or a word is wider than a line)."""
+    lines: list[str] = []
+    words = text.split(" ") if text else []
+    while words and len(lines) < most - 1:
+        k = len(words)
+        while k > 1 and font.getlength(" ".join(words[:k])) > width:
+            k -= 1
+        if font.getlength(" ".join(words[:k])) > width:
+            break                                    # one word wider than the line
+        lines.append(" ".join(words[:k]))
+        words = words[k:]
+    if words:
+        lines.append(fit_text(" ".join(words), font, width))
+    return lines
+
+
 def _shared_parts(names: Sequence[str]) -> int:
     """How many leading dotted parts `short_names` drops."""
     if len(set(names)) < 2:
@@ -82,6 +102,14 @@ def dropped_prefix(names: Sequence[str]) -> str:
     names = [str(n) for n in names]
     drop = _shared_parts(names)
     return ".".join(names[0].split(".")[:drop]) + "." if drop else ""
+
+
+def prefix_note(prefix: str) -> str:
+    """The legend line of a picture whose layer names lost ``prefix``
+    (`dropped_prefix`), e.g. "layer names without the shared prefix 'model'";
+    the prefix is named without its last dot, so that no text in the
+    picture reads like a full name."""
+    return f"layer names without the shared prefix '{prefix.rstrip('.')}'" if prefix else ""
 
 
 def join_fit(parts: Sequence[str | None], font: Any, width: float, keep: int = 1,

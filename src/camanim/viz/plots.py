@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .fonts import dropped_prefix, fit_text, mono_font, short_names
+from .fonts import dropped_prefix, fit_text, mono_font, prefix_note, short_names, wrap_text
 from .overlay import colormap_lut
 
 __all__ = ["ROAD_NOTE", "heatmap_image", "curve_image", "trajectories_image", "trajectories_figure",
@@ -95,19 +95,7 @@ def _colors(values: np.ndarray, v: float, lut: np.ndarray) -> np.ndarray:
 def _title_lines(title: str, font: Any, width: float, most: int = 3) -> list[str]:
     """``title`` broken at spaces onto at most ``most`` lines of ``width``
     pixels (the last cut in the middle if the title is still too long)."""
-    lines: list[str] = []
-    words = title.split(" ") if title else []
-    while words and len(lines) < most - 1:
-        k = len(words)
-        while k > 1 and font.getlength(" ".join(words[:k])) > width:
-            k -= 1
-        if font.getlength(" ".join(words[:k])) > width:
-            break                                    # one word wider than the line
-        lines.append(" ".join(words[:k]))
-        words = words[k:]
-    if words:
-        lines.append(fit_text(" ".join(words), font, width))
-    return lines
+    return wrap_text(title, font, width, most)
 
 
 def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
@@ -131,7 +119,7 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
     show, e.g. the first epoch of a map change); ``note``: a legend line
     under the picture (``"auto"``: `HEATMAP_NOTE` with the default colours,
     none otherwise). Layer names lose the prefix they all share; the
-    picture says which (``names after 'model.'``)."""
+    picture says which (`prefix_note`)."""
     from PIL import Image, ImageDraw
 
     road = np.asarray(road, dtype=np.float64).reshape(len(epochs), len(names))
@@ -144,7 +132,7 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
     if note == "auto":
         note = HEATMAP_NOTE if cmap == "RdYlGn" else None
     prefix = dropped_prefix(names)
-    notes = ([f"layer names after '{prefix}'"] if prefix else []) + ([note] if note else [])
+    notes = ([prefix_note(prefix)] if prefix else []) + ([note] if note else [])
     finite = road[np.isfinite(road)]
     v = float(np.abs(finite).max()) if finite.size else 1.0
     v = v if v > 0 else 1.0
@@ -252,7 +240,7 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
     notes = [ROAD_NOTE] + (["EBPG: share of the map's energy inside the lesion (1: all)"]
                            if ebpg is not None else [])
     if prefix:
-        notes.append(f"layer names after '{prefix}'")
+        notes.append(prefix_note(prefix))
     note_lines = [ln for n in notes for ln in _title_lines(n, font, width - 8, most=10)]
     height = top + ph + 6 + strip.shape[0] + 4 + 13 * len(note_lines)
     canvas = np.full((height, width, 3), 255, np.uint8)

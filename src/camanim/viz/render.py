@@ -328,23 +328,34 @@ class FrameRenderer:
                 d.line(pts, fill=_CURVE, width=max(1, lay.font // 10))
             elif pts:
                 d.point(pts, fill=_CURVE)
-        # the target's class name stays whole; the method (cut in the middle if it must)
-        # and the normalization next, the title last (shortened first)
+        caption, _ = self._caption(imgs)
+        d.text((self._pad, lay.grid_h + self._row_y(2)), caption, font=self.font, fill=_DIM)
+        strip_y = lay.grid_h + lay.band
+        d.rectangle([0, strip_y, lay.width, lay.height], fill=(55, 55, 55))
+        return np.asarray(im).copy()
+
+    def _caption(self, imgs: tuple[int, ...]) -> tuple[str, str]:
+        """Caption row 2 of output ``imgs`` and the class name moved to row 1
+        (``""`` when it is on row 2). The method (cut in the middle only if
+        it alone is too wide) and the normalization come first and stay
+        whole; the target's class name stays whole too: on row 2 ("target:"
+        dropped when narrow), else at the front of row 1 (full width); the
+        title is shortened first."""
         norm = self.norms[0] if len(self.norms) == 1 else ""  # else the panels are labelled
         target = self._target_text(imgs[0]) if len(imgs) == 1 else ""
         width = self._text_width()
         method = self.maps.method or "CAM"
-        if target and self.font.getlength(f"target: {target} · {method}") > width:
-            target_bits = [target]                          # narrow: drop the "target:" word
-        else:
-            target_bits = [target and f"target: {target}"]
-        bits = [method, norm, *target_bits, self.title]
-        keep = 1 + bool(norm) + bool(target)
-        d.text((self._pad, lay.grid_h + self._row_y(2)),
-               join_fit(bits, self.font, width, keep=keep), font=self.font, fill=_DIM)
-        strip_y = lay.grid_h + lay.band
-        d.rectangle([0, strip_y, lay.width, lay.height], fill=(55, 55, 55))
-        return np.asarray(im).copy()
+        head = [p for p in (method, norm) if p]
+        moved = ""
+        if target:
+            if self.font.getlength(" · ".join([*head, f"target: {target}"])) <= width:
+                head.append(f"target: {target}")
+            elif self.font.getlength(" · ".join([*head, target])) <= width:
+                head.append(target)                         # narrow: drop the "target:" word
+            else:
+                moved = target                              # narrower: to row 1
+        bits = [*head, self.title]
+        return join_fit(bits, self.font, width, keep=len(head)), moved
 
     @property
     def _pad(self) -> int:
@@ -384,9 +395,10 @@ class FrameRenderer:
         d.text((pad, self._row_y(0)), fit_text(f"{i + 1}/{len(self.maps)}  {self.labels[i]}",
                                            self.font_big, lay.width - 2 * pad),
                font=self.font_big, fill=_FG)
-        d.text((pad, self._row_y(1)),
-               fit_text(f"{info.type} · {shape_text(info)} · {_human(info.params_total)} params",
-                    self.font, lay.width - 2 * pad), font=self.font, fill=_FG)
+        _, target = self._caption(imgs)
+        row1 = [target, info.type, shape_text(info), f"{_human(info.params_total)} params"]
+        d.text((pad, self._row_y(1)), join_fit(row1, self.font, lay.width - 2 * pad, keep=1),
+               font=self.font, fill=_FG)
         series = self._score_series(imgs)
         if series is not None:
             v = series[i]
