@@ -76,6 +76,84 @@ def _label(name: str, width: int = 18) -> str:
     return "\n".join(lines[:3]) + ("…" if len(lines) > 3 else "")
 
 
+_GAP, _TOP, _HEAD = 0.06, 0.36, 0.18   # contact sheet (inches): between tiles, title, heads
+
+
+def _sheet_background(disp: np.ndarray, tile: int) -> np.ndarray:
+    """One ``(H, W, 3)`` image resized (bilinear, antialiased) so that its
+    long side is ``tile`` px (at least 8 px a side), values in 0..1."""
+    h, w = disp.shape[:2]
+    s = tile / max(h, w)
+    th, tw = max(8, int(round(h * s))), max(8, int(round(w * s)))
+    return torch.nn.functional.interpolate(torch.from_numpy(disp[None]).permute(0, 3, 1, 2),
+                                           size=(th, tw), mode="bilinear", align_corners=False,
+                                           antialias=True)[0].permute(1, 2, 0).clamp(0, 1).numpy()
+
+
+def _sheet_title(method: str, targets: torch.Tensor | None, b: int, norms: Sequence[str]) -> str:
+    """The default contact sheet title: method, target class, normalization."""
+    bits = [method or "CAM"]
+    if targets is not None:
+        bits.append(f"target class {int(targets.reshape(-1)[b])}")
+    bits.append(", ".join(norms) + " normalization")
+    return " · ".join(bits)
+
+
+def _sheet_layout(title: str, notes: list[str], n: int, n_rows: int, tile_in: tuple[float, float],
+                  road: bool) -> tuple[float, float, float, list[str]]:
+    """Explicit layout in inches: title, column heads, ``n_rows`` rows of
+    ``n`` tiles, names; wide enough for the title (DejaVu Sans,
+    matplotlib's default, 9 pt). Returns the grid's left edge, the figure's
+    width and height, and the legend lines wrapped to that width."""
+    tw_in, th_in = tile_in
+    left = 0.3 if n_rows > 1 else 0.08
+    grid_w = n * tw_in + (n - 1) * _GAP
+    title_w = sans_font(90).getlength(title) / 720 + 0.2      # 9 pt = 1/8 inch
+    left += max(0.0, title_w - (left + grid_w + 0.08)) / 2
+    fig_w = max(left + grid_w + 0.08, title_w, 3.0)
+    # legend lines (6.5 pt) wrapped to the figure's width; matplotlib draws
+    # them up to ~7% wider than PIL measures, hence the margin
+    nfont = sans_font(65)
+    notes = [ln for note in notes
+             for ln in wrap_text(note, nfont, (fig_w - 0.2) * 720 / 1.1)]
+    fig_w = max([fig_w] + [nfont.getlength(ln) * 1.1 / 720 + 0.2 for ln in notes])
+    bottom = 0.42 + (0.13 if road else 0.0) + 0.14 * len(notes)
+    fig_h = _TOP + _HEAD + n_rows * th_in + (n_rows - 1) * _GAP + bottom
+    return left, fig_w, fig_h, notes
+
+
+def _sheet_grid(fig: Any, tiles: dict[str, list[np.ndarray]], norms: Sequence[str],
+                picks: Sequence[int], labels: Sequence[str], road: np.ndarray | None,
+                left: float, tile_in: tuple[float, float], size: tuple[float, float]) -> None:
+    """Place the tiles, one row per normalization: depth heads over the
+    first row, the normalization left of each row (when several), layer
+    names (and ROAD, where finite) under the last; ``size``: the figure's
+    width and height (inches)."""
+    tw_in, th_in = tile_in
+    fig_w, fig_h = size
+    L = len(labels)
+    for r, norm in enumerate(norms):
+        for c, (i, im) in enumerate(zip(picks, tiles[norm], strict=False)):
+            x0 = left + c * (tw_in + _GAP)
+            y0 = fig_h - _TOP - _HEAD - (r + 1) * th_in - r * _GAP
+            ax = fig.add_axes((x0 / fig_w, y0 / fig_h, tw_in / fig_w, th_in / fig_h))
+            ax.imshow(im, interpolation="nearest")
+            ax.set_axis_off()
+            if r == 0:
+                depth = 100.0 * i / (L - 1) if L > 1 else 100.0
+                fig.text((x0 + tw_in / 2) / fig_w, (y0 + th_in + 0.03) / fig_h,
+                         f"{depth:.0f}%  ({i + 1}/{L})", ha="center", va="bottom", fontsize=7)
+            if c == 0 and len(norms) > 1:
+                fig.text((x0 - 0.05) / fig_w, (y0 + th_in / 2) / fig_h, norm, rotation=90,
+                         ha="right", va="center", fontsize=8)
+            if r == len(norms) - 1:
+                text = _label(labels[i], width=max(10, int(tw_in * 17)))
+                if road is not None and np.isfinite(road[i]):
+                    text += f"\nROAD {road[i]:+.3f}"
+                fig.text((x0 + tw_in / 2) / fig_w, (y0 - 0.03) / fig_h, text, ha="center",
+                         va="top", fontsize=6, linespacing=1.1)
+
+
 def contact_sheet(path: str | Path, images: Any, maps: LayerMaps,
                   normalization: str | Sequence[str] = "local", index: int = 0,
                   percentiles: Sequence[float] = PERCENTILES, colormap: str = "jet",
@@ -108,12 +186,8 @@ def contact_sheet(path: str | Path, images: Any, maps: LayerMaps,
     disp = display_images(images, mean, std, denormalize)
     if disp.shape[0] != B:
         raise CAManimError(f"got {disp.shape[0]} images for maps of {B} images")
-    h, w = disp.shape[1:3]
-    s = tile / max(h, w)
-    th, tw = max(8, int(round(h * s))), max(8, int(round(w * s)))
-    bg = torch.nn.functional.interpolate(torch.from_numpy(disp[b:b + 1]).permute(0, 3, 1, 2),
-                                         size=(th, tw), mode="bilinear", align_corners=False,
-                                         antialias=True)[0].permute(1, 2, 0).clamp(0, 1).numpy()
+    bg = _sheet_background(disp[b], tile)
+    th, tw = bg.shape[:2]
     picks = percentile_layers(len(maps), percentiles)
     scores = road_scores(road, len(maps), B)
     lut = colormap_lut(colormap)
@@ -123,55 +197,17 @@ def contact_sheet(path: str | Path, images: Any, maps: LayerMaps,
         want = set(picks)
         tiles[norm] = [overlay(bg, m[0], lut, alpha)
                        for i, m in enumerate(iter_maps(one, norm, (th, tw))) if i in want]
-
     if title is None:
-        bits = [maps.method or "CAM"]
-        if maps.targets is not None:
-            bits.append(f"target class {int(maps.targets.reshape(-1)[b])}")
-        bits.append(", ".join(norms) + " normalization")
-        title = " · ".join(bits)
-    # Explicit layout in inches: title, column heads, rows of tiles, names;
-    # wide enough for the title (DejaVu Sans, matplotlib's default, 9 pt).
+        title = _sheet_title(maps.method, maps.targets, b, norms)
     plt = _pyplot()
-    n, gap = len(picks), 0.06
-    tw_in, th_in = tw / dpi, th / dpi
-    left = 0.3 if len(norms) > 1 else 0.08
-    top, head = 0.36, 0.18
+    tile_in = (tw / dpi, th / dpi)
     notes = _sheet_notes(norms, scores is not None, maps.names)
-    grid_w = n * tw_in + (n - 1) * gap
-    title_w = sans_font(90).getlength(title) / 720 + 0.2      # 9 pt = 1/8 inch
-    left += max(0.0, title_w - (left + grid_w + 0.08)) / 2
-    fig_w = max(left + grid_w + 0.08, title_w, 3.0)
-    # legend lines (6.5 pt) wrapped to the figure's width; matplotlib draws
-    # them up to ~7% wider than PIL measures, hence the margin
-    nfont = sans_font(65)
-    notes = [ln for note in notes
-             for ln in wrap_text(note, nfont, (fig_w - 0.2) * 720 / 1.1)]
-    fig_w = max([fig_w] + [nfont.getlength(ln) * 1.1 / 720 + 0.2 for ln in notes])
-    bottom = 0.42 + (0.13 if scores is not None else 0.0) + 0.14 * len(notes)
-    fig_h = top + head + len(norms) * th_in + (len(norms) - 1) * gap + bottom
+    left, fig_w, fig_h, notes = _sheet_layout(title, notes, len(picks), len(norms), tile_in,
+                                              scores is not None)
     fig = plt.figure(figsize=(fig_w, fig_h))
-    L, labels = len(maps), short_names(maps.names)
-    for r, norm in enumerate(norms):
-        for c, (i, im) in enumerate(zip(picks, tiles[norm], strict=False)):
-            x0 = left + c * (tw_in + gap)
-            y0 = fig_h - top - head - (r + 1) * th_in - r * gap
-            ax = fig.add_axes((x0 / fig_w, y0 / fig_h, tw_in / fig_w, th_in / fig_h))
-            ax.imshow(im, interpolation="nearest")
-            ax.set_axis_off()
-            if r == 0:
-                depth = 100.0 * i / (L - 1) if L > 1 else 100.0
-                fig.text((x0 + tw_in / 2) / fig_w, (y0 + th_in + 0.03) / fig_h,
-                         f"{depth:.0f}%  ({i + 1}/{L})", ha="center", va="bottom", fontsize=7)
-            if c == 0 and len(norms) > 1:
-                fig.text((x0 - 0.05) / fig_w, (y0 + th_in / 2) / fig_h, norm, rotation=90,
-                         ha="right", va="center", fontsize=8)
-            if r == len(norms) - 1:
-                text = _label(labels[i], width=max(10, int(tw_in * 17)))
-                if scores is not None and np.isfinite(scores[i, b]):
-                    text += f"\nROAD {scores[i, b]:+.3f}"
-                fig.text((x0 + tw_in / 2) / fig_w, (y0 - 0.03) / fig_h, text, ha="center",
-                         va="top", fontsize=6, linespacing=1.1)
+    _sheet_grid(fig, tiles, norms, picks, short_names(maps.names),
+                None if scores is None else scores[:, b], left, tile_in,
+                (fig_w, fig_h))
     fig.text(0.5, 1 - 0.08 / fig_h, title, ha="center", va="top", fontsize=9)
     for k, note in enumerate(reversed(notes)):
         fig.text(0.08 / fig_w, (0.06 + 0.14 * k) / fig_h, note, ha="left", va="bottom",

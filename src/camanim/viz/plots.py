@@ -98,6 +98,87 @@ def _title_lines(title: str, font: Any, width: float, most: int = 3) -> list[str
     return wrap_text(title, font, width, most)
 
 
+def _heat_geometry(E: int, L: int) -> tuple[int, int]:
+    """Column width and row height (px) of an ``E``-epoch, ``L``-layer heatmap."""
+    cw = 24 if E <= 20 else 14 if E <= 40 else max(2, 560 // E)
+    rh = max(12, min(32, 320 // max(L, 1))) if L <= 80 else max(6, 960 // L)
+    return cw, rh
+
+
+def _heat_scale(road: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
+    """Centre and half-range of the colour scale: symmetric around 0 at the
+    largest absolute value, or the fixed ``vmin``..``vmax`` when given."""
+    finite = road[np.isfinite(road)]
+    v = float(np.abs(finite).max()) if finite.size else 1.0
+    v = v if v > 0 else 1.0
+    mid = 0.0
+    if vmin is not None or vmax is not None:  # a fixed scale: shift it to be symmetric
+        lo = float(vmin) if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+        hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+        mid, v = (lo + hi) / 2, max((hi - lo) / 2, 1e-12)
+    return mid, v
+
+
+def _heat_cells(canvas: np.ndarray, road: np.ndarray, mid: float, v: float, lut: np.ndarray,
+                mask: np.ndarray | None, blank: Sequence[bool] | np.ndarray | None,
+                origin: tuple[int, int], cell: tuple[int, int]) -> None:
+    """Paint the ``(E, L)`` cells into ``canvas`` at ``origin`` (x, y):
+    colours, hatching where ``mask``, white dotted columns where ``blank``."""
+    (x0, top), (cw, rh) = origin, cell
+    E, L = road.shape
+    ph, pw = rh * L, cw * max(E, 1)
+    cells = _colors(road.T - mid, v, lut)                            # (L, E, 3)
+    canvas[top:top + ph, x0:x0 + pw] = np.repeat(np.repeat(cells, rh, 0), cw, 1)
+    if mask is not None:  # diagonal hatching, every 4th pixel
+        big = np.repeat(np.repeat(np.asarray(mask, bool).reshape(E, L).T, rh, 0), cw, 1)
+        yy, xx = np.mgrid[0:ph, 0:pw]
+        canvas[top:top + ph, x0:x0 + pw][big & ((xx + yy) % 4 == 0)] = (70, 70, 70)
+    for c in np.flatnonzero(np.asarray(blank, bool)) if blank is not None else ():
+        col = canvas[top:top + ph, x0 + c * cw:x0 + (c + 1) * cw]
+        col[:] = _BLANK
+        col[1::4, 1::4] = (150, 150, 150)
+
+
+def _heat_best(d: Any, road: np.ndarray, mask: np.ndarray | None, mark_best: bool,
+               origin: tuple[int, int], cell: tuple[int, int]) -> None:
+    """Circle each epoch's best layer, except in columns where every finite
+    cell is masked (nothing there beats chance)."""
+    (x0, top), (cw, rh) = origin, cell
+    E, L = road.shape
+    masked = None if mask is None else np.asarray(mask, bool).reshape(E, L)
+    hidden = [masked is not None and bool(masked[e][np.isfinite(road[e])].all())
+              for e in range(E)]
+    for e in range(E if mark_best else 0):
+        if np.isfinite(road[e]).any() and not hidden[e]:    # no "best" where none beats chance
+            b = int(np.nanargmax(road[e]))
+            cx, cy, r = x0 + e * cw + cw / 2, top + b * rh + rh / 2, max(2, min(cw, rh) / 2 - 2)
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(0, 0, 0), width=2)
+
+
+def _heat_axes_text(d: Any, font: Any, epochs: Sequence[int], bar_labels: list[tuple[str, float]],
+                    origin: tuple[int, int], plot: tuple[int, int], cw: int, bx: int) -> None:
+    """Epoch ticks (every k-th where columns are thin), the ``epoch`` label
+    and the colour bar's labels."""
+    (x0, top), (pw, ph) = origin, plot
+    tick_w = max((font.getlength(str(e)) for e in epochs), default=0) + 8
+    for e in range(0, len(epochs), max(1, math.ceil(tick_w / cw))):
+        d.text((x0 + e * cw + cw / 2, top + ph + 3), str(epochs[e]), font=font, fill=_INK,
+               anchor="ma")
+    d.text((x0 + pw / 2, top + ph + 18), "epoch", font=font, fill=_INK, anchor="ma")
+    for text, f in bar_labels:
+        anchor = "la" if f == 0 else "ld" if f == 1 else "lm"   # ends stay inside
+        d.text((bx + 13, top + f * ph), text, font=font, fill=_INK, anchor=anchor)
+
+
+def _heat_notes(names: Sequence[str], cmap: str, note: str | None) -> list[str]:
+    """The legend lines under a heatmap: the dropped name prefix, then
+    ``note`` (``"auto"``: `HEATMAP_NOTE` with the default colours)."""
+    if note == "auto":
+        note = HEATMAP_NOTE if cmap == "RdYlGn" else None
+    prefix = dropped_prefix(names)
+    return ([prefix_note(prefix)] if prefix else []) + ([note] if note else [])
+
+
 def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
                        title: str = "", *, cmap: str = "RdYlGn", vmin: float | None = None,
                        vmax: float | None = None, mask: np.ndarray | None = None,
@@ -124,75 +205,131 @@ def heatmap_image(road: np.ndarray, epochs: Sequence[int], names: Sequence[str],
 
     road = np.asarray(road, dtype=np.float64).reshape(len(epochs), len(names))
     E, L = road.shape
-    cw = 24 if E <= 20 else 14 if E <= 40 else max(2, 560 // E)
-    rh = max(12, min(32, 320 // max(L, 1))) if L <= 80 else max(6, 960 // L)
+    cw, rh = _heat_geometry(E, L)
     fs = label_size(rh)
     strip = _label_strip(short_names(names), rh, fs, rotate=False)
     font, tfont = mono_font(10), mono_font(11)
-    if note == "auto":
-        note = HEATMAP_NOTE if cmap == "RdYlGn" else None
-    prefix = dropped_prefix(names)
-    notes = ([prefix_note(prefix)] if prefix else []) + ([note] if note else [])
-    finite = road[np.isfinite(road)]
-    v = float(np.abs(finite).max()) if finite.size else 1.0
-    v = v if v > 0 else 1.0
-    mid = 0.0
-    if vmin is not None or vmax is not None:  # a fixed scale: shift it to be symmetric
-        lo = float(vmin) if vmin is not None else (float(finite.min()) if finite.size else 0.0)
-        hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else 1.0)
-        mid, v = (lo + hi) / 2, max((hi - lo) / 2, 1e-12)
+    notes = _heat_notes(names, cmap, note)
+    mid, v = _heat_scale(road, vmin, vmax)
     bar_labels = [(f"{val:+.2g}", y) for val, y in ((mid + v, 0.0), (mid, 0.5), (mid - v, 1.0))]
-    gap = 4
-    x0 = strip.shape[1] + gap
+    x0 = strip.shape[1] + 4
     pw, ph = cw * max(E, 1), rh * L
     bx = x0 + pw + 10
     width = max(x0 + pw + 70, bx + 16 + int(max(font.getlength(t) for t, _ in bar_labels)) + 6)
     lines = _title_lines(title, tfont, width - 8)
     note_lines = [ln for n in notes for ln in _title_lines(n, font, width - 8, most=10)]
-    bottom = 34 + 13 * len(note_lines)
     top = 10 + 14 * max(1, len(lines))
-    height = top + ph + bottom
-    im = Image.new("RGB", (width, height), _BG)
-    canvas = np.asarray(im).copy()
+    height = top + ph + 34 + 13 * len(note_lines)
+    canvas = np.asarray(Image.new("RGB", (width, height), _BG)).copy()
     canvas[top - fs:top + ph + fs, :strip.shape[1]] = strip
     lut = colormap_lut(cmap)
     if E:
-        cells = _colors(road.T - mid, v, lut)                            # (L, E, 3)
-        canvas[top:top + ph, x0:x0 + pw] = np.repeat(np.repeat(cells, rh, 0), cw, 1)
-        if mask is not None:  # diagonal hatching, every 4th pixel
-            big = np.repeat(np.repeat(np.asarray(mask, bool).reshape(E, L).T, rh, 0), cw, 1)
-            yy, xx = np.mgrid[0:ph, 0:pw]
-            canvas[top:top + ph, x0:x0 + pw][big & ((xx + yy) % 4 == 0)] = (70, 70, 70)
-        for c in np.flatnonzero(np.asarray(blank, bool)) if blank is not None else ():
-            col = canvas[top:top + ph, x0 + c * cw:x0 + (c + 1) * cw]
-            col[:] = _BLANK
-            col[1::4, 1::4] = (150, 150, 150)
+        _heat_cells(canvas, road, mid, v, lut, mask, blank, (x0, top), (cw, rh))
     bar = _colors(np.linspace(v, -v, ph)[:, None], v, lut)             # colour bar
     canvas[top:top + ph, bx:bx + 10] = np.repeat(bar, 10, 1)
     im = Image.fromarray(canvas)
     d = ImageDraw.Draw(im)
     d.rectangle([x0 - 1, top - 1, x0 + pw, top + ph], outline=_INK)
-    masked = None if mask is None else np.asarray(mask, bool).reshape(E, L)
-    hidden = [masked is not None and bool(masked[e][np.isfinite(road[e])].all())
-              for e in range(E)]
-    for e in range(E if mark_best else 0):
-        if np.isfinite(road[e]).any() and not hidden[e]:    # no "best" where none beats chance
-            b = int(np.nanargmax(road[e]))
-            cx, cy, r = x0 + e * cw + cw / 2, top + b * rh + rh / 2, max(2, min(cw, rh) / 2 - 2)
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(0, 0, 0), width=2)
-    tick_w = max((font.getlength(str(e)) for e in epochs), default=0) + 8
-    for e in range(0, E, max(1, math.ceil(tick_w / cw))):
-        d.text((x0 + e * cw + cw / 2, top + ph + 3), str(epochs[e]), font=font, fill=_INK,
-               anchor="ma")
-    d.text((x0 + pw / 2, top + ph + 18), "epoch", font=font, fill=_INK, anchor="ma")
-    for text, f in bar_labels:
-        anchor = "la" if f == 0 else "ld" if f == 1 else "lm"   # ends stay inside
-        d.text((bx + 13, top + f * ph), text, font=font, fill=_INK, anchor=anchor)
+    _heat_best(d, road, mask, mark_best, (x0, top), (cw, rh))
+    _heat_axes_text(d, font, epochs, bar_labels, (x0, top), (pw, ph), cw, bx)
     for k, line in enumerate(lines):
         d.text((4, 6 + 14 * k), line, font=tfont, fill=_INK)
     for k, line in enumerate(note_lines):
         d.text((4, top + ph + 32 + 13 * k), line, font=font, fill=(90, 90, 90))
     return np.asarray(im)
+
+
+def _curve_range(finite: np.ndarray, chance: float | None,
+                 ph: int) -> tuple[float, float, list[tuple[float, str]]]:
+    """The y range of a curve (finite ROAD values and the chance line, 0
+    included, padded by 8%) and its ticks: the lowest score, zero and the
+    highest, an end close to zero left out."""
+    if chance is not None:
+        finite = np.append(finite, chance)  # keep the line inside the axes
+    lo = min(0.0, float(finite.min())) if finite.size else -1.0
+    hi = max(0.0, float(finite.max())) if finite.size else 1.0
+    if hi - lo < 1e-12:
+        hi = lo + 1.0
+    pad = 0.08 * (hi - lo)
+    ticks = [(0.0, "+0")] + [(val, f"{val:+.3g}") for val in (lo, hi)
+                             if abs(val) / (hi - lo) * ph / 1.16 > 12]
+    return lo - pad, hi + pad, ticks
+
+
+def _curve_y(val: float, top: int, ph: int, a: float, b: float) -> float:
+    """The pixel row of ``val`` on an axis from ``a`` (bottom) to ``b`` (top)."""
+    return top + ph - (val - a) / (b - a) * ph
+
+
+def _dashed(d: Any, xa: float, ya: float, xb: float, yb: float, fill: Any = _EBPG) -> None:
+    """A dashed line from (xa, ya) to (xb, yb): five dashes, 2 px wide."""
+    for k in range(0, 10, 2):
+        f0, f1 = k / 10, (k + 1) / 10
+        d.line([(xa + (xb - xa) * f0, ya + (yb - ya) * f0),
+                (xa + (xb - xa) * f1, ya + (yb - ya) * f1)], fill=fill, width=2)
+
+
+def _curve_notes(names: Sequence[str], ebpg: bool) -> list[str]:
+    """The legend lines under a curve: how to read ROAD (and EBPG), the
+    dropped name prefix."""
+    prefix = dropped_prefix(names)
+    notes = [ROAD_NOTE] + (["EBPG: share of the map's energy inside the lesion (1: all)"]
+                           if ebpg else [])
+    if prefix:
+        notes.append(prefix_note(prefix))
+    return notes
+
+
+def _curve_legend(d: Any, font: Any, legend: list[tuple[str, Any, bool]], best_text: str,
+                  width: int) -> None:
+    """The legend row above a curve: a line sample and name per series,
+    then the best layer (cut to fit)."""
+    x = 4.0
+    for text, color, dash in legend:
+        if dash:
+            _dashed(d, x, 29, x + 20, 29, color)
+        else:
+            d.line([(x, 29), (x + 20, 29)], fill=color, width=2)
+        d.text((x + 26, 29), text, font=font, fill=color, anchor="lm")
+        x += 26 + font.getlength(text) + 12
+    if best_text:
+        d.text((x, 29), fit_text(best_text, font, width - x - 4), font=font, fill=_INK,
+               anchor="lm")
+
+
+def _curve_ebpg(d: Any, font: Any, ebpg: np.ndarray, frame: tuple[int, int, int, int],
+                cw: int) -> None:
+    """EBPG per layer, dashed, on a 0..1 axis labelled on the right."""
+    left, top, pw, ph = frame
+    eb = np.asarray(ebpg, dtype=np.float64).reshape(-1)
+    pts = [(left + i * cw + cw / 2, _curve_y(float(e), top, ph, 0.0, 1.0))
+           for i, e in enumerate(eb) if np.isfinite(e)]
+    for (xa, ya), (xb, yb) in zip(pts[:-1], pts[1:], strict=False):
+        _dashed(d, xa, ya, xb, yb)
+    for val in (0.0, 1.0):
+        d.text((left + pw + 4, _curve_y(val, top, ph, 0.0, 1.0)), f"{val:.0f}", font=font,
+               fill=_EBPG, anchor="lm")
+
+
+def _curve_road(d: Any, road: np.ndarray, best: int, chance: float | None,
+                frame: tuple[int, int, int, int], cw: int, span: tuple[float, float]) -> None:
+    """The chance line (dashed red), the ROAD curve with its points, and the
+    best layer's point in gold."""
+    left, top, pw, ph = frame
+    lo, hi = span
+    if chance is not None:
+        yc = _curve_y(chance, top, ph, lo, hi)
+        for xc in range(left, left + pw, 8):
+            d.line([(xc, yc), (min(xc + 4, left + pw), yc)], fill=_CHANCE, width=1)
+    pts = [(left + i * cw + cw / 2, _curve_y(float(r), top, ph, lo, hi))
+           for i, r in enumerate(road) if np.isfinite(r)]
+    if len(pts) > 1:
+        d.line(pts, fill=_ROAD, width=2)
+    for x, y in pts:
+        d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=_ROAD)
+    if best >= 0:
+        x, y = left + best * cw + cw / 2, _curve_y(float(road[best]), top, ph, lo, hi)
+        d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=(245, 197, 24), outline=(0, 0, 0))
 
 
 def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
@@ -216,17 +353,7 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
     finite = road[np.isfinite(road)]
     best = int(np.nanargmax(road)) if finite.size else -1
     chance = None if chance is None or not math.isfinite(float(chance)) else float(chance)
-    if chance is not None:
-        finite = np.append(finite, chance)  # keep the line inside the axes
-    lo = min(0.0, float(finite.min())) if finite.size else -1.0
-    hi = max(0.0, float(finite.max())) if finite.size else 1.0
-    if hi - lo < 1e-12:
-        hi = lo + 1.0
-    pad = 0.08 * (hi - lo)
-    # ticks at the lowest, zero and the highest score; an end close to zero is left out
-    ticks = [(0.0, "+0")] + [(val, f"{val:+.3g}") for val in (lo, hi)
-                             if abs(val) / (hi - lo) * ph / 1.16 > 12]
-    lo, hi = lo - pad, hi + pad
+    lo, hi, ticks = _curve_range(finite, chance, ph)
     left = int(max(font.getlength(t) for _, t in ticks)) + 12
     right = max(fs + 2, int(font.getlength("1")) + 12 if ebpg is not None else 16)
     pw = cw * L
@@ -236,65 +363,22 @@ def curve_image(road: np.ndarray, names: Sequence[str], title: str = "",
     best_text = f"best: {labels[best]} ({road[best]:+.3g})" if best >= 0 else ""
     legend_w = sum(26 + font.getlength(t) + 12 for t, _, _ in legend) + font.getlength(best_text)
     width = max(left + pw + right, int(legend_w) + 12, min(900, int(tfont.getlength(title)) + 10))
-    prefix = dropped_prefix(names)
-    notes = [ROAD_NOTE] + (["EBPG: share of the map's energy inside the lesion (1: all)"]
-                           if ebpg is not None else [])
-    if prefix:
-        notes.append(prefix_note(prefix))
+    notes = _curve_notes(names, ebpg is not None)
     note_lines = [ln for n in notes for ln in _title_lines(n, font, width - 8, most=10)]
     height = top + ph + 6 + strip.shape[0] + 4 + 13 * len(note_lines)
     canvas = np.full((height, width, 3), 255, np.uint8)
     canvas[top + ph + 6: top + ph + 6 + strip.shape[0], left - fs:left + pw + fs] = strip
     im = Image.fromarray(canvas)
     d = ImageDraw.Draw(im)
-
-    def y_of(val: float, a: float = lo, b: float = hi) -> float:
-        return top + ph - (val - a) / (b - a) * ph
-
-    def x_of(i: int) -> float:
-        return left + i * cw + cw / 2
-
-    def dashed(xa: float, ya: float, xb: float, yb: float, fill: Any = _EBPG) -> None:
-        for k in range(0, 10, 2):
-            f0, f1 = k / 10, (k + 1) / 10
-            d.line([(xa + (xb - xa) * f0, ya + (yb - ya) * f0),
-                    (xa + (xb - xa) * f1, ya + (yb - ya) * f1)], fill=fill, width=2)
-
     d.rectangle([left, top, left + pw, top + ph], outline=_INK)
-    d.line([(left, y_of(0.0)), (left + pw, y_of(0.0))], fill=_GRID)
+    d.line([(left, _curve_y(0.0, top, ph, lo, hi)), (left + pw, _curve_y(0.0, top, ph, lo, hi))],
+           fill=_GRID)
     for val, text in ticks:
-        d.text((left - 4, y_of(val)), text, font=font, fill=_INK, anchor="rm")
-    x = 4.0                                                      # legend row
-    for text, color, dash in legend:
-        if dash:
-            dashed(x, 29, x + 20, 29, color)
-        else:
-            d.line([(x, 29), (x + 20, 29)], fill=color, width=2)
-        d.text((x + 26, 29), text, font=font, fill=color, anchor="lm")
-        x += 26 + font.getlength(text) + 12
-    if best_text:
-        d.text((x, 29), fit_text(best_text, font, width - x - 4), font=font, fill=_INK,
-               anchor="lm")
+        d.text((left - 4, _curve_y(val, top, ph, lo, hi)), text, font=font, fill=_INK, anchor="rm")
+    _curve_legend(d, font, legend, best_text, width)
     if ebpg is not None:
-        eb = np.asarray(ebpg, dtype=np.float64).reshape(-1)
-        pts = [(x_of(i), y_of(float(e), 0.0, 1.0)) for i, e in enumerate(eb) if np.isfinite(e)]
-        for (xa, ya), (xb, yb) in zip(pts[:-1], pts[1:], strict=False):
-            dashed(xa, ya, xb, yb)
-        for val in (0.0, 1.0):
-            d.text((left + pw + 4, y_of(val, 0.0, 1.0)), f"{val:.0f}", font=font,
-                   fill=_EBPG, anchor="lm")
-    if chance is not None:
-        yc = y_of(chance)
-        for x in range(left, left + pw, 8):
-            d.line([(x, yc), (min(x + 4, left + pw), yc)], fill=_CHANCE, width=1)
-    pts = [(x_of(i), y_of(float(r))) for i, r in enumerate(road) if np.isfinite(r)]
-    if len(pts) > 1:
-        d.line(pts, fill=_ROAD, width=2)
-    for x, y in pts:
-        d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=_ROAD)
-    if best >= 0:
-        x, y = x_of(best), y_of(float(road[best]))
-        d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=(245, 197, 24), outline=(0, 0, 0))
+        _curve_ebpg(d, font, ebpg, (left, top, pw, ph), cw)
+    _curve_road(d, road, best, chance, (left, top, pw, ph), cw, (lo, hi))
     d.text((4, 6), fit_text(title, tfont, im.width - 8), font=tfont, fill=_INK)
     y0 = top + ph + 6 + strip.shape[0] + 2
     for k, line in enumerate(note_lines):
